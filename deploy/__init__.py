@@ -1,0 +1,6 @@
+"""Deploy: the checkpoint format (`deploy.checkpoint`), the base model (`deploy.base_model`),
+and the registry, promotion, canary and rollback built on them.
+
+Imports only `feedback/` (see DESIGN.md's import rule). Importing this package is cheap:
+torch and transformers load only when a model is actually saved or loaded.
+"""

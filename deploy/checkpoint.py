@@ -1,0 +1,514 @@
+"""The checkpoint format: how a policy is saved, described, verified and loaded.
+
+A checkpoint is a directory:
+
+    <id>/
+      manifest.json        what it is (see `Manifest`) and the sha256 of every other file
+      adapter_model.safetensors + adapter_config.json     kind "lora" (peft), a few MB
+      model.safetensors + config.json + ...               kind "full" (the whole model)
+      tokenizer files      optional for "lora" (the base's are used), always for "full"
+
+It is written into a temporary sibling directory and renamed into place, so a reader sees
+either no checkpoint or a complete one. Loading verifies every hash first and refuses a
+directory with a missing, extra or altered file, so a half-copied or tampered checkpoint can
+never serve. Retraining writes through `save_checkpoint`, the server loads through
+`load_policy`; the registry (the `checkpoints` table) only records where directories are.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+Kind = Literal["lora", "full"]
+_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; subclasses say why, the message says how to fix it."""
+
+    def __init__(self, message: str, *, path: Path | None = None, checkpoint_id: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.checkpoint_id = checkpoint_id
+
+
+class CheckpointNotFound(CheckpointError):
+    """There is no checkpoint (no directory, or no manifest.json in it)."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """The manifest is unreadable, or a file is missing, unlisted or does not match its hash."""
+
+
+class CheckpointExists(CheckpointError):
+    """Saving would overwrite an existing checkpoint; checkpoints are immutable."""
+
+
+class BaseModelMismatch(CheckpointError):
+    """A LoRA adapter was trained on another base model than the one it is loaded onto."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a checkpoint is. Written once; every field is JSON."""
+
+    id: str  # unique checkpoint id, also the model version served and recorded on messages
+    parent: str | None  # the checkpoint this one was trained from (None: a base model)
+    base_model: str  # name of the base model (a "full" base names itself)
+    kind: Kind  # "lora": a peft adapter over base_model; "full": complete weights
+    config: dict[str, Any] = field(default_factory=dict)  # the training config that produced it
+    data_counts: dict[str, int] = field(default_factory=dict)  # e.g. pairs, thumbs, prompts used
+    metrics: dict[str, Any] = field(default_factory=dict)  # e.g. reward, KL, held-out accuracy
+    created: str = ""  # ISO 8601, UTC
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256 hex
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = {"id", "base_model", "kind", "files"} - data.keys()
+        if missing:
+            raise ValueError(f"missing fields {sorted(missing)}")
+        if data["kind"] not in ("lora", "full"):
+            raise ValueError(f"kind must be 'lora' or 'full', not {data['kind']!r}")
+        if data.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+            raise ValueError(
+                f"format {data['format']} is newer than this code understands ({FORMAT_VERSION})"
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Policy:
+    """A loaded policy, ready to generate: eval mode, dropout off, no gradients needed."""
+
+    version: str  # the checkpoint id (what `model_version` records)
+    model: Any  # a transformers PreTrainedModel, or a peft PeftModel when loaded unmerged
+    tokenizer: Any
+    manifest: Manifest
+    path: Path
+
+
+def new_checkpoint_id(prefix: str = "ckpt") -> str:
+    """Sortable by creation time, unique without coordination."""
+    return f"{prefix}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def checkpoints_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "checkpoints"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload_files(directory: Path) -> list[str]:
+    """Every file of a checkpoint except its manifest, as sorted POSIX relative paths."""
+    manifest = directory / MANIFEST_NAME
+    return sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p != manifest
+    )
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (os.umask would race other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _publish_permissions(directory: Path) -> None:
+    """mkdtemp makes 0700 directories (and safetensors 0600 files); a published checkpoint
+    should be readable like any other file the user creates (server and trainer may differ)."""
+    umask = _current_umask()
+    for path in [directory, *directory.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def write_checkpoint(
+    directory: Path,
+    write_payload: Callable[[Path], None],
+    *,
+    checkpoint_id: str | None = None,
+    parent_id: str | None = None,
+    base_model: str,
+    kind: Kind,
+    config: dict[str, Any] | None = None,
+    data_counts: dict[str, int] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Create checkpoint `directory` atomically: `write_payload(staging)` writes the files,
+    then they are hashed, the manifest is added and the directory renamed into place."""
+    directory = Path(directory)
+    checkpoint_id = checkpoint_id or directory.name
+    if not _ID_PATTERN.match(checkpoint_id):
+        raise ValueError(
+            f"checkpoint id {checkpoint_id!r} must be 1-128 letters, digits, '.', '_' or '-'"
+        )
+    if directory.exists():
+        raise CheckpointExists(
+            f"{directory} already exists; checkpoints are immutable, save under a new id",
+            path=directory,
+            checkpoint_id=checkpoint_id,
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        write_payload(staging)
+        if (staging / MANIFEST_NAME).exists():
+            raise ValueError(f"the payload may not write its own {MANIFEST_NAME}")
+        manifest = Manifest(
+            id=checkpoint_id,
+            parent=parent_id,
+            base_model=base_model,
+            kind=kind,
+            config=dict(config or {}),
+            data_counts=dict(data_counts or {}),
+            metrics=dict(metrics or {}),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            files={name: sha256_file(staging / name) for name in _payload_files(staging)},
+        )
+        (staging / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        _publish_permissions(staging)
+        os.rename(staging, directory)  # atomic on one filesystem; fails if the target appeared
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("saved %s checkpoint %s (%d files) at %s", kind, checkpoint_id, len(manifest.files), directory)
+    return manifest
+
+
+def write_files(
+    directory: Path,
+    files: dict[str, bytes],
+    *,
+    checkpoint_id: str | None = None,
+    parent_id: str | None = None,
+    base_model: str,
+    kind: Kind,
+    config: dict[str, Any] | None = None,
+    data_counts: dict[str, int] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Create a checkpoint from file contents (relative path -> bytes); returns its directory.
+    For payloads produced without a model object (and for the registry's tests)."""
+
+    def write_payload(staging: Path) -> None:
+        for name, content in files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+
+    write_checkpoint(
+        directory,
+        write_payload,
+        checkpoint_id=checkpoint_id,
+        parent_id=parent_id,
+        base_model=base_model,
+        kind=kind,
+        config=config,
+        data_counts=data_counts,
+        metrics=metrics,
+    )
+    return Path(directory)
+
+
+def registry_fields(manifest: Manifest) -> dict[str, Any]:
+    """The manifest as the registry's `checkpoints` columns name it."""
+    return {
+        "id": manifest.id,
+        "parent_id": manifest.parent,
+        "base_model": manifest.base_model,
+        "kind": manifest.kind,
+        "config": manifest.config,
+        "metrics": manifest.metrics,
+        "data_counts": manifest.data_counts,
+        "created": manifest.created,
+    }
+
+
+def save_checkpoint(
+    directory: Path,
+    model: Any,
+    *,
+    tokenizer: Any = None,
+    checkpoint_id: str | None = None,
+    parent_id: str | None = None,
+    base_model: str,
+    kind: Kind | None = None,
+    config: dict[str, Any] | None = None,
+    data_counts: dict[str, int] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Save a policy as a checkpoint.
+
+    `model` is a peft `PeftModel` (kind "lora" by default: only the adapter is saved) or a
+    transformers model (kind "full"). A PeftModel saved as "full" is merged first.
+    """
+    is_peft = _is_peft_model(model)
+    kind = kind or ("lora" if is_peft else "full")
+    if kind == "lora" and not is_peft:
+        raise ValueError("kind 'lora' needs a peft PeftModel (an adapter) to save")
+
+    def write_payload(staging: Path) -> None:
+        if kind == "lora":
+            model.save_pretrained(staging)  # adapter_config.json + adapter_model.safetensors
+        else:
+            full = _merged_copy(model) if is_peft else model
+            full.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    return write_checkpoint(
+        directory,
+        write_payload,
+        checkpoint_id=checkpoint_id,
+        parent_id=parent_id,
+        base_model=base_model,
+        kind=kind,
+        config=config,
+        data_counts=data_counts,
+        metrics=metrics,
+    )
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest of checkpoint `directory`, without checking the files (cheap)."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise CheckpointNotFound(
+            f"no checkpoint at {directory}: the directory does not exist", path=directory
+        )
+    if not manifest_path.is_file():
+        raise CheckpointNotFound(
+            f"{directory} is not a checkpoint: it has no {MANIFEST_NAME} "
+            "(checkpoints are written by deploy.checkpoint.save_checkpoint)",
+            path=directory,
+        )
+    try:
+        return Manifest.from_dict(json.loads(manifest_path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, UnicodeDecodeError) as error:
+        raise CheckpointCorrupt(f"{manifest_path} is unreadable: {error}", path=directory) from error
+
+
+def verify(directory: Path) -> Manifest:
+    """Check every file against the manifest; returns the manifest or raises CheckpointCorrupt."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    started = time.monotonic()
+    present = set(_payload_files(directory))
+    listed = set(manifest.files)
+    problems = []
+    if missing := sorted(listed - present):
+        problems.append(f"missing files {missing}")
+    if unlisted := sorted(present - listed):
+        problems.append(f"files not in the manifest {unlisted}")
+    for name in sorted(listed & present):
+        if sha256_file(directory / name) != manifest.files[name]:
+            problems.append(f"{name} does not match its sha256")
+    if problems:
+        raise CheckpointCorrupt(
+            f"checkpoint {manifest.id} at {directory} is corrupt: {'; '.join(problems)}. "
+            "Do not edit checkpoints in place: restore the directory from a good copy or save a new one",
+            path=directory,
+            checkpoint_id=manifest.id,
+        )
+    log.debug("verified %s (%d files) in %.2f s", manifest.id, len(listed), time.monotonic() - started)
+    return manifest
+
+
+def load_policy(
+    directory: Path,
+    *,
+    base_model_dir: Path | None = None,
+    base_model: Any = None,
+    tokenizer: Any = None,
+    merge: bool = True,
+    dtype: Any = None,
+    device: str | None = None,
+) -> Policy:
+    """Load a verified checkpoint as a ready-to-generate policy.
+
+    A "lora" checkpoint needs its base: `base_model` (an already loaded model, which is copied,
+    never modified: it may be serving) or `base_model_dir`; its tokenizer is the checkpoint's
+    own if saved, else `tokenizer`, else the base directory's. `merge=True` folds the adapter into
+    the weights (fastest to serve); `merge=False` keeps a PeftModel (retraining's reference is
+    the same weights with the adapter disabled).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    manifest = verify(directory)
+    dtype = dtype or torch.float32
+    if manifest.kind == "full":
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    else:
+        model, tokenizer = _load_lora(directory, manifest, base_model_dir, base_model, tokenizer, merge, dtype)
+    if device:
+        model.to(device)
+    prepare_for_inference(model)
+    return Policy(version=manifest.id, model=model, tokenizer=tokenizer, manifest=manifest, path=directory)
+
+
+def load_base_policy(directory: Path, *, dtype: Any = None, device: str | None = None) -> Policy:
+    """Load a base model directory: a verified checkpoint when it has a manifest (the converted
+    default), else a plain Hugging Face directory named by `MODEL`, versioned by its name."""
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).exists():
+        return load_policy(directory, dtype=dtype, device=device)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not directory.is_dir():
+        raise CheckpointNotFound(
+            f"no base model at {directory}: the directory does not exist", path=directory
+        )
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)
+    if device:
+        model.to(device)
+    prepare_for_inference(model)
+    name = base_model_name(directory)
+    manifest = Manifest(id=name, parent=None, base_model=name, kind="full")
+    return Policy(version=name, model=model, tokenizer=AutoTokenizer.from_pretrained(directory),
+                  manifest=manifest, path=directory)
+
+
+def base_model_name(directory: Path) -> str:
+    """How LoRA manifests name a base: its manifest id, else its directory name."""
+    directory = Path(directory)
+    if (directory / MANIFEST_NAME).exists():
+        return read_manifest(directory).id
+    return directory.resolve().name
+
+
+def prepare_for_inference(model: Any) -> Any:
+    """Eval mode and every dropout probability zeroed, so even a later `.train()` (PPO's value
+    head, say) samples from the same deterministic policy it was scored with."""
+    import torch
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _load_lora(directory, manifest, base_model_dir, base_model, tokenizer, merge, dtype):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if base_model is None and base_model_dir is None:
+        raise ValueError(f"checkpoint {manifest.id} is a LoRA adapter: pass base_model_dir or base_model")
+    if base_model_dir is not None:
+        found = base_model_name(base_model_dir)
+        if found != manifest.base_model:
+            raise BaseModelMismatch(
+                f"checkpoint {manifest.id} is an adapter for base model {manifest.base_model!r}, "
+                f"but {base_model_dir} is {found!r}: set MODEL to the base it was trained on",
+                path=directory,
+                checkpoint_id=manifest.id,
+            )
+    if base_model is None:
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
+        model = PeftModel.from_pretrained(base, directory, is_trainable=False)
+        return (model.merge_and_unload() if merge else model), _lora_tokenizer(directory, base_model_dir, tokenizer, manifest)
+    # The caller's model may be serving: never mutate it. Merging rewrites only the adapted
+    # layers' weights, so the merged policy shares every other tensor with the base (fast to
+    # load, small in memory); unmerged, it gets a full copy (a trainer may merge it later).
+    shared = merge and _adapts_only_linear_layers(directory)
+    base = _copy_sharing_tensors(base_model) if shared else copy.deepcopy(base_model)
+    model = PeftModel.from_pretrained(base, directory, is_trainable=False)
+    if shared:
+        _unshare_adapted_weights(model)
+    if merge:
+        model = model.merge_and_unload()
+    return model, _lora_tokenizer(directory, base_model_dir, tokenizer, manifest)
+
+
+def _lora_tokenizer(directory, base_model_dir, tokenizer, manifest):
+    from transformers import AutoTokenizer
+
+    if any(directory.glob("tokenizer*")):
+        return AutoTokenizer.from_pretrained(directory)
+    if tokenizer is not None:
+        return tokenizer
+    if base_model_dir is not None:
+        return AutoTokenizer.from_pretrained(base_model_dir)
+    raise ValueError(f"checkpoint {manifest.id} has no tokenizer: pass tokenizer or base_model_dir")
+
+
+def _adapts_only_linear_layers(directory: Path) -> bool:
+    """Whether the adapter touches only Linear layers (not embeddings, which may be tied to
+    the output head: un-sharing one would silently untie them)."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    names = " ".join(targets) + " " + " ".join(config.get("modules_to_save") or [])
+    return config.get("peft_type", "LORA") == "LORA" and "embed" not in names and "lm_head" not in names
+
+
+def _copy_sharing_tensors(model: Any) -> Any:
+    """A copy of the module tree whose parameters and buffers are the original tensors."""
+    import itertools
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _unshare_adapted_weights(peft_model: Any) -> None:
+    """Give each adapted layer a private weight, so merging the adapter leaves the base alone."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+            if getattr(layer, "bias", None) is not None:
+                layer.bias = torch.nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _merged_copy(peft_model: Any) -> Any:
+    """A full model with the adapter folded in, leaving the trainer's PeftModel untouched."""
+    return copy.deepcopy(peft_model).merge_and_unload()

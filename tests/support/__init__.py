@@ -1,0 +1,1 @@
+"""Test support shared across the test tree (not tests themselves)."""
