@@ -1,4 +1,4 @@
-"""`python -m feedback migrate | export --out FILE`: the store's command line.
+"""`python -m feedback migrate | export --out FILE | add-user`: the store's command line.
 
 Reads the same environment as every Flywheel command (DATA_DIR, DATABASE_URL; see the README).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .db import database_url
 from .export import export_preferences
 from .migrate import migrate
 from .settings import StoreSettings
+from .store import hash_token
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -36,6 +38,22 @@ def _export(args: argparse.Namespace) -> int:
         f"wrote {counts.written} pairs to {args.out}: {counts.comparison_pairs} from comparisons, "
         f"{counts.thumb_pairs} from opposite thumbs ({counts.duplicates} duplicates skipped)"
     )
+    return 0
+
+
+def _add_user(args: argparse.Namespace) -> int:
+    # For servers with ALLOW_ANONYMOUS off: the operator issues each user a token. Only its
+    # hash is stored, so this is the one time it can be shown.
+    token = secrets.token_urlsafe(32)
+    url = database_url(StoreSettings())
+    migrate(url)
+    with psycopg.connect(url) as conn:
+        user_id = conn.execute(
+            "INSERT INTO users (token_hash, name) VALUES (%s, %s) RETURNING id",
+            (hash_token(token), args.name),
+        ).fetchone()[0]
+    print(f"user {user_id} ({args.name or 'unnamed'}): token {token}")
+    print("give it to the user; it is stored hashed and cannot be shown again", file=sys.stderr)
     return 0
 
 
@@ -67,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write each pair's source and the ids of the rows it came from",
     )
     export_cmd.set_defaults(run=_export)
+
+    add_user_cmd = commands.add_parser(
+        "add-user", help="issue a new user token (for servers with ALLOW_ANONYMOUS off)"
+    )
+    add_user_cmd.add_argument("--name", default=None, help="a label for the user")
+    add_user_cmd.set_defaults(run=_add_user)
     return parser
 
 

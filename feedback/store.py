@@ -225,15 +225,27 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-async def user_for_token(conn: psycopg.AsyncConnection, token: str) -> User:
-    """The user this bearer token stands for, created the first time the token is seen."""
+_SELECT_USER = "SELECT id, name, created_at FROM users WHERE token_hash = %s"
+
+
+def _checked_token(token: str) -> str:
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
         raise InvalidToken(
             f"a token is a non-empty string of at most {MAX_TOKEN_CHARS} characters: send it as "
             "'Authorization: Bearer TOKEN' or '?token=TOKEN'"
         )
-    digest = hash_token(token)
-    select = "SELECT id, name, created_at FROM users WHERE token_hash = %s"
+    return token
+
+
+async def find_user(conn: psycopg.AsyncConnection, token: str) -> User | None:
+    """The user this token stands for, or None; never registers (for servers that issue tokens)."""
+    return await _one(conn, User, _SELECT_USER, (hash_token(_checked_token(token)),))
+
+
+async def user_for_token(conn: psycopg.AsyncConnection, token: str) -> User:
+    """The user this bearer token stands for, created the first time the token is seen."""
+    digest = hash_token(_checked_token(token))
+    select = _SELECT_USER
     async with conn.transaction():
         user = await _one(conn, User, select, (digest,))
         if user is None:

@@ -32,3 +32,26 @@ def test_a_command_is_required_and_export_needs_out():
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
     assert parser.parse_args(["export", "--out", "x.jsonl"]).out == Path("x.jsonl")
+
+
+async def test_add_user_issues_a_token_that_finds_its_user_and_only_its_hash_is_stored(db_url, tmp_path):
+    import psycopg
+
+    from feedback import store
+
+    env = {**os.environ, "DATABASE_URL": db_url, "DATA_DIR": str(tmp_path / "var")}
+    done = subprocess.run(
+        [sys.executable, "-m", "feedback", "add-user", "--name", "ops-alice"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.split("token ")[1].strip()
+
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        user = await store.find_user(conn, token)
+        assert user is not None and user.name == "ops-alice"
+        assert await store.find_user(conn, token + "x") is None
+        stored = await (await conn.execute(
+            "SELECT count(*) FROM users WHERE token_hash::text LIKE %s", (f"%{token}%",)
+        )).fetchone()
+        assert stored == (0,)
