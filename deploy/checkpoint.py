@@ -87,6 +87,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict):
+            raise ValueError("the manifest is not a JSON object")
         known = {f for f in cls.__dataclass_fields__}
         missing = {"id", "base_model", "kind", "files"} - data.keys()
         if missing:
@@ -97,7 +99,10 @@ class Manifest:
             raise ValueError(
                 f"format {data['format']} is newer than this code understands ({FORMAT_VERSION})"
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError("files must map each file's relative path to its sha256")
+        return cls(**{"parent": None, **{k: v for k, v in data.items() if k in known}})
 
 
 @dataclass
@@ -448,9 +453,13 @@ def _load_lora(directory, manifest, base_model_dir, base_model, tokenizer, merge
     # The caller's model may be serving: never mutate it. Merging rewrites only the adapted
     # layers' weights, so the merged policy shares every other tensor with the base (fast to
     # load, small in memory); unmerged, it gets a full copy (a trainer may merge it later).
+    if merge and (merged := _merged_plain_lora(base_model, directory)) is not None:
+        return merged, _lora_tokenizer(directory, base_model_dir, tokenizer, manifest)
     shared = merge and _adapts_only_linear_layers(directory)
     base = _copy_sharing_tensors(base_model) if shared else copy.deepcopy(base_model)
-    model = PeftModel.from_pretrained(base, directory, is_trainable=False)
+    # low_cpu_mem_usage: the adapter's layers are created empty and filled from the file,
+    # skipping a random initialisation that the loaded weights overwrite anyway.
+    model = PeftModel.from_pretrained(base, directory, is_trainable=False, low_cpu_mem_usage=True)
     if shared:
         _unshare_adapted_weights(model)
     if merge:
@@ -478,6 +487,78 @@ def _adapts_only_linear_layers(directory: Path) -> bool:
     targets = [targets] if isinstance(targets, str) else targets
     names = " ".join(targets) + " " + " ".join(config.get("modules_to_save") or [])
     return config.get("peft_type", "LORA") == "LORA" and "embed" not in names and "lm_head" not in names
+
+
+_LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+
+
+def _merged_plain_lora(base_model: Any, directory: Path) -> Any | None:
+    """The base with a plain LoRA adapter (Linear layers, no DoRA, no per-module patterns)
+    folded in: W + scaling * B @ A, as peft merges it, without peft's module surgery (which
+    takes seconds and dominates a hot swap). None for any other adapter: peft handles those."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    weights_file = directory / "adapter_model.safetensors"
+    plain = (
+        config.get("peft_type") == "LORA"
+        and not config.get("use_dora")
+        and config.get("bias", "none") == "none"
+        and not config.get("fan_in_fan_out")
+        and not config.get("modules_to_save")
+        and not config.get("rank_pattern")
+        and not config.get("alpha_pattern")
+        and weights_file.is_file()
+    )
+    if not plain:
+        return None
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(weights_file).items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            return None
+        pairs.setdefault(match[1], {})[match[2]] = tensor
+    rank, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    try:
+        model = _copy_along(base_model, list(pairs))
+    except KeyError:  # the adapter names a layer this model does not have
+        return None
+    for path, factors in pairs.items():
+        layer = model.get_submodule(path)
+        if set(factors) != {"A", "B"} or not isinstance(layer, torch.nn.Linear):
+            return None
+        weight = layer.weight.detach()
+        delta = factors["B"].to(weight.dtype) @ factors["A"].to(weight.dtype)
+        layer.weight = torch.nn.Parameter(weight + delta * scaling, requires_grad=False)  # a new tensor
+    return model
+
+
+def _copy_along(model: Any, paths: list[str]) -> Any:
+    """A copy of `model` in which only the modules on the way to each of `paths` are new
+    objects (so their children and tensors can be replaced); everything else is shared."""
+    copies: dict[int, Any] = {}
+
+    def private(module):
+        if id(module) not in copies:
+            clone = copy.copy(module)
+            clone._modules = dict(module._modules)
+            clone._parameters = dict(module._parameters)
+            clone._buffers = dict(module._buffers)
+            copies[id(module)] = clone
+        return copies[id(module)]
+
+    root = private(model)
+    for path in paths:
+        parent = root
+        for name in path.split("."):
+            child = private(parent._modules[name])
+            parent._modules[name] = child
+            parent = child
+    return root
 
 
 def _copy_sharing_tensors(model: Any) -> Any:

@@ -163,3 +163,20 @@ def test_ids_are_validated_and_generated_unique(tmp_path):
         write_files(tmp_path / "x", {"a": b"b"}, checkpoint_id="../escape", base_model="B", kind="lora")
     ids = {new_checkpoint_id() for _ in range(50)}
     assert len(ids) == 50 and all(i.startswith("ckpt-") for i in ids)
+
+
+def test_other_adapter_kinds_merge_through_peft(base, tmp_path):
+    """DoRA is not a plain LoRA: it takes peft's merge, still never touching the base."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True,
+                        init_lora_weights=False)
+    adapter = get_peft_model(copy.deepcopy(base.model), config).eval()
+    save_checkpoint(tmp_path / "dora", adapter, base_model="TinySmolLM2")
+    before = logits(base.model)
+    policy = load_policy(tmp_path / "dora", base_model=base.model, tokenizer=base.tokenizer)
+    torch.testing.assert_close(logits(policy.model), logits(adapter), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits(base.model), before)

@@ -1,0 +1,487 @@
+"""Serving benchmark: our local engine vs `transformers serve --continuous-batching` vs plain
+one-request-at-a-time `model.generate`, on SmolLM2 with the same prompts, in one run.
+
+For 1, 4 and 16 concurrent streams (each stream sends its requests back to back) it reports
+aggregate tokens/s, time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95,
+prints a table with the ratios, and writes everything as JSON.
+
+Decoding is greedy so every system writes (nearly) the same answers: the same amount of work.
+Tokens are counted the same way for all systems, by re-tokenizing each answer's text.
+
+    .venv/bin/python bench/serve.py                       # the definitive run (quiet machine!)
+    .venv/bin/python bench/serve.py --quick               # a short smoke run while developing
+    .venv/bin/python bench/serve.py --server-url http://127.0.0.1:8000   # our real HTTP server
+
+Systems: `engine` (in-process LocalEngine, or the real server with --server-url),
+`transformers-serve` (a subprocess on the same converted model directory, OpenAI API),
+`generate` (model.generate, one request at a time, streamed with a TextStreamer-like hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+log = logging.getLogger("bench.serve")
+
+# Open-ended requests, so answers run to max_new_tokens rather than stopping early.
+TOPICS = [
+    "the history of the Roman Empire", "how volcanoes form and erupt", "the life cycle of honey bees",
+    "the causes of the French Revolution", "how machine learning works", "the planets of the solar system",
+    "ocean currents and climate", "the invention of the printing press", "how the human heart works",
+    "the water cycle", "the industrial revolution", "how airplanes fly", "photosynthesis in plants",
+    "the history of the internet", "how vaccines work", "the Great Wall of China",
+]
+PROMPTS = [f"Write a long, detailed essay about {topic}." for topic in TOPICS]
+
+
+@dataclass
+class RequestResult:
+    ttft_s: float | None  # from submission to the first text
+    gaps_s: list[float]  # between successive pieces of text
+    tokens: int
+    text: str
+    error: str | None = None
+
+
+@dataclass
+class RunResult:
+    system: str
+    streams: int
+    requests: int
+    failed: int
+    wall_s: float
+    tokens: int
+    tokens_per_s: float
+    ttft_p50_ms: float | None
+    ttft_p95_ms: float | None
+    itl_p50_ms: float | None
+    itl_p95_ms: float | None
+    cpu_s: float | None = None  # CPU seconds the serving side used (all its threads)
+    tokens_per_cpu_s: float | None = None  # robust to a shared, noisy machine
+    extra: dict = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# ---------------------------------------------------------------------------------- targets
+
+
+class Target:
+    """Something that streams an answer's text pieces for a chat."""
+
+    name = "target"
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def stream(self, messages: list[dict], max_new_tokens: int) -> AsyncIterator[str]:
+        raise NotImplementedError
+
+    def details(self) -> dict:
+        return {}
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by whatever does the generating (here: this process)."""
+        return time.process_time()
+
+
+class EngineTarget(Target):
+    """Our LocalEngine, in process (what the server runs, minus HTTP)."""
+
+    name = "engine"
+
+    def __init__(self, model_dir: Path, max_batch_size: int):
+        self.model_dir = model_dir
+        self.max_batch_size = max_batch_size
+        self.engine = None
+
+    async def start(self) -> None:
+        from server.engine.local import LocalEngineConfig, start_local_engine
+
+        self.engine = await start_local_engine(self.model_dir, LocalEngineConfig(max_batch_size=self.max_batch_size))
+
+    async def stop(self) -> None:
+        await self.engine.close()
+
+    async def stream(self, messages, max_new_tokens):
+        from server.engine.base import SamplingParams, TokenEvent
+        from server.prompt import build_prompt
+
+        prompt = build_prompt(messages, self.engine.tokenizer, context_length=self.engine.context_length,
+                              max_new_tokens=max_new_tokens)
+        generation = self.engine.submit(prompt, SamplingParams(temperature=0, top_p=1.0, max_new_tokens=max_new_tokens))
+        async for event in generation:
+            if isinstance(event, TokenEvent):
+                yield event.text
+
+    def details(self) -> dict:
+        stats = self.engine.stats()
+        return {"decode_batch_sizes": dict(sorted(stats.decode_batch_sizes.items())),
+                "prefill_batch_sizes": dict(sorted(stats.prefill_batch_sizes.items()))}
+
+
+class OpenAITarget(Target):
+    """Any OpenAI-compatible chat endpoint, streamed (our server's /v1, transformers serve)."""
+
+    def __init__(self, name: str, base_url: str, model: str):
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.client = None
+
+    async def start(self) -> None:
+        import httpx
+        from openai import AsyncOpenAI
+
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        # Our server admits anonymous users by any token of 16+ characters (embedded default).
+        api_key = os.environ.get("BENCH_API_KEY") or f"bench-{secrets.token_urlsafe(24)}"
+        self.client = AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=api_key,
+                                  timeout=httpx.Timeout(3600.0), max_retries=0,
+                                  http_client=httpx.AsyncClient(limits=limits, timeout=3600.0))
+
+    async def stop(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    def cpu_seconds(self) -> float | None:
+        return None  # a server we did not start: its CPU time is not ours to read
+
+    async def stream(self, messages, max_new_tokens):
+        response = await self.client.chat.completions.create(
+            model=self.model, messages=messages, stream=True, max_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+        )
+        async for chunk in response:
+            if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+
+
+def _process_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class TransformersServeTarget(OpenAITarget):
+    """`transformers serve --continuous-batching` as a subprocess on the same model directory."""
+
+    def __init__(self, model_dir: Path, port: int | None, threads: int | None):
+        port = port or _free_port()
+        super().__init__("transformers-serve", f"http://127.0.0.1:{port}", str(model_dir))
+        self.model_dir = model_dir
+        self.port = port
+        self.threads = threads
+        self.process: subprocess.Popen | None = None
+        self.log_path = ROOT / "bench" / "out" / "transformers-serve.log"
+
+    async def start(self) -> None:
+        if _port_open(self.port):
+            raise RuntimeError(f"port {self.port} is already in use: pass another --port (or none for a free one)")
+        executable = Path(sys.executable).with_name("transformers")
+        command = [str(executable), "serve", str(self.model_dir), "--continuous-batching",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("starting %s (log: %s)", " ".join(command), self.log_path)
+        self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                        env=env, start_new_session=True)
+        deadline = time.monotonic() + 600
+        while not _port_open(self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.process.returncode}; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("transformers serve did not open its port within 600 s")
+            await asyncio.sleep(1)
+        await super().start()
+
+    def cpu_seconds(self) -> float | None:
+        return _process_cpu_seconds(self.process.pid) if self.process else None
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: only what we started
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+class SequentialGenerateTarget(Target):
+    """`model.generate`, one request at a time (requests queue behind a lock), streamed."""
+
+    name = "generate"
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        from deploy.checkpoint import load_base_policy
+
+        policy = await asyncio.to_thread(load_base_policy, self.model_dir)
+        self.model, self.tokenizer = policy.model, policy.tokenizer
+
+    async def stream(self, messages, max_new_tokens):
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        from server.engine.detokenizer import IncrementalDetokenizer
+
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stop_ids = {self.tokenizer.eos_token_id}
+
+        class Streamer(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate hands the prompt over first
+                    self.first = False
+                    return
+                for token in value.flatten().tolist():
+                    if token not in stop_ids:
+                        text = detokenizer.push(token)
+                        if text:
+                            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+            def end(self):
+                loop.call_soon_threadsafe(pieces.put_nowait, None)
+
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                 return_dict=True)
+
+        def run():
+            with torch.inference_mode():
+                self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=Streamer())
+
+        async with self.lock:
+            worker = asyncio.create_task(asyncio.to_thread(run))
+            while (piece := await pieces.get()) is not None:
+                yield piece
+            await worker
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+async def one_request(target: Target, messages, max_new_tokens: int, tokenizer) -> RequestResult:
+    started = time.perf_counter()
+    last = None
+    ttft, gaps, pieces = None, [], []
+    try:
+        async for piece in target.stream(messages, max_new_tokens):
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - started
+            else:
+                gaps.append(now - last)
+            last = now
+            pieces.append(piece)
+    except Exception as error:  # noqa: BLE001 - a failed request is a result, not a crash
+        return RequestResult(ttft, gaps, 0, "".join(pieces), error=f"{type(error).__name__}: {error}")
+    text = "".join(pieces)
+    return RequestResult(ttft, gaps, len(tokenizer.encode(text, add_special_tokens=False)), text)
+
+
+async def run_streams(target: Target, streams: int, requests_per_stream: int, max_new_tokens: int,
+                      tokenizer) -> RunResult:
+    async def stream_worker(index: int) -> list[RequestResult]:
+        results = []
+        for round_ in range(requests_per_stream):
+            prompt = PROMPTS[(index + round_ * streams) % len(PROMPTS)]
+            results.append(await one_request(target, [{"role": "user", "content": prompt}], max_new_tokens, tokenizer))
+        return results
+
+    cpu_before = target.cpu_seconds()
+    started = time.perf_counter()
+    per_stream = await asyncio.gather(*(stream_worker(i) for i in range(streams)))
+    wall = time.perf_counter() - started
+    cpu_after = target.cpu_seconds()
+    cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
+    results = [r for stream in per_stream for r in stream]
+    ok = [r for r in results if r.error is None]
+    for failed in (r for r in results if r.error):
+        log.warning("%s: request failed: %s", target.name, failed.error)
+    tokens = sum(r.tokens for r in ok)
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    gaps = [g for r in ok for g in r.gaps_s]
+    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    return RunResult(
+        system=target.name, streams=streams, requests=len(results), failed=len(results) - len(ok),
+        wall_s=round(wall, 2), tokens=tokens, tokens_per_s=round(tokens / wall, 2),
+        ttft_p50_ms=ms(percentile(ttfts, 0.5)), ttft_p95_ms=ms(percentile(ttfts, 0.95)),
+        itl_p50_ms=ms(percentile(gaps, 0.5)), itl_p95_ms=ms(percentile(gaps, 0.95)),
+        cpu_s=None if cpu is None else round(cpu, 2),
+        tokens_per_cpu_s=round(tokens / cpu, 2) if cpu else None,
+    )
+
+
+async def bench_target(target: Target, args, tokenizer) -> list[RunResult]:
+    log.info("=== %s", target.name)
+    await target.start()
+    try:
+        # Warm-up: first calls pay for lazy initialisation (transformers serve builds its manager).
+        warm = await one_request(target, [{"role": "user", "content": "Hello!"}], 8, tokenizer)
+        if warm.error:
+            raise RuntimeError(f"{target.name} failed its warm-up request: {warm.error}")
+        runs = []
+        for streams in args.streams:
+            run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
+            run.extra = target.details()
+            log.info("%s x%d: %.1f tok/s, TTFT p50 %s ms, ITL p50 %s ms, %d failed", target.name, streams,
+                     run.tokens_per_s, run.ttft_p50_ms, run.itl_p50_ms, run.failed)
+            runs.append(run)
+        return runs
+    finally:
+        await target.stop()
+
+
+def print_table(runs: list[RunResult], ratios: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Serving benchmark (greedy, same prompts)")
+    for column in ("system", "streams", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
+                   "tokens", "failed", "tok/CPU-s"):
+        table.add_column(column, justify="right" if column != "system" else "left", no_wrap=True)
+    for run in runs:
+        table.add_row(run.system, str(run.streams), f"{run.tokens_per_s:.1f}", str(run.ttft_p50_ms),
+                      str(run.ttft_p95_ms), str(run.itl_p50_ms), str(run.itl_p95_ms), str(run.tokens), str(run.failed),
+                      str(run.tokens_per_cpu_s))
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    for ratio in ratios:
+        console.print(f"streams={ratio['streams']}: " + ", ".join(
+            f"engine / {other} = {value:.2f}x" for other, value in ratio.items() if other != "streams" and value))
+
+
+def compute_ratios(runs: list[RunResult]) -> list[dict]:
+    """Engine throughput over each other system's at the same concurrency; `generate` is also
+    compared at 1 stream (one at a time is what it does, whatever the concurrency)."""
+    by_key = {(r.system, r.streams): r for r in runs}
+    ratios = []
+    for streams in sorted({r.streams for r in runs}):
+        engine = by_key.get(("engine", streams))
+        if engine is None:
+            continue
+        entry = {"streams": streams}
+        for other in ("transformers-serve", "generate"):
+            base = by_key.get((other, streams))
+            entry[other] = round(engine.tokens_per_s / base.tokens_per_s, 2) if base and base.tokens_per_s else None
+            if base and base.tokens_per_cpu_s and engine.tokens_per_cpu_s:
+                entry[f"{other} (per CPU-s)"] = round(engine.tokens_per_cpu_s / base.tokens_per_cpu_s, 2)
+        ratios.append(entry)
+    return ratios
+
+
+async def main(args) -> None:
+    from transformers import AutoTokenizer
+
+    from deploy.base_model import resolve_base_model
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_base_model(args.model, Path(args.data_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    targets: list[Target] = []
+    for system in args.systems:
+        if system == "engine":
+            targets.append(OpenAITarget("engine", args.server_url, "default") if args.server_url
+                           else EngineTarget(model_dir, args.max_batch_size))
+        elif system == "transformers-serve":
+            targets.append(TransformersServeTarget(model_dir, args.port, args.threads))
+        elif system == "generate":
+            targets.append(SequentialGenerateTarget(model_dir))
+    runs: list[RunResult] = []
+    for target in targets:
+        runs.extend(await bench_target(target, args, tokenizer))
+    ratios = compute_ratios(runs)
+    print_table(runs, ratios)
+    report = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": str(model_dir),
+        "settings": {k: v for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "runs": [asdict(r) for r in runs],
+        "ratios": ratios,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
+    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"))
+    parser.add_argument("--systems", nargs="+", default=["engine", "transformers-serve", "generate"],
+                        choices=["engine", "transformers-serve", "generate"])
+    parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-batch-size", type=int, default=32, help="our engine's batch limit")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: all cores)")
+    parser.add_argument("--port", type=int, default=None, help="port for transformers serve (default: a free one)")
+    parser.add_argument("--server-url", default=None, help="benchmark our running server over HTTP instead")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "serve.json"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, 1 request per stream")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_new_tokens = min(args.max_new_tokens, 32)
+        args.requests_per_stream = 1
+    return args
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(main(parse_args()))

@@ -1,0 +1,275 @@
+"""The FastAPI application: `create_app(settings, engine=None)`.
+
+The lifespan opens what the app needs, never at import: the database URL (starting the embedded
+PostgreSQL when DATABASE_URL is unset), the migrations, the connection pool, then the model.
+The model loads in the background (the first run converts SmolLM2, tens of seconds), so the page
+and /health answer at once; /health turns 200 and generation requests are accepted once it is
+loaded (before that, they get `not_ready`). Then the base model is registered (it serves when
+nothing does yet) and the swap controller follows the registry (server/swap.py). Tests pass an
+engine of their own, which the app uses (and swaps) as is and does not close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from psycopg_pool import AsyncConnectionPool
+from pydantic import ValidationError
+
+from deploy import registry
+from feedback.db import database_url
+from feedback.errors import StoreError
+from feedback.migrate import migrate
+
+from . import openai_api, rest, serving, ws
+from .auth import TOKEN_HEADER
+from .chat import Chat
+from .errors import BadFrame, FrameTooLarge, ServerError, from_validation, to_wire
+from .metrics import Metrics
+from .quotas import Quotas
+from .settings import ServerSettings
+from .swap import SwapController, replica_name
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
+    settings = settings or ServerSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        url = await asyncio.to_thread(database_url, settings)
+        await asyncio.to_thread(migrate, url)
+        pool = AsyncConnectionPool(
+            url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            # Store functions open their own transactions; autocommit keeps every other read
+            # from leaving a connection idle in a transaction.
+            kwargs={"autocommit": True},
+            open=False,
+        )
+        await pool.open(wait=True)
+        quotas = Quotas(
+            settings.rate_limit_per_minute,
+            settings.max_concurrent_generations,
+            settings.rate_limit_storage,
+        )
+        chat = Chat(pool, engine, settings, quotas, metrics)
+        app.state.settings = settings
+        app.state.pool = pool
+        app.state.chat = chat
+        app.state.swaps = None
+        starting = asyncio.create_task(
+            _serve_model(app, url, owns_engine=engine is None), name="serve-model"
+        )
+        try:
+            yield
+        finally:
+            starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
+            if app.state.swaps is not None:
+                await app.state.swaps.stop()
+            if engine is None and chat.engine is not None:
+                await serving.close(chat.engine)
+            await pool.close()
+
+    app = FastAPI(
+        title="Flywheel",
+        summary="A chat service that learns from its users.",
+        description="Chat over the websocket `/ws` (frames in DESIGN.md's contract) or the "
+        "OpenAI-compatible `/v1/chat/completions`; rate answers with `/api/messages/{id}/feedback` "
+        "and `/compare`. Send your token as `Authorization: Bearer TOKEN`.",
+        lifespan=lifespan,
+    )
+    metrics = Metrics(
+        lambda: getattr(getattr(app.state, "chat", None), "engine", None),
+        lambda: getattr(app.state, "swaps", None),
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    app.add_middleware(HttpGuards, limit=settings.max_frame_bytes)
+    app.include_router(rest.router)
+    app.include_router(openai_api.router)
+    app.include_router(ws.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/metrics", metrics.app, name="metrics")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+async def _serve_model(app: FastAPI, database_url: str, *, owns_engine: bool) -> None:
+    """Load the model (unless the app was given an engine), register the base model it serves
+    (the first policy of a fresh registry), then follow the registry: promotions, rollbacks and
+    canaries swap the engine's versions (server/swap.py)."""
+    chat: Chat = app.state.chat
+    settings: ServerSettings = app.state.settings
+    if owns_engine and not await _load_engine(chat, settings):
+        return
+    replica = replica_name(settings.host, settings.port)
+    # A given engine's base is known only through MODEL; without it (most tests), the registry
+    # is left as it is and whatever it says serves is loaded.
+    if owns_engine or settings.model:
+        try:
+            base_dir = await asyncio.to_thread(serving.base_model_dir, settings)
+            await asyncio.to_thread(_register_base, database_url, base_dir, replica)
+        except Exception:
+            log.exception("could not register the base model; serving what the registry says")
+    swaps = SwapController(
+        chat.engine,
+        database_url,
+        app.state.pool,
+        replica=replica,
+        metrics=app.state.metrics,
+        # Streams on a replaced version get as long to finish as after a blue/green switch.
+        drain_timeout_s=settings.engine_drain_timeout,
+    )
+    app.state.swaps = chat.swaps = swaps
+    swaps.start()
+
+
+def _register_base(database_url: str, base_dir, actor: str) -> None:
+    with registry.connect(database_url) as conn:
+        base = registry.register_base(conn, base_dir, actor=actor)
+        state = registry.read_state(conn)
+    log.info("base model %s registered; the registry serves %s", base.id,
+             state.serving.id if state.serving else "nothing")
+
+
+async def _load_engine(chat: Chat, settings: ServerSettings) -> bool:
+    try:
+        chat.engine = await serving.load(settings)
+        log.info("model loaded: serving %s", serving.default_version(chat.engine))
+        return True
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("the model failed to load; /health stays 503")
+        return False
+
+
+def _error_response(request: Request, exc: BaseException) -> JSONResponse:
+    status, frame = to_wire(exc)
+    metrics = getattr(request.app.state, "metrics", None) if "app" in request.scope else None
+    if metrics is not None:
+        metrics.refusals.labels(frame.code).inc()
+    headers = {}
+    retry = getattr(exc, "retry_after_s", None)
+    if retry:
+        headers["Retry-After"] = str(retry)
+    if request.url.path.startswith("/v1/"):
+        # OpenAI's error shape, which its clients parse into APIStatusError.message.
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": frame.message, "type": kind, "code": frame.code, "param": None}}
+    else:
+        body = {"code": frame.code, "message": frame.message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StoreError)
+    async def store_error(request: Request, exc: StoreError):
+        return _error_response(request, exc)
+
+    @app.exception_handler(ServerError)
+    async def server_error(request: Request, exc: ServerError):
+        return _error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return _error_response(request, _request_error(exc))
+
+    @app.exception_handler(ValidationError)
+    async def invalid_model(request: Request, exc: ValidationError):
+        return _error_response(request, from_validation(exc))
+
+
+def _request_error(exc: RequestValidationError) -> BadFrame:
+    """FastAPI's validation errors, worded like the websocket's (field names, what was got)."""
+    problems = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or "the body"
+        if e.get("type") == "missing":
+            problems.append(f"'{field}' is missing")
+        elif e.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
+        else:
+            problems.append(f"'{field}' {e.get('msg', 'is invalid').lower()}")
+    return BadFrame("; ".join(problems) or "the request is not valid")
+
+
+class HttpGuards:
+    """Plain ASGI (not BaseHTTPMiddleware, which gets in the way of streamed responses noticing
+    a client that went away): refuses HTTP bodies over MAX_FRAME_BYTES before the app reads
+    them (by Content-Length, or by reading a chunked body up to the limit), and hands a minted
+    anonymous identity back in a header (see auth.py)."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers", ()))
+        length = headers.get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.limit:
+                return await self._refuse(scope, receive, send, int(length))
+        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body, more = b"", True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > self.limit:
+                    return await self._refuse(scope, receive, send, len(body))
+            receive = _replay(body, receive)
+
+        async def send_with_token(message):
+            if message["type"] == "http.response.start":
+                minted = scope.get("state", {}).get("minted_token")
+                if minted:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (TOKEN_HEADER.lower().encode(), minted.encode()),
+                    ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_token)
+
+    async def _refuse(self, scope, receive, send, size: int) -> None:
+        response = _error_response(Request(scope), FrameTooLarge(size, self.limit))
+        await response(scope, receive, send)
+
+
+def _replay(body: bytes, receive):
+    """A receive that gives the already-read body once, then defers to the real one."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed

@@ -1,0 +1,459 @@
+"""One chat turn, shared by the websocket and the HTTP API.
+
+A turn goes: check (model loaded, sampling bounds, length, rate limit, a free generation slot)
+-> read the path root..parent (ownership checked) -> build the prompt from it, cut to the token
+budget -> pick the conversation's model version (its own while it stays live; a new one gets
+the canary for the canary's share of conversations, see serving.conversation_version) ->
+submit it to the engine (which knows the model version from then on) -> store the user message
+-> stream the answer -> store the answer (finish reason, token counts, model version, params)
+under the id announced in `started`.
+
+Everything that can refuse a turn is checked before it is committed: a new conversation, its
+version and its first message are written in one transaction, so a refused turn leaves nothing
+behind; the user's message is committed before the first token is sent.
+
+How a turn ends is always recorded, one way for every cause:
+- "stop" / "length": the model finished, or hit max_new_tokens;
+- "cancelled": a cancel frame, a closed websocket or a dropped HTTP stream. The partial answer
+  (possibly empty) is stored with finish_reason "cancelled", so the tree shows what was seen;
+- "error": the engine failed mid-answer; the partial answer is stored and the client is told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+from psycopg.rows import tuple_row
+
+from feedback import store
+from feedback.errors import InvalidInput, TooLong, WrongConversation
+from feedback.store import Message, User
+
+from . import serving
+from .api_paths import stored_prefix
+from .engine.base import TokenEvent
+from .errors import EngineFailed, InvalidParams, NothingToRegenerate, NotReady
+from .metrics import Metrics
+from .quotas import Quotas
+from .settings import ServerSettings
+from .wire import SamplingParams, Usage
+
+log = logging.getLogger(__name__)
+
+MAX_CHARS_PER_TOKEN = 64  # generous: no real tokenizer's token decodes to more
+TITLE_CHARS = 80  # conversation titles: the start of the first user message
+# Model version recorded for assistant turns an API client supplies in its messages array:
+# the stored path must hold them, but no policy of ours wrote them, so training can tell.
+CLIENT_SUPPLIED = "client-supplied"
+
+
+def resolve_params(settings: ServerSettings, asked: SamplingParams | None) -> dict[str, Any]:
+    """The sampling parameters a turn uses: the asked ones within bounds, defaults otherwise."""
+    asked = asked or SamplingParams()
+    if asked.temperature is not None and asked.temperature > settings.max_temperature:
+        raise InvalidParams.over_limit(
+            "temperature", asked.temperature, settings.max_temperature, "MAX_TEMPERATURE"
+        )
+    if asked.max_new_tokens is not None and asked.max_new_tokens > settings.max_new_tokens_limit:
+        raise InvalidParams.over_limit(
+            "max_new_tokens",
+            asked.max_new_tokens,
+            settings.max_new_tokens_limit,
+            "MAX_NEW_TOKENS_LIMIT",
+        )
+    return {
+        "temperature": settings.default_temperature
+        if asked.temperature is None
+        else asked.temperature,
+        "top_p": settings.default_top_p if asked.top_p is None else asked.top_p,
+        "max_new_tokens": asked.max_new_tokens or settings.default_max_new_tokens,
+    }
+
+
+def _title(content: str) -> str:
+    line = " ".join(content.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+@dataclass
+class Answer:
+    """An answer being produced. `stream()` yields its text and stores it when it ends."""
+
+    chat: Chat
+    user: User
+    conversation_id: UUID
+    parent_id: UUID  # the message answered
+    message_id: UUID  # the answer's id, announced before it is stored
+    params: dict[str, Any]
+    prompt: serving.Prompt
+    request: serving.EngineRequest  # the engine's side: knows its model version, yields events
+    release: Callable[[], None]  # gives the generation slot back (idempotent)
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: Exception | None = None
+    stored: Message | None = None
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def model_version(self) -> str:
+        return self.request.model_version
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt.n_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt.n_tokens + self.completion_tokens,
+        )
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The answer's text as produced. However it ends - finished, cancelled (the consumer
+        was cancelled or closed this iterator) or failed - the answer is stored before the
+        iterator finishes, and `finish_reason` says which."""
+        try:
+            async for event in self.request:
+                if isinstance(event, TokenEvent):
+                    self.completion_tokens = event.completion_tokens
+                    if event.text:
+                        if not self.parts and self.chat.metrics:
+                            self.chat.metrics.time_to_first_token.observe(
+                                time.monotonic() - self.started_at
+                            )
+                        self.parts.append(event.text)
+                        yield event.text
+                else:
+                    self.finish_reason = event.finish_reason
+                    self.completion_tokens = event.usage.completion_tokens
+                    if event.error:
+                        self.error = EngineFailed(event.error)
+        except (asyncio.CancelledError, GeneratorExit):
+            self.finish_reason = "cancelled"
+            raise
+        except Exception as exc:  # the engine broke its own contract; keep what was said
+            log.exception("answer %s failed", self.message_id)
+            self.finish_reason = "error"
+            self.error = EngineFailed(f"{type(exc).__name__}: {exc}")
+        finally:
+            self.request.cancel()  # frees the engine's slot now if we left early (idempotent)
+            if self.finish_reason is None:
+                self.finish_reason = "error"
+                self.error = self.error or EngineFailed("the engine ended without a final event")
+            try:
+                # Shielded: a second cancellation (server shutting down) must not lose the row.
+                await asyncio.shield(self._store())
+            finally:
+                self.release()
+
+    async def run(self) -> str:
+        """Generate the whole answer (non-streaming callers)."""
+        async for _ in self.stream():
+            pass
+        return self.text
+
+    def abandon(self) -> None:
+        """Never streamed (the client left before): stop the engine, free the slot. Nothing is
+        stored, as no part of the answer was produced for anyone. Harmless after `stream()`."""
+        self.request.cancel()
+        self.release()
+
+    async def _store(self) -> None:
+        try:
+            async with self.chat.pool.connection() as conn:
+                self.stored = await store.add_message(
+                    conn,
+                    self.user,
+                    self.conversation_id,
+                    self.parent_id,
+                    "assistant",
+                    self.text,
+                    model_version=self.model_version,
+                    prompt_tokens=self.prompt.n_tokens,
+                    completion_tokens=self.completion_tokens,
+                    finish_reason=self.finish_reason,
+                    params=self.params,
+                    message_id=self.message_id,
+                    settings=self.chat.answer_settings,
+                )
+        except Exception as exc:
+            log.exception("could not store answer %s", self.message_id)
+            self.finish_reason = "error"
+            self.error = exc
+            return
+        if self.chat.metrics:
+            self.chat.metrics.answers.labels(self.finish_reason, self.model_version).inc()
+            self.chat.metrics.answer_tokens.labels(self.model_version).inc(self.completion_tokens)
+
+
+class Chat:
+    """The turn logic, with the pool, engine, settings and quotas it needs."""
+
+    def __init__(
+        self, pool, engine, settings: ServerSettings, quotas: Quotas, metrics: Metrics | None = None
+    ):
+        self.pool = pool
+        self.metrics = metrics
+        self.engine = engine
+        self.settings = settings
+        self.quotas = quotas
+        # The swap controller (server/swap.py) once the app starts one: the registry's state it
+        # last heard decides which version a conversation runs on. None: the engine's default.
+        self.swaps = None
+        # MAX_MESSAGE_CHARS limits what people send; an answer is bounded by its token budget
+        # instead and must always be storable, so the store gets a limit it cannot reach.
+        self.answer_settings = settings.model_copy(
+            update={
+                "max_message_chars": max(
+                    settings.max_message_chars, settings.max_new_tokens_limit * MAX_CHARS_PER_TOKEN
+                )
+            }
+        )
+
+    # -- starting a turn ------------------------------------------------------------------------
+    # Order in every start_*: checks that need no database (engine ready, params, length, rate,
+    # a free slot), then read the path, build the prompt, submit to the engine (which refuses an
+    # unknown version or an overload at once), and only then write, in one transaction. A
+    # failure at any step gives back what was taken (slot, engine request) and writes nothing.
+
+    def _ready_engine(self):
+        if not serving.is_ready(self.engine):
+            raise NotReady()
+        return self.engine
+
+    def _version_for(self, conversation_id: UUID, assigned: str | None) -> str:
+        """Chosen right before submitting, with no await in between, so the version cannot be
+        unloaded in the meantime."""
+        state = self.swaps.state if self.swaps is not None else None
+        return serving.conversation_version(self.engine, state, conversation_id, assigned)
+
+    def _check_length(self, content: str) -> None:
+        if len(content) > self.settings.max_message_chars:
+            raise TooLong("content", len(content), self.settings.max_message_chars, "max_message_chars")
+
+    async def start_message(
+        self,
+        user: User,
+        conversation_id: UUID | None,
+        parent_id: UUID | None,
+        content: str,
+        asked: SamplingParams | None = None,
+    ) -> Answer:
+        """Store the user's message and start its answer (the 'message' frame)."""
+        engine = self._ready_engine()
+        params = resolve_params(self.settings, asked)
+        self._check_length(content)
+        if conversation_id is None and parent_id is not None:
+            raise InvalidInput(
+                "parent_id was given without conversation_id: send the conversation_id the "
+                "parent belongs to, or neither to start a new conversation"
+            )
+        await self.quotas.hit(user.id)
+        release = self.quotas.take_slot(user.id)
+        request = None
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                if conversation_id is None:
+                    path: list[Message] = []
+                elif parent_id is None:
+                    newest = await store.newest_message(conn, user, conversation_id)
+                    path = [] if newest is None else await store.path_to_root(conn, user, newest.id)
+                else:
+                    path = await store.path_to_root(conn, user, parent_id)
+                    if path[-1].conversation_id != conversation_id:
+                        raise WrongConversation(parent_id, conversation_id)
+                turns = _turns(path) + [{"role": "user", "content": content}]
+                prompt = serving.prompt_for(engine, self.settings, turns, params)
+                if conversation_id is None:
+                    # Created first: a new conversation's version is chosen by its id. A
+                    # refusal below rolls it back with the rest of the transaction.
+                    conversation = await store.create_conversation(
+                        conn, user, _title(content), settings=self.settings
+                    )
+                    conversation_id, assigned = conversation.id, None
+                else:
+                    assigned = await _assigned_version(conn, conversation_id)
+                request = serving.submit(
+                    engine, prompt, params, self._version_for(conversation_id, assigned)
+                )
+                await _remember_version(conn, conversation_id, assigned, request.model_version)
+                question = await store.add_message(
+                    conn,
+                    user,
+                    conversation_id,
+                    path[-1].id if path else None,
+                    "user",
+                    content,
+                    settings=self.settings,
+                )
+        except BaseException:
+            if request is not None:
+                request.cancel()
+            release()
+            raise
+        return self._answer(user, question, params, prompt, request, release)
+
+    async def start_regenerate(
+        self, user: User, message_id: UUID, asked: SamplingParams | None = None
+    ) -> Answer:
+        """Start another answer to the message `message_id` answered (the 'regenerate' frame):
+        the same prompt, and the new answer is stored as a sibling of `message_id`."""
+        engine = self._ready_engine()
+        params = resolve_params(self.settings, asked)
+        await self.quotas.hit(user.id)
+        release = self.quotas.take_slot(user.id)
+        request = None
+        try:
+            async with self.pool.connection() as conn:
+                path = await store.path_to_root(conn, user, message_id)
+                answer = path[-1]
+                if answer.role != "assistant" or len(path) < 2:
+                    raise NothingToRegenerate(
+                        f"message {message_id} is a {answer.role} message: regenerate takes the "
+                        "id of an assistant answer, and the new answer becomes its sibling"
+                    )
+                question = path[-2]
+                prompt = serving.prompt_for(engine, self.settings, _turns(path[:-1]), params)
+                assigned = await _assigned_version(conn, answer.conversation_id)
+                request = serving.submit(
+                    engine, prompt, params, self._version_for(answer.conversation_id, assigned)
+                )
+                await _remember_version(conn, answer.conversation_id, assigned, request.model_version)
+        except BaseException:
+            if request is not None:
+                request.cancel()
+            release()
+            raise
+        return self._answer(user, question, params, prompt, request, release)
+
+    async def start_from_messages(
+        self,
+        user: User,
+        messages: list[dict[str, str]],
+        asked: SamplingParams | None,
+        model: str | None,
+    ) -> Answer:
+        """An API request (see openai_api's module doc): its messages array is found among the
+        user's stored paths or stored as one, and the answer is appended at its end."""
+        engine = self._ready_engine()
+        version = serving.pick_version(engine, model)
+        params = resolve_params(self.settings, asked)
+        for m in messages:
+            self._check_length(m["content"])
+        prompt = serving.prompt_for(engine, self.settings, messages, params)
+        await self.quotas.hit(user.id)
+        release = self.quotas.take_slot(user.id)
+        request = None
+        try:
+            request = serving.submit(engine, prompt, params, version)
+            async with self.pool.connection() as conn, conn.transaction():
+                question = await self._store_api_path(conn, user, messages)
+        except BaseException:
+            if request is not None:
+                request.cancel()
+            release()
+            raise
+        return self._answer(user, question, params, prompt, request, release)
+
+    async def _store_api_path(self, conn, user: User, messages: list[dict[str, str]]) -> Message:
+        """The stored message the answer goes under, writing what is not stored yet."""
+        prefix = await stored_prefix(conn, user, messages)
+        if len(prefix) == len(messages):
+            # The same conversation asked again: the new answer is a sibling of earlier ones.
+            return await store.get_message(conn, user, prefix[-1])
+        if prefix and len(prefix) == len(messages) - 1 and messages[-2]["role"] == "assistant":
+            # The client continues a stored conversation (it re-sent our last answer).
+            last = await store.get_message(conn, user, prefix[-1])
+            conversation_id, parent_id, new = last.conversation_id, last.id, messages[-1:]
+        else:
+            first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
+            conversation = await store.create_conversation(
+                conn, user, _title(first_user), settings=self.settings
+            )
+            conversation_id, parent_id, new = conversation.id, None, messages
+        parent = None
+        for m in new:
+            parent = await store.add_message(
+                conn,
+                user,
+                conversation_id,
+                parent_id,
+                m["role"],
+                m["content"],
+                model_version=CLIENT_SUPPLIED if m["role"] == "assistant" else None,
+                settings=self.settings,
+            )
+            parent_id = parent.id
+        assert parent is not None
+        return parent
+
+    def _answer(self, user: User, question: Message, params, prompt, request, release) -> Answer:
+        return Answer(
+            chat=self,
+            user=user,
+            conversation_id=question.conversation_id,
+            parent_id=question.id,
+            message_id=uuid.uuid4(),
+            params=params,
+            prompt=prompt,
+            request=request,
+            release=release,
+        )
+
+    # -- feedback -------------------------------------------------------------------------------
+
+    async def feedback(self, user: User, message_id: UUID | str, rating: int, reason: str | None) -> int:
+        await self.quotas.hit(user.id)
+        async with self.pool.connection() as conn:
+            rating_id = await store.record_rating(
+                conn, user, message_id, rating, reason, settings=self.settings
+            )
+        if self.metrics:
+            self.metrics.feedback.labels("thumb_up" if rating == 1 else "thumb_down").inc()
+        return rating_id
+
+    async def compare(
+        self, user: User, message_id: UUID | str, other_id: UUID | str, verdict: str
+    ) -> int:
+        await self.quotas.hit(user.id)
+        async with self.pool.connection() as conn:
+            comparison_id = await store.record_comparison(conn, user, message_id, other_id, verdict)
+        if self.metrics:
+            self.metrics.feedback.labels("compare").inc()
+        return comparison_id
+
+
+# A conversation's version (conversations.model_version, see deploy/canary.py): the one its
+# answers run on, kept while it stays live. The store's API does not cover this deploy column.
+
+
+async def _assigned_version(conn, conversation_id: UUID) -> str | None:
+    """The version the conversation runs on (ownership is checked by the caller's reads)."""
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT model_version FROM conversations WHERE id = %s", (conversation_id,))
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def _remember_version(conn, conversation_id: UUID, assigned: str | None, ran: str) -> None:
+    """Store what actually runs (not what the canary chose: this replica may lack it), so the
+    conversation's later answers come from the same policy while it stays live."""
+    if ran != assigned:
+        await conn.execute(
+            "UPDATE conversations SET model_version = %s WHERE id = %s", (ran, conversation_id)
+        )
+
+
+def _turns(path: list[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in path]
+

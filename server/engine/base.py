@@ -1,0 +1,303 @@
+"""The engine interface: what the server needs from whatever generates the tokens.
+
+Two engines implement it: `local` (in-process transformers, server/engine/local.py) and
+`remote` (a TGI / OpenAI-compatible server through huggingface_hub's AsyncInferenceClient).
+
+A request is submitted with a prompt, sampling params and optionally a model version, and
+comes back as a `Generation`: a handle that knows which version it runs on from the start
+(the server's `started` frame needs it before any token) and an async stream of events:
+`TokenEvent`s (text deltas, as produced) and exactly one `FinalEvent` (finish reason and
+usage) at the end. Cancelling is idempotent and always ends the stream with a `FinalEvent`.
+
+Hot swap is part of the interface from the start: an engine holds one or more model versions
+at once; every request names (or is given) the version it runs on and finishes on those
+weights; `load_version` / `set_default_version` / `unload_version` swap what new requests get
+while streams in flight drain on the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..prompt import Prompt
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+# SmolLM2's recommended sampling (its model card); the server's settings may override them.
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 0.9
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class EngineError(RuntimeError):
+    """Something an engine refused or failed to do; subclasses say what, messages say how to fix."""
+
+
+class InvalidSamplingParams(EngineError, ValueError):
+    """A sampling parameter is out of range or over a configured limit."""
+
+
+class UnknownModelVersion(EngineError, LookupError):
+    """The request names a model version this engine does not serve (or no longer accepts)."""
+
+    def __init__(self, version: str, served: list[str]):
+        super().__init__(f"model version {version!r} is not served here; served: {', '.join(served) or 'none'}")
+        self.version = version
+        self.served = served
+
+
+class EngineOverloaded(EngineError):
+    """Too many requests are waiting; the client should retry later."""
+
+
+class EngineNotReady(EngineError):
+    """No model is loaded yet, or the engine was closed."""
+
+
+class VersionInUse(EngineError):
+    """A version cannot be unloaded: it is the default one (set another default first)."""
+
+
+@dataclass(frozen=True)
+class SamplingLimits:
+    """Bounds on what a request may ask for (from the server's settings)."""
+
+    max_temperature: float = 2.0
+    max_new_tokens: int = 1024
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy decoding (top_p then does not matter)."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P  # nucleus: sample among the most likely tokens holding this mass
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # answer length cap, stop token included
+
+    def checked(self, limits: SamplingLimits = SamplingLimits()) -> SamplingParams:
+        """These params, or InvalidSamplingParams naming the first one out of bounds."""
+        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= limits.max_temperature):
+            raise InvalidSamplingParams(
+                f"temperature must be between 0 (greedy) and {limits.max_temperature}, not {self.temperature}"
+            )
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], not {self.top_p}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidSamplingParams(f"max_new_tokens must be an integer, not {self.max_new_tokens!r}")
+        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+            raise InvalidSamplingParams(
+                f"max_new_tokens must be between 1 and {limits.max_new_tokens}, not {self.max_new_tokens}"
+            )
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, the stop token included
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New answer text. Several tokens may make one event (or none: a multi-byte character
+    split across tokens is held back until it is complete)."""
+
+    text: str
+    completion_tokens: int  # generated so far, this event's tokens included
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """The last event of every generation."""
+
+    finish_reason: FinishReason  # stop: end of turn; length: max_new_tokens or context full
+    usage: Usage
+    error: str | None = None  # set when finish_reason is "error"
+
+
+Event = TokenEvent | FinalEvent
+
+
+class Generation:
+    """One request in an engine: its id, the model version it runs on, and its events.
+
+    Iterate it (`async for event in generation`) to receive the events, ending with one
+    `FinalEvent`. Leaving the iteration early, or `async with` exiting, cancels it. Events are
+    queued as the engine produces them, so a slow reader never slows the batch down.
+    """
+
+    def __init__(self, engine: Engine, request_id: str, model_version: str, prompt_tokens: int,
+                 params: SamplingParams):
+        self.engine = engine
+        self.request_id = request_id
+        self.model_version = model_version
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self.final: FinalEvent | None = None  # set once the FinalEvent has been produced
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._consumed_final = False
+
+    # Called by the engine, on the event loop.
+    def _push(self, event: Event) -> None:
+        if isinstance(event, FinalEvent):
+            if self.final is not None:
+                return
+            self.final = event
+        self._events.put_nowait(event)
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    def cancel(self) -> None:
+        """Stop generating (idempotent); the stream ends with finish_reason "cancelled"."""
+        if not self.done:
+            self.engine._cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        try:
+            while not self._consumed_final:
+                event = await self._events.get()
+                if isinstance(event, FinalEvent):
+                    self._consumed_final = True
+                yield event
+        finally:
+            if not self.done:
+                self.cancel()
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self.cancel()
+
+    async def collect(self) -> tuple[str, FinalEvent]:
+        """The whole answer text and its final event (for non-streaming callers and tests)."""
+        pieces = []
+        async for event in self:
+            if isinstance(event, TokenEvent):
+                pieces.append(event.text)
+            else:
+                return "".join(pieces), event
+        raise EngineError("the event stream ended without a final event")  # pragma: no cover
+
+
+@dataclass
+class EngineStats:
+    """Counters a test or /metrics can read. Histograms map a batch size to how many forward
+    passes ran with that many sequences."""
+
+    decode_batch_sizes: Counter[int] = field(default_factory=Counter)
+    prefill_batch_sizes: Counter[int] = field(default_factory=Counter)
+    prefill_tokens: int = 0  # prompt tokens run through the model
+    generated_tokens: int = 0
+    finished: Counter[str] = field(default_factory=Counter)  # finish_reason -> requests
+    active: int = 0  # sequences holding a batch slot right now
+    waiting: int = 0  # submitted, not yet admitted to the batch
+
+    def copy(self) -> EngineStats:
+        return EngineStats(
+            decode_batch_sizes=Counter(self.decode_batch_sizes),
+            prefill_batch_sizes=Counter(self.prefill_batch_sizes),
+            prefill_tokens=self.prefill_tokens,
+            generated_tokens=self.generated_tokens,
+            finished=Counter(self.finished),
+            active=self.active,
+            waiting=self.waiting,
+        )
+
+    @property
+    def max_decode_batch(self) -> int:
+        return max(self.decode_batch_sizes, default=0)
+
+
+class Engine(ABC):
+    """What the server uses to generate. All methods are called on the event loop."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool:
+        """A default version is loaded and requests are accepted."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The tokenizer prompts are built with (its chat template renders conversations)."""
+
+    @property
+    @abstractmethod
+    def context_length(self) -> int:
+        """Most tokens (prompt plus answer) one sequence may hold."""
+
+    @property
+    @abstractmethod
+    def default_version(self) -> str:
+        """The version new requests get when they do not name one."""
+
+    @abstractmethod
+    def versions(self) -> list[str]:
+        """The versions requests may name now (loaded and not being unloaded)."""
+
+    @abstractmethod
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams = SamplingParams(),
+        *,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> Generation:
+        """Start generating an answer to `prompt` on `version` (default: the default version).
+
+        Raises at once (never through the stream) for a bad request: InvalidSamplingParams,
+        UnknownModelVersion, EngineOverloaded, EngineNotReady.
+        """
+
+    @abstractmethod
+    async def load_version(self, version: str, path: str | Path, *, make_default: bool = False) -> None:
+        """Load checkpoint `path` as `version` next to the versions already served. A failed
+        load raises and changes nothing: the versions served before keep serving."""
+
+    @abstractmethod
+    def set_default_version(self, version: str) -> None:
+        """New requests without a version get `version` from now on; in-flight ones are untouched."""
+
+    @abstractmethod
+    async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
+        """Stop accepting `version`, wait until its in-flight requests finish (cancelling those
+        left after `timeout` seconds), then free it. The default version cannot be unloaded."""
+
+    @abstractmethod
+    def in_flight(self, version: str | None = None) -> int:
+        """Requests submitted and not finished (on `version`, or on all versions)."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's counters."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the engine's machinery (idempotent)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Cancel everything in flight and release the models (idempotent)."""
+
+    @abstractmethod
+    def _cancel(self, generation: Generation) -> None:
+        """Engine side of Generation.cancel()."""

@@ -1,0 +1,794 @@
+"""The remote engine: generation on another server (TGI, vLLM, SGLang, `transformers serve`)
+through huggingface_hub's `AsyncInferenceClient`, streamed.
+
+Prompts are still built here, with the local tokenizer of the model the remote serves
+(`ENGINE_TOKENIZER`, else the `MODEL` directory): cut to the token budget exactly as for the
+local engine, then sent in one of two API flavours (`ENGINE_API`):
+
+- `openai` (default): `POST /v1/chat/completions` with the kept messages; the remote renders
+  them with its own copy of the chat template. vLLM, SGLang, `transformers serve` and TGI's
+  Messages API all speak it, and it is the only flavour that names a model per request, so
+  versions are served model names (vLLM LoRA adapters, `--served-model-name`, the repository
+  ids of `transformers serve`), checked against `GET /v1/models`.
+- `tgi`: TGI's own `POST /` (`generate_stream`) with the rendered prompt text and
+  `details=True`, so every streamed token carries its id and the end its exact counts. Use it
+  for TGI when the remote must see exactly the text rendered here; versions are TGI LoRA
+  adapter ids (`adapter_id`), the base version sends none. TGI lists no adapters, so they are
+  not checked before use.
+
+Failures, documented once here:
+- Known down (the last health probe failed, or a request could not connect since):
+  `submit` raises `EngineNotReady` naming the URL, and a new probe starts at once.
+- Failing during a request (connection refused or dropped, timeout, an HTTP or stream error):
+  the request ends with a FinalEvent(finish_reason="error") whose `error` names the URL and
+  what to check; the tokens already streamed stay streamed.
+`ready` is the last probe's answer: `GET /health` (every one of these servers has it), then
+`GET /v1/models` where offered, which must list the default version's served name.
+
+Cancelling (`Generation.cancel`, leaving the iteration early) ends the stream at once with
+"cancelled" and closes the HTTP response, which is how these servers learn to stop generating.
+
+Blue/green: `switch_endpoint(url)` probes a second engine, makes it the endpoint for new
+requests, and lets the streams in flight finish on the old one (each request holds its own
+endpoint); the old connections are closed once the last of them ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx2
+from huggingface_hub import AsyncInferenceClient
+from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError
+
+from ..prompt import Prompt, PromptTooLong
+from .base import (
+    Engine,
+    EngineError,
+    EngineNotReady,
+    EngineOverloaded,
+    EngineStats,
+    FinalEvent,
+    FinishReason,
+    Generation,
+    SamplingLimits,
+    SamplingParams,
+    TokenEvent,
+    UnknownModelVersion,
+    Usage,
+    VersionInUse,
+)
+
+log = logging.getLogger(__name__)
+
+Api = Literal["openai", "tgi"]
+
+# How the servers name the ends of an answer, mapped onto ours. TGI says eos_token /
+# stop_sequence (its Messages API too, in older releases); anything else that ends an answer on
+# purpose (tool_calls, content_filter) is a stop as far as a chat turn goes.
+_LENGTH_REASONS = {"length", "max_tokens"}
+
+
+class RemoteEngineError(EngineError):
+    """The remote engine cannot be used as configured; the message names the URL and the fix."""
+
+
+class ModelNotServed(RemoteEngineError, LookupError):
+    """The remote does not serve a model name a version needs."""
+
+
+@dataclass(frozen=True)
+class RemoteEngineConfig:
+    url: str  # the remote's base URL, with or without a trailing /v1
+    api: Api = "openai"
+    served_model: str | None = None  # the name the remote serves the base model under; None: the only one it lists
+    api_key: str | None = None  # sent as a bearer token (vLLM --api-key, a gateway's key)
+    connect_timeout_s: float = 5.0  # to open a connection
+    read_timeout_s: float = 120.0  # longest silence mid-request: time to first token included
+    health_interval_s: float = 5.0  # between health probes of the current endpoint
+    drain_timeout_s: float | None = 600.0  # after a switch: streams still on the old endpoint then are cancelled
+    context_length: int = 2048  # prompt + answer budget (capped by the model's and the remote's own)
+    max_in_flight: int = 512  # requests streaming at once before submit says overloaded
+    limits: SamplingLimits = SamplingLimits()
+
+
+@dataclass
+class _Version:
+    name: str  # what requests and stored messages call it (a checkpoint id)
+    served_name: str | None  # openai: the `model` field; tgi: the adapter id (None: the base)
+    accepting: bool = True
+    in_flight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RemoteGeneration(Generation):
+    """A Generation that also says which remote serves it (`url`), for logs and blue/green."""
+
+    def __init__(self, *args: Any, url: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.url = url
+
+
+class _RequestClient(AsyncInferenceClient):
+    """An AsyncInferenceClient for ONE request, over its endpoint's shared connection pool.
+
+    One per request because the client keeps every streamed response open until the client
+    itself is closed: closing this one closes exactly that request's response (how a cancel
+    reaches the remote), never the pool. The pool is ours, not the hub's default session,
+    because that one refuses every request under HF_HUB_OFFLINE and sends the local Hugging
+    Face token to whatever URL it is given.
+    """
+
+    def __init__(self, session: httpx2.AsyncClient, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._session = session
+
+    async def _get_async_client(self) -> httpx2.AsyncClient:
+        return self._session
+
+
+class _Endpoint:
+    """One remote server: its connection pool, its health, the models it lists, its requests."""
+
+    def __init__(self, url: str, config: RemoteEngineConfig):
+        self.url = _root_url(url)
+        self.timeout = httpx2.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
+        self.session = _session(config, self.timeout)
+        self.healthy: bool | None = None  # None: not probed yet
+        self.problem: str | None = None  # why it is not healthy, for EngineNotReady and logs
+        self.listed: dict[str, dict[str, Any]] | None = None  # /v1/models entries by id; None: no listing
+        self.tasks: set[asyncio.Task] = set()
+
+    async def probe(self) -> bool:
+        """GET /health, then /v1/models where offered; records and returns the answer."""
+        try:
+            response = await self.session.get(f"{self.url}/health", timeout=self.timeout.connect)
+            if response.status_code == 404:  # a gateway without /health: the listing answers for it
+                response = await self.session.get(f"{self.url}/v1/models", timeout=self.timeout.connect)
+            if response.status_code >= 400:
+                return self._record(False, f"GET {response.url.path} answered HTTP {response.status_code}")
+            self.listed = await self._list_models()
+            return self._record(True, None)
+        except httpx2.HTTPError as error:
+            return self._record(False, _describe_transport_error(error))
+
+    async def _list_models(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            response = await self.session.get(f"{self.url}/v1/models", timeout=self.timeout.connect)
+            if response.status_code >= 400:
+                return None  # TGI before 2.x, or a listing the server cannot build: not a failure
+            entries = response.json().get("data") or []
+            return {entry["id"]: entry for entry in entries if isinstance(entry, dict) and "id" in entry}
+        except (httpx2.HTTPError, ValueError, AttributeError):
+            return None
+
+    def _record(self, healthy: bool, problem: str | None) -> bool:
+        if healthy != self.healthy:
+            if healthy:
+                log.info("remote engine at %s is answering", self.url)
+            else:
+                log.warning("remote engine at %s is not usable: %s", self.url, problem)
+        self.healthy, self.problem = healthy, problem
+        return healthy
+
+    def mark_down(self, problem: str) -> None:
+        self._record(False, problem)
+
+    def client(self, request_id: str) -> _RequestClient:
+        return _RequestClient(self.session, base_url=self.url, timeout=self.timeout,
+                              headers={"X-Request-ID": request_id})
+
+    async def close(self) -> None:
+        await self.session.aclose()
+
+
+@dataclass
+class _Request:
+    generation: RemoteGeneration
+    endpoint: _Endpoint
+    prompt: Prompt
+    served_name: str | None
+    max_new_tokens: int
+    pieces: list[str] = field(default_factory=list)
+    chunks: int = 0  # content chunks (openai) or tokens (tgi) received
+    task: asyncio.Task | None = None
+    finished: bool = False
+
+
+class RemoteEngine(Engine):
+    """See the module docstring. Construct, `await start()`; `load_remote_engine` does both
+    from the server's settings."""
+
+    def __init__(self, config: RemoteEngineConfig, tokenizer: Any, *, base_version: str,
+                 model_context_length: int | None = None):
+        self.config = config
+        self._tokenizer = tokenizer
+        self._model_context_length = model_context_length  # the model's own (its config's)
+        self._endpoint = _Endpoint(config.url, config)
+        self._retired: set[_Endpoint] = set()  # old endpoints draining after a switch
+        self._base_version = base_version
+        self._versions: dict[str, _Version] = {
+            base_version: _Version(base_version, config.served_model if config.api == "openai" else None)
+        }
+        self._default = base_version
+        self._requests: dict[str, _Request] = {}
+        self._stats = EngineStats()
+        self._started = False
+        self._closed = False
+        self._health_task: asyncio.Task | None = None
+        self._probe_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Probe the remote once and keep probing it. A remote that is down does not fail the
+        start: the server comes up not ready and becomes ready when the remote answers."""
+        if self._started:
+            return
+        if self._closed:
+            raise EngineNotReady("this remote engine was closed; create a new one")
+        self._started = True
+        await self._probe()
+        self._health_task = asyncio.create_task(self._health_loop(), name="remote-engine-health")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in (self._health_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+        for request in list(self._requests.values()):
+            request.generation.cancel()
+        for task in self._background:
+            task.cancel()
+        endpoints = (self._endpoint, *self._retired)
+        tasks = [task for endpoint in endpoints for task in endpoint.tasks] + list(self._background)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for endpoint in (self._endpoint, *self._retired):
+            await endpoint.close()
+        self._retired.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._closed and bool(self._endpoint.healthy)
+
+    @property
+    def url(self) -> str:
+        """The endpoint new requests go to."""
+        return self._endpoint.url
+
+    @property
+    def problem(self) -> str | None:
+        """Why the engine is not ready (None when it is)."""
+        if self._closed:
+            return "the remote engine is closed"
+        if not self._started:
+            return "the remote engine is not started"
+        if not self._endpoint.healthy:
+            return f"the remote engine at {self._endpoint.url} is not usable: {self._endpoint.problem or 'not probed yet'}"
+        return None
+
+    def draining_urls(self) -> list[str]:
+        """Old endpoints still finishing streams after a switch."""
+        return [endpoint.url for endpoint in self._retired]
+
+    def open_streams(self) -> int:
+        """HTTP streams still open to remotes. A request's closes just after its final event
+        (a cancelled one's is what tells the remote to stop)."""
+        return sum(len(endpoint.tasks) for endpoint in (self._endpoint, *self._retired))
+
+    # ------------------------------------------------------------------ health
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self._probe()
+            except Exception:  # noqa: BLE001 - a bug in one probe must not end the probing
+                log.exception("probing the remote engine at %s failed", self._endpoint.url)
+
+    async def _probe(self) -> bool:
+        endpoint = self._endpoint
+        if not await endpoint.probe():
+            return False
+        problem = self._check_served(endpoint, every_version=False)
+        if problem:
+            endpoint.mark_down(problem)
+            return False
+        return True
+
+    def _kick_probe(self) -> None:
+        """Probe now (in the background) rather than at the next interval: after a failure, so
+        that a remote which is back is used again without waiting."""
+        if self._started and not self._closed and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = asyncio.create_task(self._probe(), name="remote-engine-probe")
+
+    def _check_served(self, endpoint: _Endpoint, *, every_version: bool) -> str | None:
+        """What is wrong with the served names on `endpoint`, if anything: the default
+        version's only (health: a missing extra version fails its own requests, not the
+        engine), or every version's (a switch must not lose one). Learns the base model's name
+        from the listing when ENGINE_MODEL is not set and the choice is clear."""
+        if self.config.api != "openai":
+            return None
+        base = self._versions[self._base_version]
+        listed = endpoint.listed
+        if base.served_name is None:
+            if listed is None:
+                return ("it lists no models (GET /v1/models), so the base model's served name is unknown: "
+                        "set ENGINE_MODEL to the name the remote serves it under")
+            if len(listed) != 1:
+                names = ", ".join(sorted(listed)) or "none"
+                return (f"it lists {len(listed)} models ({names}): set ENGINE_MODEL to the one that "
+                        "serves the base model")
+            base.served_name = next(iter(listed))
+            log.info("remote engine at %s serves the base model as %r", endpoint.url, base.served_name)
+        checked = self._versions.values() if every_version else [self._versions[self._default]]
+        for version in checked:
+            if listed is not None and version.accepting and version.served_name not in listed:
+                names = ", ".join(sorted(listed)) or "none"
+                return f"it does not serve {version.served_name!r} (version {version.name}); it lists: {names}"
+        return None
+
+    # ------------------------------------------------------------------ versions
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int:
+        lengths = [self.config.context_length]
+        if self._model_context_length:
+            lengths.append(self._model_context_length)
+        listed = self._endpoint.listed or {}
+        served = self._versions[self._default].served_name
+        remote_max = (listed.get(served) or {}).get("max_model_len")  # vLLM says what it allocated
+        if isinstance(remote_max, int) and remote_max > 0:
+            lengths.append(remote_max)
+        return min(lengths)
+
+    @property
+    def default_version(self) -> str:
+        return self._default
+
+    def versions(self) -> list[str]:
+        return [name for name, version in self._versions.items() if version.accepting]
+
+    async def load_version(self, version: str, path: str | Path, *, make_default: bool = False,
+                           served_name: str | None = None) -> None:
+        """Serve `version`, which the remote serves as `served_name` (default: `version`).
+
+        Nothing is loaded here: the remote must already serve it (vLLM: `--lora-modules` or its
+        runtime `POST /v1/load_lora_adapter`; TGI: `LORA_ADAPTERS`; `path` is where the
+        checkpoint is, for the log). With the OpenAI API the remote's model list must name it,
+        else ModelNotServed and nothing changes."""
+        if version in self._versions:
+            raise ValueError(f"version {version!r} is already registered; unload it first or use another id")
+        served = served_name or version
+        endpoint = self._endpoint
+        if self.config.api == "openai":
+            if not await endpoint.probe():
+                raise EngineNotReady(f"cannot check version {version}: {self.problem}")
+            if endpoint.listed is not None and served not in endpoint.listed:
+                names = ", ".join(sorted(endpoint.listed)) or "none"
+                raise ModelNotServed(
+                    f"the remote engine at {endpoint.url} does not serve {served!r} (it lists: {names}): "
+                    "load the checkpoint there first (vLLM: --lora-modules NAME=PATH or POST "
+                    "/v1/load_lora_adapter), then load the version again"
+                )
+        self._versions[version] = _Version(version, served)
+        if make_default:
+            self._default = version
+        log.info("serving version %s as %r on %s (checkpoint %s)%s", version, served, endpoint.url, path,
+                 " (default)" if make_default else "")
+
+    def set_default_version(self, version: str) -> None:
+        record = self._versions.get(version)
+        if record is None or not record.accepting:
+            raise UnknownModelVersion(version, self.versions())
+        self._default = version
+
+    async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
+        record = self._versions.get(version)
+        if record is None:
+            raise UnknownModelVersion(version, self.versions())
+        if version == self._default:
+            raise VersionInUse(f"{version} is the default version: set another default before unloading it")
+        record.accepting = False
+        if record.in_flight:
+            try:
+                await asyncio.wait_for(record.drained.wait(), timeout)
+            except TimeoutError:
+                log.warning("unloading %s: cancelling %d requests still running", version, record.in_flight)
+                for request in list(self._requests.values()):
+                    if request.generation.model_version == version:
+                        request.generation.cancel()
+                await record.drained.wait()
+        del self._versions[version]
+        log.info("unregistered version %s", version)
+
+    # ------------------------------------------------------------------ blue/green
+
+    async def switch_endpoint(self, url: str, *, drain_timeout: float | None = None) -> None:
+        """Send new requests to the engine at `url`; streams in flight finish where they are.
+
+        The new endpoint must answer its health probe and, where it lists models, serve every
+        registered version; otherwise RemoteEngineError and nothing changes. The old endpoint's
+        connections close once its last stream ends, or after `drain_timeout` seconds (default
+        ENGINE_DRAIN_TIMEOUT) by cancelling what is left."""
+        if self._closed:
+            raise EngineNotReady("this remote engine was closed")
+        new = _Endpoint(url, self.config)
+        if new.url == self._endpoint.url:
+            await new.close()
+            return
+        problem = None if await new.probe() else new.problem
+        problem = problem or self._check_served(new, every_version=True)
+        if problem:
+            await new.close()
+            raise RemoteEngineError(f"not switching to the remote engine at {new.url}: {problem}; "
+                                    f"still serving from {self._endpoint.url}")
+        old, self._endpoint = self._endpoint, new
+        self._retired.add(old)
+        log.info("remote engine switched from %s to %s; %d streams draining there", old.url, new.url, len(old.tasks))
+        timeout = self.config.drain_timeout_s if drain_timeout is None else drain_timeout
+        self._spawn(self._retire(old, timeout), name=f"remote-engine-drain {old.url}")
+
+    async def _retire(self, endpoint: _Endpoint, timeout: float | None) -> None:
+        try:
+            if endpoint.tasks:
+                _, pending = await asyncio.wait(set(endpoint.tasks), timeout=timeout)
+                if pending:
+                    log.warning("%s: cancelling %d streams still running after %s s", endpoint.url, len(pending), timeout)
+                    for request in list(self._requests.values()):
+                        if request.endpoint is endpoint:
+                            request.generation.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            self._retired.discard(endpoint)
+            await endpoint.close()
+            log.info("remote engine at %s drained and closed", endpoint.url)
+
+    def _spawn(self, coroutine: Any, *, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ requests
+
+    def in_flight(self, version: str | None = None) -> int:
+        if version is None:
+            return len(self._requests)
+        record = self._versions.get(version)
+        return record.in_flight if record else 0
+
+    def stats(self) -> EngineStats:
+        stats = self._stats.copy()
+        stats.active = len(self._requests)
+        return stats
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams = SamplingParams(),
+        *,
+        version: str | None = None,
+        request_id: str | None = None,
+    ) -> Generation:
+        if not self.ready:
+            if not self._closed:
+                self._kick_probe()
+            raise EngineNotReady(self.problem or "the remote engine is not ready")
+        params = params.checked(self.config.limits)
+        name = version or self._default
+        record = self._versions.get(name)
+        if record is None or not record.accepting:
+            raise UnknownModelVersion(name, self.versions())
+        context_length = self.context_length
+        n_prompt = len(prompt.token_ids)
+        if not n_prompt or n_prompt >= context_length:
+            raise PromptTooLong(n_prompt, context_length - 1, context_length, params.max_new_tokens)
+        if len(self._requests) >= self.config.max_in_flight:
+            raise EngineOverloaded(f"{len(self._requests)} requests are already streaming from the remote engine: retry shortly")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+
+        endpoint = self._endpoint
+        generation = RemoteGeneration(self, request_id, name, n_prompt, params, url=endpoint.url)
+        request = _Request(generation, endpoint, prompt, record.served_name,
+                           max_new_tokens=min(params.max_new_tokens, context_length - n_prompt))
+        self._requests[request_id] = request
+        record.in_flight += 1
+        record.drained.clear()
+        request.task = asyncio.create_task(self._run(request), name=f"remote-engine {request_id}")
+        endpoint.tasks.add(request.task)
+        request.task.add_done_callback(lambda _task: self._closed_stream(request))
+        return generation
+
+    def _cancel(self, generation: Generation) -> None:
+        request = self._requests.get(generation.request_id)
+        if request is None or request.finished:
+            return
+        # The final event now, not when the connection is closed: cancelling must be prompt
+        # for the client even while the remote is slow to hang up.
+        self._finish(request, "cancelled")
+        if request.task is not None:
+            request.task.cancel()
+
+    def _closed_stream(self, request: _Request) -> None:
+        """When a request's task is over, its HTTP response is closed."""
+        request.endpoint.tasks.discard(request.task)
+        if not request.finished:  # _run always finishes first; this keeps the client's promise anyway
+            self._finish(request, "error", error="the remote engine's request ended without a result")
+
+    async def _run(self, request: _Request) -> None:
+        endpoint = request.endpoint
+        client = endpoint.client(request.generation.request_id)
+        try:
+            if self.config.api == "openai":
+                reason, usage = await self._stream_openai(request, client)
+            else:
+                reason, usage = await self._stream_tgi(request, client)
+            self._finish(request, reason, usage=usage)
+        except asyncio.CancelledError:
+            self._finish(request, "cancelled")
+            raise
+        except Exception as error:  # noqa: BLE001 - every failure ends this request, never the engine
+            message = self._describe_failure(endpoint, error)
+            log.warning("request %s failed: %s", request.generation.request_id, message)
+            self._finish(request, "error", error=message)
+        finally:
+            await client.close()  # closes this request's response: a remote still generating stops
+
+    async def _stream_openai(self, request: _Request, client: _RequestClient) -> tuple[FinishReason, Usage | None]:
+        params = request.generation.params
+        stream = await client.chat_completion(
+            [dict(message) for message in request.prompt.messages],
+            model=request.served_name,
+            stream=True,
+            max_tokens=request.max_new_tokens,
+            temperature=params.temperature,
+            top_p=None if params.greedy else params.top_p,
+            # vLLM and SGLang send usage in a stream only when asked; the others ignore this.
+            stream_options={"include_usage": True},
+        )
+        finish: str | None = None
+        usage = None
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = Usage(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens)
+            for choice in chunk.choices or []:
+                if choice.index != 0:
+                    continue
+                if choice.delta is not None and choice.delta.content:
+                    request.chunks += 1
+                    self._emit_text(request, choice.delta.content)
+                if choice.finish_reason:
+                    finish = choice.finish_reason
+        return _finish_reason(finish), usage
+
+    async def _stream_tgi(self, request: _Request, client: _RequestClient) -> tuple[FinishReason, Usage | None]:
+        params = request.generation.params
+        prompt_text = self._tokenizer.apply_chat_template(
+            [dict(message) for message in request.prompt.messages], add_generation_prompt=True, tokenize=False
+        )
+        stream = await client.text_generation(
+            prompt_text,
+            stream=True,
+            details=True,
+            adapter_id=request.served_name,
+            max_new_tokens=request.max_new_tokens,
+            do_sample=not params.greedy,
+            # TGI refuses temperature 0 and top_p 1 ("must be strictly positive", "< 1.0").
+            temperature=None if params.greedy else params.temperature,
+            top_p=None if params.greedy or params.top_p >= 1 else params.top_p,
+            return_full_text=False,
+        )
+        finish: str | None = None
+        usage = None
+        async for output in stream:
+            request.chunks += 1
+            if not output.token.special and output.token.text:
+                self._emit_text(request, output.token.text)
+            if output.details is not None:
+                finish = output.details.finish_reason
+                usage = Usage(prompt_tokens=output.details.input_length or request.generation.prompt_tokens,
+                              completion_tokens=output.details.generated_tokens)
+        return _finish_reason(finish), usage
+
+    def _emit_text(self, request: _Request, text: str) -> None:
+        if request.finished:
+            return
+        request.pieces.append(text)
+        request.generation._push(TokenEvent(text, request.chunks))
+
+    def _finish(self, request: _Request, reason: FinishReason, *, usage: Usage | None = None,
+                error: str | None = None) -> None:
+        if request.finished:
+            return
+        request.finished = True
+        usage = usage or self._counted_usage(request, reason)
+        request.generation._push(FinalEvent(reason, usage, error))
+        self._stats.finished[reason] += 1
+        self._stats.generated_tokens += usage.completion_tokens
+        self._stats.prefill_tokens += usage.prompt_tokens
+        self._requests.pop(request.generation.request_id, None)
+        record = self._versions.get(request.generation.model_version)
+        if record is not None:
+            record.in_flight -= 1
+            if record.in_flight == 0:
+                record.drained.set()
+
+    def _counted_usage(self, request: _Request, reason: FinishReason) -> Usage:
+        """Usage when the remote gave none (a cancel, an error, a server that does not send it):
+        the answer's text re-tokenized here, plus the stop token a finished answer ends with."""
+        text = "".join(request.pieces)
+        retokenized = len(self._tokenizer.encode(text, add_special_tokens=False)) if text else 0
+        stop_token = 1 if reason == "stop" else 0
+        if self.config.api == "tgi":  # one event per token, the stop token's included: exact
+            counted = max(retokenized + stop_token, request.chunks)
+        else:  # these servers send a chunk per token, and text re-tokenizes into fewer ("\n\n")
+            counted = max(retokenized, request.chunks) + stop_token
+        return Usage(prompt_tokens=request.generation.prompt_tokens, completion_tokens=counted)
+
+    def _describe_failure(self, endpoint: _Endpoint, error: BaseException) -> str:
+        where = f"the remote engine at {endpoint.url}"
+        if isinstance(error, InferenceTimeoutError) or isinstance(error, httpx2.TimeoutException):
+            if isinstance(error, httpx2.ConnectTimeout) or isinstance(error.__cause__, httpx2.ConnectTimeout):
+                endpoint.mark_down(f"connecting timed out after {self.config.connect_timeout_s} s")
+                self._kick_probe()
+                return f"{where} could not be reached within {self.config.connect_timeout_s} s (ENGINE_CONNECT_TIMEOUT)"
+            return (f"{where} sent nothing for {self.config.read_timeout_s} s (ENGINE_READ_TIMEOUT): "
+                    "it is overloaded or stuck")
+        if isinstance(error, httpx2.ConnectError):
+            endpoint.mark_down(_describe_transport_error(error))
+            self._kick_probe()
+            return f"{where} refused the connection ({error}): is it running? check ENGINE_URL"
+        if isinstance(error, httpx2.TransportError):
+            self._kick_probe()
+            return f"{where} dropped the stream ({_describe_transport_error(error)})"
+        if isinstance(error, HfHubHTTPError) and error.response is not None:
+            return f"{where} refused the request: HTTP {error.response.status_code}: {_error_detail(error.response)}"
+        if isinstance(error, TextGenerationError):
+            return f"{where} failed while generating: {error}"
+        if isinstance(error, RemoteEngineError):
+            return f"{where}: {error}"
+        log.exception("unexpected failure streaming from %s", endpoint.url, exc_info=error)
+        return f"{where} failed: {type(error).__name__}: {error}"
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    if reason is None:
+        raise RemoteEngineError("the stream ended without a finish reason (the remote closed it early)")
+    return "length" if reason in _LENGTH_REASONS else "stop"
+
+
+# ---------------------------------------------------------------------- HTTP plumbing
+
+
+def _root_url(url: str) -> str:
+    """The server's root: TGI's generate route is `/`, health is `/health`, and the chat client
+    appends `/v1/chat/completions` itself, so a configured trailing `/v1` is dropped."""
+    url = url.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    if not url.startswith(("http://", "https://")):
+        raise RemoteEngineError(f"ENGINE_URL must be an http(s) URL such as http://127.0.0.1:8080, not {url!r}")
+    return url
+
+
+def _session(config: RemoteEngineConfig, timeout: httpx2.Timeout) -> httpx2.AsyncClient:
+    async def authorize(request: httpx2.Request) -> None:
+        # The hub's client attaches the local Hugging Face token (if any) to every request; a
+        # self-hosted engine gets ENGINE_API_KEY or no credentials at all.
+        request.headers.pop("authorization", None)
+        if config.api_key:
+            request.headers["authorization"] = f"Bearer {config.api_key}"
+
+    async def read_error_body(response: httpx2.Response) -> None:
+        # So an HTTP error can quote what the server said (a streamed body is unread otherwise).
+        if response.status_code >= 400:
+            await response.aread()
+
+    return httpx2.AsyncClient(
+        timeout=timeout,
+        limits=httpx2.Limits(max_connections=config.max_in_flight + 4, max_keepalive_connections=32),
+        event_hooks={"request": [authorize], "response": [read_error_body]},
+    )
+
+
+def _describe_transport_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _error_detail(response: httpx2.Response) -> str:
+    try:
+        body = response.json()
+    except (ValueError, httpx2.ResponseNotRead):
+        try:
+            return response.text[:500] or "(no body)"
+        except httpx2.ResponseNotRead:
+            return "(no body)"
+    if isinstance(body, dict):
+        detail = body.get("error") or body.get("detail") or body.get("message") or body
+        if isinstance(detail, dict):
+            detail = detail.get("message") or detail
+        return detail if isinstance(detail, str) else json.dumps(detail)[:500]
+    return json.dumps(body)[:500]
+
+
+# ---------------------------------------------------------------------- construction
+
+
+def model_context_length(model_dir: str | Path) -> int | None:
+    """The model's own context length, from its config.json (no weights are read)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config)
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+async def start_remote_engine(tokenizer_dir: str | Path, config: RemoteEngineConfig, *,
+                              base_version: str | None = None) -> RemoteEngine:
+    """A started remote engine whose prompts are built with the tokenizer at `tokenizer_dir`
+    (the model the remote serves). The base version is named like the local engine names it
+    (the checkpoint id, else the directory name), so stored messages mean the same policy."""
+    engine = await _build(tokenizer_dir, config, base_version)
+    await engine.start()
+    return engine
+
+
+async def load_remote_engine(settings: Any) -> RemoteEngine:
+    """The remote engine the server's settings describe (not started: serving.load starts it)."""
+    from deploy.base_model import resolve_from_settings
+
+    # Fields of ServerSettings for ENGINE=remote beyond ENGINE_URL; defaults as documented there.
+    tokenizer_dir = getattr(settings, "engine_tokenizer", None) or await asyncio.to_thread(resolve_from_settings, settings)
+    api_key = getattr(settings, "engine_api_key", None)
+    if hasattr(api_key, "get_secret_value"):
+        api_key = api_key.get_secret_value()
+    config = RemoteEngineConfig(
+        url=settings.engine_url,
+        api=getattr(settings, "engine_api", "openai"),
+        served_model=getattr(settings, "engine_model", None),
+        api_key=api_key,
+        connect_timeout_s=getattr(settings, "engine_connect_timeout", 5.0),
+        read_timeout_s=getattr(settings, "engine_read_timeout", 120.0),
+        health_interval_s=getattr(settings, "engine_health_interval", 5.0),
+        drain_timeout_s=getattr(settings, "engine_drain_timeout", 600.0),
+        context_length=settings.context_length,
+        limits=SamplingLimits(max_temperature=settings.max_temperature, max_new_tokens=settings.max_new_tokens_limit),
+    )
+    return await _build(tokenizer_dir, config, None)
+
+
+async def _build(tokenizer_dir: str | Path, config: RemoteEngineConfig, base_version: str | None) -> RemoteEngine:
+    from transformers import AutoTokenizer
+
+    from deploy.checkpoint import base_model_name
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise RemoteEngineError(
+            f"the remote engine builds prompts with a local copy of the served model's tokenizer, and "
+            f"{tokenizer_dir} is not a directory: set ENGINE_TOKENIZER (or MODEL) to one"
+        )
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, tokenizer_dir)
+    return RemoteEngine(
+        config,
+        tokenizer,
+        base_version=base_version or base_model_name(tokenizer_dir),
+        model_context_length=model_context_length(tokenizer_dir),
+    )

@@ -1,0 +1,208 @@
+"""Every way the server refuses a request, and the one mapping from any failure to a wire error.
+
+Three families reach a client: the store's typed errors (`feedback.errors`: unknown or other
+users' ids, over-long text, non-sibling comparisons, ...), the server's own (below: bad frames,
+limits, sampling bounds, the engine), and pydantic validation errors of wire types. `to_wire`
+turns each into `(http_status, ErrorFrame)`; the websocket sends the frame and carries on, HTTP
+answers `{"code", "message"}` with the status (`{"error": {...}}` under /v1, as OpenAI does).
+
+Codes are part of the contract: short snake_case, never renamed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from pydantic import ValidationError
+
+from feedback.errors import StoreError
+
+from .wire import CLIENT_FRAME_TYPES, ErrorFrame
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(Exception):
+    code: ClassVar[str] = "server_error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadJson(ServerError):
+    code = "bad_json"
+    http_status = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the frame is not valid JSON ({detail}): send one JSON object per text frame")
+
+
+class BadFrame(ServerError):
+    """A frame or body that is JSON but not one the contract knows (see `from_validation`)."""
+
+    code = "invalid_frame"
+    http_status = 422
+
+
+class UnknownType(BadFrame):
+    code = "unknown_type"
+
+
+class FrameTooLarge(ServerError):
+    code = "frame_too_large"
+    http_status = 413
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the frame is {size} bytes, over the limit of {limit}: send less "
+            "(operators can raise MAX_FRAME_BYTES)"
+        )
+
+
+class TooManyGenerations(ServerError):
+    code = "too_many_generations"
+    http_status = 429
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you already have {limit} answers being generated, the most at once: wait for one "
+            "to finish or cancel it (operators can raise MAX_CONCURRENT_GENERATIONS)"
+        )
+
+
+class RateLimited(ServerError):
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, per_minute: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"over the limit of {per_minute} requests per minute: try again in {retry_after_s} s "
+            "(operators can raise RATE_LIMIT_PER_MINUTE)"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class InvalidParams(ServerError):
+    """Sampling parameters the server will not use (over a bound, or refused by the engine)."""
+
+    code = "invalid_params"
+    http_status = 422
+
+    @classmethod
+    def over_limit(cls, name: str, value: object, limit: object, setting: str) -> InvalidParams:
+        return cls(
+            f"params.{name} = {value!r} is over the server's limit of {limit}: ask for less "
+            f"(operators can raise {setting})"
+        )
+
+
+class PromptTooLongError(ServerError):
+    """The newest message (with the system prompt) does not fit the context on its own."""
+
+    code = "prompt_too_long"
+    http_status = 413
+
+
+class InvalidConversationError(ServerError):
+    """A conversation the model cannot answer (e.g. a system message after the first turn)."""
+
+    code = "invalid_conversation"
+    http_status = 422
+
+
+class Overloaded(ServerError):
+    code = "overloaded"
+    http_status = 503
+
+
+class Unauthorized(ServerError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class UnknownModel(ServerError):
+    code = "model_not_found"
+    http_status = 404
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        super().__init__(
+            f"model {model!r} is not served here: use 'default' or one of {served} (GET /v1/models)"
+        )
+
+
+class NotReady(ServerError):
+    """No model is loaded yet (or the engine is shutting down)."""
+
+    code = "not_ready"
+    http_status = 503
+
+    def __init__(self) -> None:
+        super().__init__("the model is still loading: try again in a few seconds (GET /health)")
+
+
+class EngineFailed(ServerError):
+    code = "engine_error"
+    http_status = 502
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the model failed while answering ({detail}); the partial answer was kept")
+
+
+class NothingToRegenerate(ServerError):
+    code = "not_assistant"
+    http_status = 422
+
+
+def _describe_validation(err: ValidationError) -> tuple[str, str]:
+    """A one-line account of what was wrong with a frame, naming each field."""
+    code = BadFrame.code
+    problems = []
+    for e in err.errors():
+        kind = e.get("type", "")
+        loc = [str(p) for p in e.get("loc", ())]
+        # A discriminated union puts the tag (e.g. "message") first in the location; people
+        # think of fields by name, so drop it.
+        if loc and loc[0] in CLIENT_FRAME_TYPES:
+            loc = loc[1:]
+        field = ".".join(loc)
+        if kind == "union_tag_invalid":
+            code = UnknownType.code
+            tag = e.get("ctx", {}).get("tag")
+            problems.append(
+                f"unknown frame type {tag!r}: the types are {', '.join(CLIENT_FRAME_TYPES)}"
+            )
+        elif kind == "union_tag_not_found":
+            code = UnknownType.code
+            problems.append(f"the frame has no 'type': one of {', '.join(CLIENT_FRAME_TYPES)}")
+        elif kind == "missing":
+            problems.append(f"'{field}' is missing")
+        elif kind == "extra_forbidden":
+            problems.append(f"'{field}' is not a field of this frame")
+        elif kind == "model_attributes_type" or kind == "model_type":
+            problems.append(f"{'the frame' if not field else repr(field)} must be a JSON object")
+        else:
+            got = e.get("input")
+            shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+            problems.append(f"'{field}' {e.get('msg', 'is invalid').lower()} (got {shown})")
+    return code, "; ".join(problems) or str(err)
+
+
+def from_validation(err: ValidationError) -> BadFrame:
+    code, message = _describe_validation(err)
+    return UnknownType(message) if code == UnknownType.code else BadFrame(message)
+
+
+def to_wire(exc: BaseException) -> tuple[int, ErrorFrame]:
+    """The HTTP status and the error frame for any failure; unexpected ones are logged."""
+    if isinstance(exc, ValidationError):
+        exc = from_validation(exc)
+    if isinstance(exc, (ServerError, StoreError)):
+        return exc.http_status, ErrorFrame(code=exc.code, message=exc.message)
+    log.exception("unexpected error", exc_info=exc)
+    return 500, ErrorFrame(
+        code="internal_error",
+        message=f"the server failed ({type(exc).__name__}); nothing was stored for this request",
+    )

@@ -1,0 +1,122 @@
+"""The server's settings: the store's and the model's (DATA_DIR, DATABASE_URL, MODEL), plus where to listen, which model, and the limits.
+
+Every field is an environment variable of the same name in upper case (`PORT`, `ENGINE_URL`,
+`MAX_FRAME_BYTES`, ...), read the same way by every `python -m ...` command.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from deploy.base_model import ModelSettings
+
+
+class ServerSettings(ModelSettings):
+    # Where to listen.
+    host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 to serve a network.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port of the web page, /ws and the API.")
+
+    # Which model (MODEL, from ModelSettings), served by what.
+    engine: Literal["local", "remote"] = Field(
+        "local", description="local: in-process transformers; remote: ENGINE_URL (TGI/OpenAI API)."
+    )
+    engine_url: str | None = Field(
+        None, description="Base URL of the remote engine (TGI, vLLM, SGLang, transformers serve)."
+    )
+    # The remote engine (ENGINE=remote); see server/engine/remote.py.
+    engine_api: Literal["openai", "tgi"] = Field(
+        "openai",
+        description="openai: POST /v1/chat/completions (vLLM, SGLang, transformers serve, TGI); "
+        "tgi: TGI's own generate_stream with the prompt rendered here.",
+    )
+    engine_model: str | None = Field(
+        None, description="The name the remote serves the model under. Unset: the only one listed."
+    )
+    engine_tokenizer: str | None = Field(
+        None,
+        description="Local directory of the remote model's tokenizer (prompts are cut to budget "
+        "here). Unset: the MODEL directory (or the converted default).",
+    )
+    engine_api_key: SecretStr | None = Field(
+        None, description="Bearer token for the remote engine (vLLM --api-key, a gateway's key)."
+    )
+    engine_connect_timeout: float = Field(5.0, gt=0, description="Seconds to open a connection.")
+    engine_read_timeout: float = Field(
+        120.0, gt=0, description="Longest silence mid-request, in seconds (time to first token included)."
+    )
+    engine_health_interval: float = Field(5.0, gt=0, description="Seconds between health probes.")
+    engine_drain_timeout: float | None = Field(
+        600.0, description="After a blue/green switch, seconds streams may finish on the old remote."
+    )
+    max_batch_size: int = Field(
+        32, gt=0, description="Most requests the local engine decodes in one batched step."
+    )
+    engine_threads: int | None = Field(
+        None, gt=0, description="torch threads of the local engine. Unset: torch's default."
+    )
+
+    # Who may chat.
+    allow_anonymous: bool | None = Field(
+        None,
+        description="Admit users by any token they bring (first use registers it) and by no "
+        "token at all. Unset: true for the embedded database, false with DATABASE_URL.",
+    )
+    min_token_chars: int = Field(
+        16,
+        gt=0,
+        description="Shortest self-chosen token admitted for anonymous users, so tokens are not "
+        "guessable (the web page uses 43 random characters).",
+    )
+
+    # Limits. A request over a limit is refused with an error that names the setting.
+    max_frame_bytes: int = Field(
+        256 * 1024, gt=0, description="Largest websocket text frame (or HTTP body) accepted, in bytes."
+    )
+    max_concurrent_generations: int = Field(
+        4, gt=0, description="Generations one user may have running at once (all connections)."
+    )
+    rate_limit_per_minute: int = Field(
+        60, gt=0, description="Requests one user may make per minute (generations and feedback)."
+    )
+    rate_limit_storage: str = Field(
+        "async+memory://",
+        description="Where rate-limit counters live (a `limits` storage URI): per process by "
+        "default; async+redis://HOST shares them between replicas.",
+    )
+
+    # Sampling. Defaults are SmolLM2's recommended ones; requests may ask for others within bounds.
+    default_temperature: float = Field(0.2, ge=0, description="0 is greedy decoding.")
+    default_top_p: float = Field(0.9, gt=0, le=1)
+    default_max_new_tokens: int = Field(256, gt=0, description="Answer length when not asked, in tokens.")
+    max_temperature: float = Field(2.0, ge=0, description="Highest temperature a request may ask for.")
+    max_new_tokens_limit: int = Field(
+        1024, gt=0, description="Highest max_new_tokens a request may ask for."
+    )
+
+    # Prompt.
+    context_length: int = Field(
+        2048, gt=0, description="Prompt plus answer budget, in tokens; oldest turns are dropped to fit."
+    )
+    system_prompt: str | None = Field(
+        None, description="Prepended to every conversation and never truncated. Unset: none."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("DEFAULT_MAX_NEW_TOKENS must not exceed MAX_NEW_TOKENS_LIMIT")
+        if self.default_temperature > self.max_temperature:
+            raise ValueError("DEFAULT_TEMPERATURE must not exceed MAX_TEMPERATURE")
+        if self.max_new_tokens_limit >= self.context_length:
+            raise ValueError("MAX_NEW_TOKENS_LIMIT must leave room for a prompt in CONTEXT_LENGTH")
+        if self.engine == "remote" and not self.engine_url:
+            raise ValueError("ENGINE=remote needs ENGINE_URL (e.g. http://127.0.0.1:8080)")
+        return self
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return self.database_url is None

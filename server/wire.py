@@ -1,0 +1,246 @@
+"""Wire types: every frame of the websocket contract (DESIGN.md, "Contract") and the bodies of
+the REST API, as pydantic models with a comment per field.
+
+Client frames are parsed with one discriminated union on `type`, so an unknown type, a missing
+field and a mistyped field each produce a validation error naming the field; `errors.py` turns
+it into an error frame. Unknown fields are refused too: a misspelt `conversationId` silently
+ignored would start a new conversation instead of continuing one.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters (client -> server), bounded by settings in chat.resolve_params.
+
+
+class SamplingParams(_Frame):
+    # Softmax temperature; 0 is greedy decoding. Unset: the model's default (SmolLM2: 0.2).
+    temperature: float | None = Field(None, ge=0)
+    # Nucleus sampling mass in (0, 1]. Unset: the model's default (SmolLM2: 0.9).
+    top_p: float | None = Field(None, gt=0, le=1)
+    # Longest answer, in tokens. Unset: DEFAULT_MAX_NEW_TOKENS.
+    max_new_tokens: int | None = Field(None, gt=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client -> server frames.
+
+
+class MessageFrame(_Frame):
+    type: Literal["message"]
+    # null or absent: start a new conversation.
+    conversation_id: UUID | None = None
+    # The message this one answers; null or absent: continue from the newest message of the
+    # conversation. Give it to branch (edit an earlier turn).
+    parent_id: UUID | None = None
+    # What the user said.
+    content: str = Field(min_length=1)
+    # Optional sampling parameters for the answer.
+    params: SamplingParams | None = None
+
+
+class RegenerateFrame(_Frame):
+    type: Literal["regenerate"]
+    # An assistant message: the new answer becomes its sibling (same parent, same prompt).
+    message_id: UUID
+    # Optional sampling parameters for the new answer.
+    params: SamplingParams | None = None
+
+
+class FeedbackFrame(_Frame):
+    type: Literal["feedback"]
+    # The assistant message rated.
+    message_id: UUID
+    # 1: thumbs up, -1: thumbs down. Rating again replaces the previous vote.
+    rating: Literal[1, -1]
+    # Optional free text: why.
+    reason: str | None = None
+
+
+class CompareFrame(_Frame):
+    type: Literal["compare"]
+    # One answer ...
+    message_id: UUID
+    # ... and a sibling of it (another answer to the same message).
+    other_id: UUID
+    # message_id is better / worse / the same as other_id.
+    verdict: Literal["better", "worse", "same"]
+
+
+class CancelFrame(_Frame):
+    type: Literal["cancel"]
+    # The answer to stop; absent: every generation running on this connection.
+    message_id: UUID | None = None
+
+
+ClientFrame = Annotated[
+    MessageFrame | RegenerateFrame | FeedbackFrame | CompareFrame | CancelFrame,
+    Field(discriminator="type"),
+]
+client_frame = TypeAdapter(ClientFrame)
+CLIENT_FRAME_TYPES = ("message", "regenerate", "feedback", "compare", "cancel")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server -> client frames. Every `started` is followed by exactly one `done` with the same
+# message_id, whatever happens (stop, length, cancel, disconnect, engine failure).
+
+
+class Usage(BaseModel):
+    # Tokens in the prompt the model saw (after truncation).
+    prompt_tokens: int
+    # Tokens generated.
+    completion_tokens: int
+    # Their sum.
+    total_tokens: int
+
+
+class StartedFrame(BaseModel):
+    type: Literal["started"] = "started"
+    # The conversation the answer belongs to (new when the message frame had none).
+    conversation_id: UUID
+    # The id the answer will be stored under; use it for feedback, compare and regenerate.
+    message_id: UUID
+    # The message answered: the stored user message (message frame) or the shared parent
+    # (regenerate frame).
+    parent_id: UUID
+    # The checkpoint generating the answer.
+    model_version: str
+
+
+class TokenFrame(BaseModel):
+    type: Literal["token"] = "token"
+    # The answer being streamed.
+    message_id: UUID
+    # The next piece of text (may be several tokens, or part of a character sequence).
+    text: str
+
+
+class DoneFrame(BaseModel):
+    type: Literal["done"] = "done"
+    # The answer finished, now stored.
+    message_id: UUID
+    # stop: end of turn; length: hit max_new_tokens; cancelled: a cancel frame (the partial
+    # answer is stored); error: the engine failed (an error frame says why).
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    # Token counts.
+    usage: Usage
+
+
+class AckFrame(BaseModel):
+    type: Literal["ack"] = "ack"
+    # Which client frame is acknowledged; sent only after the row is committed.
+    of: Literal["feedback", "compare"]
+    # The stored rating or comparison id.
+    id: int | str
+
+
+class ErrorFrame(BaseModel):
+    type: Literal["error"] = "error"
+    # Stable snake_case code (see server/errors.py for the list).
+    code: str
+    # What was wrong and how to fix it, for a person.
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------
+# REST bodies.
+
+
+class FeedbackBody(_Frame):
+    # 1: thumbs up, -1: thumbs down.
+    rating: Literal[1, -1]
+    # Optional free text: why.
+    reason: str | None = None
+
+
+class CompareBody(_Frame):
+    # A sibling answer of the message in the path.
+    other_id: UUID
+    # The message in the path is better / worse / the same as other_id.
+    verdict: Literal["better", "worse", "same"]
+
+
+class AckBody(BaseModel):
+    # Which request is acknowledged.
+    of: Literal["feedback", "compare"]
+    # The stored rating or comparison id.
+    id: int | str
+
+
+class ConversationSummary(BaseModel):
+    # The conversation's id (the `conversation_id` of frames).
+    id: UUID
+    # The start of its first user message.
+    title: str
+    created_at: datetime
+    # When its last message was added (lists are ordered by it, newest first).
+    updated_at: datetime
+
+
+class MessageNode(BaseModel):
+    id: UUID
+    # The message this one answers; null for the first message of a conversation. Messages
+    # sharing a parent are siblings (regenerations, or branches).
+    parent_id: UUID | None
+    # system | user | assistant.
+    role: Literal["system", "user", "assistant"]
+    content: str
+    created_at: datetime
+    # Assistant messages: the checkpoint that wrote it ("client-supplied" for history an API
+    # client sent).
+    model_version: str | None = None
+    # Assistant messages: stop | length | cancelled | error.
+    finish_reason: str | None = None
+    # Assistant messages: tokens in its prompt and in the answer.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    # Assistant messages: the sampling parameters used (temperature, top_p, max_new_tokens).
+    params: dict[str, Any] = Field(default_factory=dict)
+    # The caller's current thumb on it (1 or -1), if any, and its reason.
+    rating: int | None = None
+    rating_reason: str | None = None
+
+
+class ConversationTree(BaseModel):
+    # As in ConversationSummary.
+    id: UUID
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    # Every message of every branch, oldest first; parent_id gives the tree.
+    messages: list[MessageNode]
+
+
+class ErrorBody(BaseModel):
+    # The same codes as the websocket's error frames (server/errors.py lists them).
+    code: str
+    # What was wrong and how to fix it.
+    message: str
+
+
+class Health(BaseModel):
+    # ok: the model is loaded and answers; loading: not yet (HTTP 503).
+    status: Literal["ok", "loading"]
+    # The version new conversations get, once loaded.
+    model_version: str | None
+
+
+class Version(BaseModel):
+    # The package version of this server.
+    server: str
+    # The checkpoint serving new conversations.
+    model_version: str | None
+    # local | remote.
+    engine: str

@@ -1,0 +1,56 @@
+"""Fixtures for the server's tests: the app on a real uvicorn server, the tiny-model engine, the
+real PostgreSQL of this run (db_url), fresh users.
+
+Servers run inside the test session's event loop (uvicorn.Server.serve as a task), so the
+engine, the app, the websocket/HTTP clients and the browser driver share one loop and nothing
+crosses threads. Tests isolate themselves by using fresh tokens: a new token is a new user.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from server.engine.local import LocalEngine, LocalEngineConfig, start_local_engine
+from server_testkit import make_settings, new_token, serve
+from support.tiny_model import tiny_model_dir  # noqa: F401 - the fixture, registered here
+
+
+@pytest.fixture(scope="session")
+async def engine(tiny_model_dir) -> AsyncIterator[LocalEngine]:
+    """The local engine on the tiny model (SmolLM2's real tokenizer and chat template), shared
+    by every server test; each test's servers use it as is and leave it running."""
+    # One torch thread: on a shared, busy machine torch's default (one per core) spins and runs
+    # the tiny model ten times slower.
+    config = LocalEngineConfig(max_batch_size=16, context_length=1024, seed=0, threads=1)
+    engine = await start_local_engine(tiny_model_dir, config)
+    yield engine
+    await engine.close()
+
+
+@pytest.fixture(scope="session")
+async def base_url(db_url, engine, tmp_path_factory) -> AsyncIterator[str]:
+    """One server for most tests, with generous limits (tests that need tight ones start their
+    own with `serve`)."""
+    settings = make_settings(db_url, tmp_path_factory.mktemp("server"))
+    async with serve(settings, engine) as url:
+        yield url
+
+
+@pytest.fixture
+def token() -> str:
+    """A fresh user."""
+    return new_token()
+
+
+@pytest.fixture
+async def db(db_url) -> AsyncIterator[psycopg.AsyncConnection]:
+    """A connection for checking rows (dicts), autocommit so every read sees the latest."""
+    async with await psycopg.AsyncConnection.connect(
+        db_url, autocommit=True, row_factory=dict_row
+    ) as conn:
+        yield conn
+

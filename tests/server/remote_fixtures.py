@@ -1,0 +1,276 @@
+"""Real `transformers serve` processes for the remote engine's tests (not tests themselves).
+
+The server runs on the tiny model, found the way a production server finds models: in a
+Hugging Face cache (a private one, `HF_HUB_CACHE`, offline), under repository names. Each name
+there is a model the server serves by name and lists in `GET /v1/models`, like the adapters of
+a vLLM server, so the engine's versions can be checked for real:
+
+- `flywheel/tiny`: the tiny random Llama with SmolLM2's real tokenizer (tests/support).
+- `flywheel/tiny-terse`: the same shapes rewired so that, whatever it is asked, it answers
+  `TERSE_ANSWER` and ends its turn with <|im_end|>: the one deterministic way to see a real
+  "stop" (a random model rarely picks its end-of-turn token).
+
+Each process listens on a port it picks itself (`--port 0`; the port is read from its log), so
+parallel test sessions never collide, and is stopped by its own pid.
+
+TGI itself cannot run here; `tgi_wire_app` speaks its wire format for the engine's TGI flavour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BASE_REPO = "flywheel/tiny"
+TERSE_REPO = "flywheel/tiny-terse"
+TERSE_ANSWER = "Paris"
+_REVISION = "0" * 40  # any commit hash: the cache only needs refs/main to name a snapshot
+_STARTED = re.compile(r"Uvicorn running on (http://\S+)")
+_REQUEST_LOG = "[Request received]"  # transformers serve logs this once per chat request
+
+
+def build_hub_cache(root: Path, tiny_model_dir: Path) -> Path:
+    """A Hugging Face cache at `root` holding BASE_REPO and TERSE_REPO; returns `root`."""
+    base = _snapshot_dir(root, BASE_REPO)
+    for file in Path(tiny_model_dir).iterdir():
+        (base / file.name).symlink_to(file.resolve())
+    _build_terse_model(Path(tiny_model_dir), _snapshot_dir(root, TERSE_REPO))
+    return root
+
+
+def _snapshot_dir(root: Path, repo: str) -> Path:
+    repo_dir = Path(root) / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(_REVISION)
+    snapshot = repo_dir / "snapshots" / _REVISION
+    snapshot.mkdir(parents=True)
+    return snapshot
+
+
+def _build_terse_model(tiny_model_dir: Path, target: Path) -> None:
+    """The tiny model made to answer TERSE_ANSWER then <|im_end|>, whatever the prompt.
+
+    Every layer's output projections are zeroed, so the last position's hidden state is just
+    the embedding of the last input token. Two embedding dimensions carry the whole program:
+    `ALWAYS` is 1 for every token, `AFTER_PROMPT` is 1 only for the token the chat template's
+    generation prompt ends with. The final norm keeps only those two, and an untied output
+    layer maps AFTER_PROMPT to TERSE_ANSWER (strongly) and ALWAYS to <|im_end|> (weakly): after
+    the prompt the answer wins, after the answer only the end of turn is left.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server.prompt import render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    prompt_end = render(tokenizer, [{"role": "user", "content": "hi"}])[-1]
+    (answer,) = tokenizer.encode(TERSE_ANSWER, add_special_tokens=False)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    always, after_prompt = 0, 1
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        embeddings[:, always] = 1.0
+        embeddings[:, after_prompt] = 0.0
+        embeddings[prompt_end, after_prompt] = 1.0
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[[always, after_prompt]] = 1.0
+        head = torch.zeros_like(embeddings)
+        head[answer, after_prompt] = 10.0
+        head[end_of_turn, always] = 1.0
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+@dataclass
+class ServeProcess:
+    """A running `transformers serve`; `url` is its base URL (no /v1)."""
+
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def chat_requests_received(self) -> int:
+        """How many chat requests the server itself says it received (from its own log)."""
+        return self.log_path.read_text(errors="replace").count(_REQUEST_LOG)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+def launch_transformers_serve(hub_cache: Path, log_path: Path) -> ServeLaunch:
+    """Start `transformers serve` on CPU over `hub_cache`; `.wait_ready()` waits until it answers
+    (so several servers can start at once)."""
+    cli = Path(sys.executable).with_name("transformers")
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HUB_OFFLINE": "1",  # nothing may be downloaded: every model is in hub_cache
+        "TRANSFORMERS_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",  # the test machine's few cores are shared
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        str(cli), "serve",
+        "--host", "127.0.0.1", "--port", "0",
+        "--device", "cpu",
+        "--model-timeout", "-1",  # never unload a model between tests
+        "--default-seed", "0",
+        "--log-level", "warning",
+    ]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return ServeLaunch(process, Path(log_path))
+
+
+@dataclass
+class ServeLaunch:
+    process: subprocess.Popen
+    log_path: Path
+    ready: ServeProcess | None = None
+
+    def wait_ready(self, timeout_s: float = 180) -> ServeProcess:
+        """The running server once /health answers (raises with its log if it does not)."""
+        if self.ready is not None:
+            return self.ready
+        deadline = time.monotonic() + timeout_s
+        url = None
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"transformers serve exited with {self.process.returncode}:\n{self._log_tail()}")
+                if url is None:
+                    found = _STARTED.search(self.log_path.read_text(errors="replace"))
+                    url = found.group(1) if found else None
+                if url is not None and _answers(url):
+                    # The first listing scans the cache and imports the model registry (seconds
+                    # on a busy machine): done here, not inside a test's timing.
+                    httpx.get(f"{url}/v1/models", timeout=60).raise_for_status()
+                    self.ready = ServeProcess(url=url, process=self.process, log_path=self.log_path)
+                    return self.ready
+                time.sleep(0.2)
+            raise TimeoutError(f"transformers serve did not answer /health within {timeout_s:.0f} s:\n{self._log_tail()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        ServeProcess("", self.process, self.log_path).stop()
+
+    def _log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ---------------------------------------------------------------------- TGI's wire format
+
+
+def tgi_wire_app(tokenizer, *, max_total_tokens: int = 512) -> tuple[Any, list[dict]]:
+    """An app speaking TGI's `POST /` streaming wire format (SSE `data:` events of
+    TextGenerationStreamOutput, `details` on the last one, errors as `{"error", "error_type"}`
+    with HTTP 422), answering TERSE_ANSWER then <|im_end|>. No TGI server can run here (it needs
+    its Rust router and a GPU build), so this checks the engine's TGI flavour against the wire
+    format and TGI's own validation rules, not against TGI itself. Returns the app and the list
+    every request body is appended to."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+    received: list[dict] = []
+    answer_id = tokenizer.encode(TERSE_ANSWER, add_special_tokens=False)[0]
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {}
+
+    @app.post("/")
+    def generate(body: dict):
+        received.append(body)
+        parameters = body.get("parameters") or {}
+        input_length = len(tokenizer.encode(body["inputs"], add_special_tokens=False))
+        max_new_tokens = parameters.get("max_new_tokens") or 20
+        # TGI's validation, worded as TGI words it.
+        if parameters.get("temperature") is not None and parameters["temperature"] <= 0:
+            return _tgi_error("`temperature` must be strictly positive")
+        if parameters.get("top_p") is not None and not 0 < parameters["top_p"] < 1:
+            return _tgi_error("`top_p` must be > 0.0 and < 1.0")
+        if input_length + max_new_tokens > max_total_tokens:  # TGI's --max-total-tokens
+            return _tgi_error(f"`inputs` tokens + `max_new_tokens` must be <= {max_total_tokens}. Given: {input_length} "
+                              f"`inputs` tokens and {max_new_tokens} `max_new_tokens`")
+        tokens = [(answer_id, TERSE_ANSWER, False), (end_id, "<|im_end|>", True)][:max_new_tokens]
+        finish = "eos_token" if len(tokens) == 2 else "length"
+
+        def events():
+            for index, (token_id, text, special) in enumerate(tokens, start=1):
+                last = index == len(tokens)
+                event = {
+                    "index": index,
+                    "token": {"id": token_id, "text": text, "logprob": -0.1, "special": special},
+                    "generated_text": TERSE_ANSWER if last else None,
+                    "details": {"finish_reason": finish, "generated_tokens": len(tokens),
+                                "input_length": input_length, "seed": None} if last else None,
+                }
+                yield f"data:{json.dumps(event)}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app, received
+
+
+def _tgi_error(message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"error": message, "error_type": "validation"}, status_code=422)
+
+
+@asynccontextmanager
+async def serve_app(app: Any) -> AsyncIterator[str]:
+    """`app` on uvicorn in this event loop, on a free port; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

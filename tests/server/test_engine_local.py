@@ -1,0 +1,353 @@
+"""The local engine on the tiny model: streaming, batching, cancellation, stops, versions.
+
+Greedy outputs are checked against transformers' own `generate` on the same weights, so the
+batched KV cache, masks, positions, padding and chunked prefill are all held to the reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from support.tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
+
+from deploy.checkpoint import load_base_policy, save_checkpoint
+from server.engine.base import (
+    EngineOverloaded,
+    InvalidSamplingParams,
+    SamplingParams,
+    TokenEvent,
+    UnknownModelVersion,
+    VersionInUse,
+)
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.local import LocalEngineConfig, start_local_engine
+from server.engine.sampling import sample_tokens
+from server.prompt import Prompt, build_prompt
+
+GREEDY = SamplingParams(temperature=0, top_p=1.0, max_new_tokens=12)
+
+
+def chat_prompt(tokenizer, text: str) -> Prompt:
+    return build_prompt([{"role": "user", "content": text}], tokenizer, context_length=2048, max_new_tokens=64)
+
+
+def reference_greedy(model, prompt: Prompt, max_new_tokens: int) -> list[int]:
+    """transformers' generate, greedy, with no stop token: the ids the engine must produce."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt.token_ids]),
+            attention_mask=torch.ones(1, len(prompt.token_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt.token_ids) :].tolist()
+
+
+async def collect(generation):
+    tokens, final = [], None
+    async for event in generation:
+        if isinstance(event, TokenEvent):
+            tokens.append(event)
+        else:
+            final = event
+    return tokens, final
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model_dir):  # noqa: F811
+    return load_base_policy(tiny_model_dir).model
+
+
+async def test_streams_deltas_that_match_transformers_greedy(tiny_engine, reference_model):  # noqa: F811
+    prompt = chat_prompt(tiny_engine.tokenizer, "What is the capital of France?")
+    generation = tiny_engine.submit(prompt, GREEDY)
+    assert generation.model_version == tiny_engine.default_version == "TinySmolLM2"
+    events, final = await collect(generation)
+
+    expected = reference_greedy(reference_model, prompt, GREEDY.max_new_tokens)
+    assert final.finish_reason == "length"
+    assert final.usage.prompt_tokens == len(prompt.token_ids)
+    assert final.usage.completion_tokens == GREEDY.max_new_tokens
+    assert "".join(e.text for e in events) == tiny_engine.tokenizer.decode(expected, skip_special_tokens=True)
+    assert len(events) > 1, "tokens are streamed as produced, not in one piece"
+    assert [e.completion_tokens for e in events] == sorted(e.completion_tokens for e in events)
+
+
+async def test_greedy_is_deterministic(tiny_engine):  # noqa: F811
+    prompt = chat_prompt(tiny_engine.tokenizer, "Tell me a story.")
+    first, _ = await tiny_engine.submit(prompt, GREEDY).collect()
+    second, _ = await tiny_engine.submit(prompt, GREEDY).collect()
+    assert first == second
+
+
+async def test_sixteen_concurrent_streams_complete_in_batched_steps(tiny_engine, reference_model):  # noqa: F811
+    before = tiny_engine.stats()
+    prompts = [chat_prompt(tiny_engine.tokenizer, f"Question number {i}: " + "why? " * i) for i in range(16)]
+    generations = [tiny_engine.submit(p, GREEDY) for p in prompts]
+    results = await asyncio.gather(*(g.collect() for g in generations))
+
+    after = tiny_engine.stats()
+    assert all(final.finish_reason == "length" for _, final in results)
+    batch_sizes = after.decode_batch_sizes - before.decode_batch_sizes
+    assert max(batch_sizes) > 1, f"decode steps were not batched: {dict(batch_sizes)}"
+    # Different prompt lengths share a batch (padding, masks, positions): each answer is still
+    # exactly what the model gives that prompt alone.
+    for prompt, (text, _) in zip(prompts[::5], results[::5]):
+        expected = reference_greedy(reference_model, prompt, GREEDY.max_new_tokens)
+        assert text == tiny_engine.tokenizer.decode(expected, skip_special_tokens=True)
+    assert after.active == 0 and after.waiting == 0
+
+
+async def test_chunked_prefill_matches_one_pass(tiny_model_dir, reference_model):  # noqa: F811
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(max_prefill_tokens=16))
+    try:
+        long_prompt = chat_prompt(engine.tokenizer, "Summarise this: " + "the quick brown fox " * 20)
+        short_prompt = chat_prompt(engine.tokenizer, "Hi")
+        assert len(long_prompt.token_ids) > 4 * 16
+        results = await asyncio.gather(
+            engine.submit(long_prompt, GREEDY).collect(), engine.submit(short_prompt, GREEDY).collect()
+        )
+        for prompt, (text, final) in zip([long_prompt, short_prompt], results):
+            expected = reference_greedy(reference_model, prompt, GREEDY.max_new_tokens)
+            assert text == engine.tokenizer.decode(expected, skip_special_tokens=True)
+        assert engine.stats().prefill_tokens == len(long_prompt.token_ids) + len(short_prompt.token_ids)
+    finally:
+        await engine.close()
+
+
+async def test_cancel_frees_the_slot_within_a_step(tiny_model_dir):  # noqa: F811
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(max_batch_size=1))
+    try:
+        prompt = chat_prompt(engine.tokenizer, "Go on forever.")
+        long_running = engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=1000))
+        queued = engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=3))
+        seen = 0
+        async for event in long_running:
+            if isinstance(event, TokenEvent):
+                seen = event.completion_tokens
+                if seen >= 3:
+                    long_running.cancel()
+            else:
+                final = event
+        assert final.finish_reason == "cancelled"
+        assert final.usage.completion_tokens <= seen + 2, "the slot was freed at the next step"
+        # The only slot went to the queued request, which now completes.
+        _, queued_final = await asyncio.wait_for(queued.collect(), 30)
+        assert queued_final.finish_reason == "length"
+        assert engine.stats().active == 0
+        assert engine.in_flight() == 0
+    finally:
+        await engine.close()
+
+
+async def test_leaving_the_stream_cancels(tiny_engine):  # noqa: F811
+    prompt = chat_prompt(tiny_engine.tokenizer, "Keep talking.")
+    generation = tiny_engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=1000))
+    async with generation:
+        async for event in generation:
+            break
+    for _ in range(200):
+        if generation.done:
+            break
+        await asyncio.sleep(0.01)
+    assert generation.final.finish_reason == "cancelled"
+
+
+async def test_stops_at_end_of_turn_without_emitting_it(tiny_model_dir, monkeypatch):  # noqa: F811
+    import server.engine.local as local
+
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig())
+    end_of_turn = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    picks = {"n": 0}
+    real_sample = local.sample_tokens
+
+    def model_says_end_of_turn_as_fourth_token(logits, *args):
+        picks["n"] += 1
+        tokens = real_sample(logits, *args)
+        return [end_of_turn] * len(tokens) if picks["n"] == 4 else tokens
+
+    monkeypatch.setattr(local, "sample_tokens", model_says_end_of_turn_as_fourth_token)
+    try:
+        prompt = chat_prompt(engine.tokenizer, "Say three words.")
+        text, final = await engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=50)).collect()
+        assert final.finish_reason == "stop"
+        assert final.usage.completion_tokens == 4  # three tokens of text, then <|im_end|>
+        assert "<|im_end|>" not in text and text
+    finally:
+        await engine.close()
+
+
+async def test_sampling_params_are_bounded(tiny_engine):  # noqa: F811
+    prompt = chat_prompt(tiny_engine.tokenizer, "Hello")
+    for bad in (
+        SamplingParams(temperature=-0.1),
+        SamplingParams(temperature=50.0),
+        SamplingParams(top_p=0.0),
+        SamplingParams(max_new_tokens=0),
+        SamplingParams(max_new_tokens=10**6),
+    ):
+        with pytest.raises(InvalidSamplingParams):
+            tiny_engine.submit(prompt, bad)
+    with pytest.raises(UnknownModelVersion):
+        tiny_engine.submit(prompt, GREEDY, version="no-such-version")
+
+
+async def test_sampled_answers_finish(tiny_engine):  # noqa: F811
+    prompt = chat_prompt(tiny_engine.tokenizer, "Hello")
+    generations = [tiny_engine.submit(prompt, SamplingParams(temperature=t, top_p=p, max_new_tokens=8))
+                   for t, p in [(0.2, 0.9), (1.0, 1.0), (2.0, 0.5)]]
+    for _, final in await asyncio.gather(*(g.collect() for g in generations)):
+        assert final.finish_reason in ("stop", "length")
+
+
+async def test_overload_is_refused_at_submit(tiny_model_dir):  # noqa: F811
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(max_batch_size=1, max_waiting=1))
+    try:
+        prompt = chat_prompt(engine.tokenizer, "Hello")
+        running = [engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=200)) for _ in range(2)]
+        with pytest.raises(EngineOverloaded):
+            engine.submit(prompt, GREEDY)
+        for generation in running:
+            generation.cancel()
+            await generation.collect()
+    finally:
+        await engine.close()
+
+
+def make_lora_checkpoint(base_dir, target):
+    """A LoRA adapter with random (non-zero) weights, so it visibly changes the answers."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_base_policy(base_dir)
+    torch.manual_seed(1)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+                        init_lora_weights=False)
+    adapter = get_peft_model(base.model, config)
+    save_checkpoint(target, adapter, checkpoint_id="tiny-lora-1", parent_id="TinySmolLM2",
+                    base_model="TinySmolLM2", config={"lora_rank": 8})
+    return target
+
+
+async def test_two_versions_serve_side_by_side(tiny_model_dir, reference_model, tmp_path):  # noqa: F811
+    from deploy.checkpoint import load_policy
+
+    adapter_dir = make_lora_checkpoint(tiny_model_dir, tmp_path / "tiny-lora-1")
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig())
+    try:
+        await engine.load_version("tiny-lora-1", adapter_dir)
+        assert set(engine.versions()) == {"TinySmolLM2", "tiny-lora-1"}
+        prompt = chat_prompt(engine.tokenizer, "Which version are you?")
+        old = engine.submit(prompt, GREEDY)  # the default: the base
+        new = engine.submit(prompt, GREEDY, version="tiny-lora-1")
+        assert (old.model_version, new.model_version) == ("TinySmolLM2", "tiny-lora-1")
+        (old_text, _), (new_text, _) = await asyncio.gather(old.collect(), new.collect())
+
+        adapted = load_policy(adapter_dir, base_model_dir=tiny_model_dir).model
+        decode = engine.tokenizer.decode
+        assert old_text == decode(reference_greedy(reference_model, prompt, 12), skip_special_tokens=True)
+        assert new_text == decode(reference_greedy(adapted, prompt, 12), skip_special_tokens=True)
+        assert old_text != new_text
+
+        # Swap: new requests get the adapter; the base drains and unloads.
+        in_flight = engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=40))
+        engine.set_default_version("tiny-lora-1")
+        with pytest.raises(VersionInUse):
+            await engine.unload_version("tiny-lora-1")
+        after_swap = engine.submit(prompt, GREEDY)
+        assert after_swap.model_version == "tiny-lora-1"
+        await engine.unload_version("TinySmolLM2")  # waits for in_flight
+        assert in_flight.done and in_flight.final.finish_reason == "length"
+        assert engine.versions() == ["tiny-lora-1"]
+        with pytest.raises(UnknownModelVersion):
+            engine.submit(prompt, GREEDY, version="TinySmolLM2")
+        assert (await after_swap.collect())[0] == new_text
+    finally:
+        await engine.close()
+
+
+async def test_failed_load_keeps_serving(tiny_engine, tmp_path):  # noqa: F811
+    from deploy.checkpoint import CheckpointNotFound
+
+    with pytest.raises(CheckpointNotFound):
+        await tiny_engine.load_version("ghost", tmp_path / "nothing-here")
+    prompt = chat_prompt(tiny_engine.tokenizer, "Still there?")
+    _, final = await tiny_engine.submit(prompt, GREEDY).collect()
+    assert final.finish_reason == "length"
+    assert "ghost" not in tiny_engine.versions()
+
+
+def test_detokenizer_never_splits_a_character(tiny_model_dir):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "Déjà vu: 東京タワー 🗼🇫🇷 naïve café — ok!\n  indented"
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    pieces = [detokenizer.push(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+    pieces.append(detokenizer.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece) > 5
+
+
+def test_sampling_rules():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0]])
+    assert sample_tokens(logits, [0.0, 0.0], [1.0, 1.0], generator) == [1, 0]
+    # A tiny nucleus is the most likely token alone, whatever the temperature.
+    for _ in range(20):
+        assert sample_tokens(logits, [2.0, 2.0], [1e-6, 1e-6], generator) == [1, 0]
+    # A wide one reaches the second-best token sometimes.
+    seen = {sample_tokens(logits, [1.0, 1.0], [0.99, 0.99], generator)[0] for _ in range(200)}
+    assert {1, 2} <= seen
+    # The nucleus is exact beyond the fast top-k too (a flat distribution over many tokens).
+    flat = torch.zeros(1, 5000)
+    picks = {sample_tokens(flat, [1.0], [0.9], generator)[0] for _ in range(200)}
+    assert max(picks) > 256
+
+
+def test_lean_llama_forward_matches_transformers(tiny_model_dir):  # noqa: F811
+    """The fast runner against transformers' own forward, through the same KV cache: a padded
+    prefill of rows of different lengths, then one decode step."""
+    from server.engine.kv_cache import SlotKVCache
+    from server.engine.runner import LlamaRunner, TransformersRunner
+
+    model = load_base_policy(tiny_model_dir).model
+    config = model.config
+    outputs = {}
+    for runner in (TransformersRunner(model), LlamaRunner(model)):
+        cache = SlotKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, torch.float32,
+                            max_rows=4, max_tokens=64)
+        torch.manual_seed(0)
+        lengths = torch.tensor([7, 3, 5])
+        width = int(lengths.max())
+        ids = torch.randint(3, 1000, (3, width))
+        pad = width - lengths
+        columns = torch.arange(width)[None, :]
+        positions = (columns - pad[:, None]).clamp(min=0)
+        writes = torch.where(columns >= pad[:, None], positions, cache.sink)
+        mask = (torch.arange(width)[None, None, :] <= positions[:, :, None])[:, None]
+        with torch.inference_mode():
+            prefill = runner.forward(ids, positions, mask, cache.prefill_view(torch.arange(3), writes, width))
+            step = lengths.clone()
+            decode_mask = (torch.arange(width + 1)[None, :] <= step[:, None])[:, None, None]
+            decode = runner.forward(prefill.argmax(-1)[:, None], step[:, None], decode_mask,
+                                    cache.decode_view(3, step, width + 1))
+        outputs[runner.name] = (prefill, decode)
+    for fast, reference in zip(outputs["llama"], outputs["transformers"]):
+        torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4)
+
+
+async def test_generic_forward_serves_the_same_answers(tiny_model_dir, tiny_engine):  # noqa: F811
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(fast_path=False))
+    try:
+        prompts = [chat_prompt(engine.tokenizer, text) for text in ("One", "Two words", "Three more words")]
+        generic = await asyncio.gather(*(engine.submit(p, GREEDY).collect() for p in prompts))
+        assert type(engine._batches["TinySmolLM2"].runner).__name__ == "TransformersRunner"
+        fast = await asyncio.gather(*(tiny_engine.submit(p, GREEDY).collect() for p in prompts))
+        assert [text for text, _ in generic] == [text for text, _ in fast]
+    finally:
+        await engine.close()
