@@ -121,7 +121,7 @@ async def _serve_model(app: FastAPI, database_url: str, *, owns_engine: bool) ->
     settings: ServerSettings = app.state.settings
     if owns_engine and not await _load_engine(chat, settings):
         return
-    replica = replica_name(settings.host, settings.port)
+    replica = settings.replica_name or replica_name(settings.host, settings.port)
     # A given engine's base is known only through MODEL; without it (most tests), the registry
     # is left as it is and whatever it says serves is loaded.
     if owns_engine or settings.model:
@@ -138,6 +138,7 @@ async def _serve_model(app: FastAPI, database_url: str, *, owns_engine: bool) ->
         metrics=app.state.metrics,
         # Streams on a replaced version get as long to finish as after a blue/green switch.
         drain_timeout_s=settings.engine_drain_timeout,
+        listen=settings,
     )
     app.state.swaps = chat.swaps = swaps
     swaps.start()

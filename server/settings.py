@@ -11,12 +11,17 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 
 from deploy.base_model import ModelSettings
+from deploy.settings import DeploySettings
 
 
-class ServerSettings(ModelSettings):
+class ServerSettings(ModelSettings, DeploySettings):
     # Where to listen.
     host: str = Field("127.0.0.1", description="Interface to bind; 0.0.0.0 to serve a network.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the web page, /ws and the API.")
+    replica_name: str | None = Field(
+        None,
+        description="How this replica is named in the registry's load records. Unset: hostname:port.",
+    )
 
     # Which model (MODEL, from ModelSettings), served by what.
     engine: Literal["local", "remote"] = Field(
@@ -48,7 +53,9 @@ class ServerSettings(ModelSettings):
     )
     engine_health_interval: float = Field(5.0, gt=0, description="Seconds between health probes.")
     engine_drain_timeout: float | None = Field(
-        600.0, description="After a blue/green switch, seconds streams may finish on the old remote."
+        600.0,
+        description="After a blue/green switch or a promotion, seconds streams may finish on the "
+        "version they started on before they are cancelled.",
     )
     max_batch_size: int = Field(
         32, gt=0, description="Most requests the local engine decodes in one batched step."

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from deploy import registry
 from deploy.channel import ServingWatcher
+from deploy.settings import DeploySettings
 from deploy.state import PolicyRef, ServingState
 
 from .engine.base import Engine, UnknownModelVersion, VersionInUse
@@ -106,6 +107,7 @@ class SwapController:
         metrics: Metrics | None = None,
         drain_timeout_s: float | None = 600.0,
         retry_after_s: float = RETRY_AFTER_S,
+        listen: DeploySettings | None = None,
     ) -> None:
         self.engine = engine
         self.pool = pool  # for recording load results in the registry
@@ -114,7 +116,11 @@ class SwapController:
         # Streams on a replaced version get this long to finish before they are cancelled.
         self.drain_timeout_s = drain_timeout_s
         self.retry_after_s = retry_after_s
-        self.watcher = ServingWatcher(database_url, self._heard)
+        self.watcher = (
+            ServingWatcher.from_settings(database_url, self._heard, listen)
+            if listen is not None
+            else ServingWatcher(database_url, self._heard)
+        )
 
         self.state: ServingState | None = None  # the registry's state as last heard
         self.last_swap: Swap | None = None
