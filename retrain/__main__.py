@@ -1,0 +1,197 @@
+"""`python -m retrain once | serve | config`: retraining's command line.
+
+  once    run one round now; print where the time went and what the gate decided
+  serve   run rounds on a schedule (RETRAIN_INTERVAL_MINUTES / RETRAIN_CRON) and when enough
+          new feedback arrived (RETRAIN_MIN_NEW_FEEDBACK)
+  config  the full config a round would use, every field with its help
+
+Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the round failed
+(its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate, 4 skipped
+(too little data), 5 another round is running. `--json` prints one JSON document on stdout;
+logs and progress bars go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from feedback.logs import configure_logging
+
+log = logging.getLogger("retrain")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_SKIPPED, EXIT_BUSY = 0, 1, 2, 3, 4, 5
+EXIT_BY_STATUS = {"succeeded": EXIT_OK, "rejected": EXIT_REJECTED, "skipped": EXIT_SKIPPED}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m retrain",
+        description="Flywheel's retraining: reward model refresh, PPO, gate, registration.",
+        epilog="Exit codes (once): 0 passed, 1 failed, 2 usage, 3 rejected by the gate, "
+        "4 skipped (too little data), 5 another round is running.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    once = commands.add_parser("once", help="run one round now and print its time breakdown")
+    once.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    once.add_argument("--trigger", default="manual", help="recorded as the run's trigger (default: manual)")
+    commands.add_parser("serve", help="run rounds on the schedule and on new feedback")
+    config = commands.add_parser("config", help="print the full round config with help text")
+    config.add_argument("--json", action="store_true", help="the config as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    # Imported after parsing: `--help` should not wait for torch.
+    from .settings import RetrainSettings
+
+    settings = RetrainSettings()
+    if settings.retrain_threads and args.command in ("once", "serve"):
+        import torch
+
+        torch.set_num_threads(settings.retrain_threads)  # this process is the round's own
+    return {"once": cmd_once, "serve": cmd_serve, "config": cmd_config}[args.command](args, settings)
+
+
+def _database(settings) -> str:
+    from feedback.db import database_url
+    from feedback.migrate import migrate
+
+    url = database_url(settings)
+    migrate(url)  # idempotent: a fresh DATA_DIR works with this command alone
+    return url
+
+
+def cmd_once(args, settings) -> int:
+    from .round import RoundFailed, run_round
+    from .runs import RoundAlreadyRunning
+
+    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    try:
+        result = run_round(settings, args.trigger, url=_database(settings))
+    except RoundAlreadyRunning as exc:
+        return _fail(args.json, "busy", str(exc), EXIT_BUSY)
+    except RoundFailed as exc:
+        return _fail(args.json, "failed", f"{exc} (see retrain_runs row {exc.run_id})", EXIT_FAILED, run_id=exc.run_id)
+    code = EXIT_BY_STATUS[result.status]
+    if args.json:
+        print(json.dumps({**result.to_json(), "breakdown": _parts(result.timings), "exit_code": code},
+                         indent=2, default=str))
+    else:
+        render(out, result)
+    return code
+
+
+def _fail(as_json: bool, code: str, message: str, exit_code: int, **extra) -> int:
+    if as_json:
+        print(json.dumps({"error": code, "message": message, **extra}))
+    print(f"error: {message}", file=sys.stderr)
+    return exit_code
+
+
+def _parts(timings: dict) -> dict:
+    from .round import totals_by_part
+
+    return {**totals_by_part(timings), "total": timings.get("total")}
+
+
+def render(out: Console, result) -> None:
+    """The time breakdown, then the decision: what a person running a round wants to see."""
+    from .round import breakdown, totals_by_part
+
+    total = result.timings.get("total") or sum(result.timings.values()) or 1.0
+    table = Table(title=f"retrain run {result.run_id}: where the time went", title_justify="left")
+    table.add_column("stage")
+    table.add_column("part")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for stage, part, seconds in breakdown(result.timings):
+        table.add_row(stage, part, f"{seconds:.1f}", f"{seconds / total:.0%}")
+    table.add_section()
+    for part, seconds in sorted(totals_by_part(result.timings).items(), key=lambda kv: -kv[1]):
+        table.add_row(f"[bold]{part}[/]", "", f"{seconds:.1f}", f"{seconds / total:.0%}")
+    table.add_row("[bold]total[/]", "", f"{total:.1f}", "100%")
+    out.print(table)
+
+    m, c = result.metrics, result.counts
+    if result.status == "skipped":
+        out.print(f"[yellow]skipped[/]: {result.reason}")
+        return
+    reward = m.get("reward", {})
+    accuracy = reward.get("eval_accuracy")
+    out.print(
+        f"data: {c.get('reward_pairs', 0)} pairs + {c.get('reward_thumbs', 0)} thumbs for the reward model "
+        f"({c.get('held_out_pairs', 0)} pairs held out), {c.get('ppo_prompts', 0)} PPO prompts, "
+        f"{c.get('gate_prompts_used', 0)} gate prompts"
+    )
+    out.print(
+        "reward model: held-out accuracy "
+        + (f"{accuracy:.3f}" if accuracy is not None else "n/a (no held-out pairs)")
+        + (f", warm start from {reward['warm_started_from']}" if reward.get("warm_started_from") else ", fresh")
+    )
+    last = m.get("ppo", {}).get("last", {})
+    if last:
+        out.print(f"ppo: {len(m['ppo']['iterations'])} iteration(s), last: score {last['score_mean']:+.3f}, "
+                  f"KL {last['kl']:.3f} nats, entropy {last.get('entropy', float('nan')):.3f}, "
+                  f"length {last['response_length']:.1f}, EOS rate {last['eos_rate']:.2f}")
+    style = "green" if result.status == "succeeded" else "red"
+    out.print(f"[{style}]{result.reason}[/]")
+    verb = "registered as a candidate" if result.status == "succeeded" else "registered as rejected"
+    promotion = m.get("promotion")
+    line = f"checkpoint {result.candidate_id} {verb}"
+    if promotion:
+        line += "; promoted: now serving" if promotion["promoted"] else f"; not promoted: {promotion['reason']}"
+    out.print(line)
+
+
+def cmd_serve(args, settings) -> int:
+    from .round import run_round
+    from .scheduler import build_scheduler
+
+    url = _database(settings)
+    try:
+        scheduler = build_scheduler(
+            url,
+            lambda trigger: run_round(settings, trigger, url=url),
+            interval_minutes=settings.retrain_interval_minutes,
+            cron=settings.retrain_cron,
+            min_new_feedback=settings.retrain_min_new_feedback,
+            feedback_check_seconds=settings.retrain_feedback_check_seconds,
+        )
+    except ValueError as exc:
+        return _fail(False, "usage", str(exc), EXIT_USAGE)
+    # apscheduler logs every run of the feedback watcher at INFO: once a minute, forever.
+    logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+    log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))
+    try:
+        scheduler.start()
+    except (KeyboardInterrupt, SystemExit):
+        log.info("scheduler stopped")
+    return EXIT_OK
+
+
+def cmd_config(args, settings) -> int:
+    config = settings.retrain_config()
+    if args.json:
+        print(json.dumps(config.to_json(), indent=2, default=str))
+        return EXIT_OK
+    table = Table(title="retraining config (set with RETRAIN_* variables or RETRAIN_CONFIG_FILE)", title_justify="left")
+    table.add_column("field", no_wrap=True)
+    table.add_column("value")
+    table.add_column("meaning", overflow="fold")
+    for name, value, help_text in config.describe():
+        table.add_row(name, repr(value), help_text)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped: do not squeeze
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""A round's data: the store's batch reads adapted to what the reward model and PPO consume.
+
+One split decides everything: a prompt (the conversation up to a user turn) is held out when a
+hash of its text says so (`reward_data.is_held_out`), the same in every round. Held-out prompts
+are the gate's; their comparisons and thumbs measure the reward model's accuracy; they never
+reach PPO or the reward model's training. Splitting by text rather than by message id keeps a
+prompt typed twice (two users saying "hi") on one side.
+
+What the adapter adds to the store's reads (feedback/training_data.py already honours
+allow_data_use, drops ties and same-text pairs, and removes duplicates within each reader):
+- one comparison group per prompt text: a prompt's comparisons and its opposite-thumb pairs
+  form one group (InstructGPT: all pairs of one prompt are one example), and the same prompt
+  from two conversations is one group, its pairs kept once;
+- a `source` on every example naming the rows it came from (`comparison:12`, `ratings:3,4`,
+  `prompt:<message id>`), and the message ids of every prompt, so each number is traceable;
+- counts of everything read, kept and set aside.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Iterable
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import psycopg
+
+from feedback import training_data
+from feedback.training_data import LoggedPrompt
+
+from .reward_data import ComparisonGroup, PreferencePair, RewardData, ThumbLabel, is_held_out
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundData:
+    reward_train: RewardData  # comparison groups and thumbs on training-side prompts
+    reward_held_out: RewardData  # the same from held-out prompts: the reward model's accuracy
+    ppo_prompts: list[LoggedPrompt]  # training-side prompts, at most max_ppo_prompts
+    gate_prompts: list[LoggedPrompt]  # held-out prompts, at most max_gate_prompts
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """sha256 over the ids of every row used: two rounds trained on the same rows agree."""
+        sources = sorted(
+            [p.source for g in self.reward_train.groups for p in g.pairs]
+            + [t.source for t in self.reward_train.thumbs]
+            + [f"prompt:{p.message_id}" for p in self.ppo_prompts]
+            + [f"gate:{p.message_id}" for p in self.gate_prompts]
+        )
+        return hashlib.sha256("\n".join(sources).encode()).hexdigest()
+
+    def trace(self) -> dict:
+        """The ids a checkpoint's manifest keeps: which prompts trained it and which judged it."""
+        return {
+            "fingerprint": self.fingerprint(),
+            "ppo_prompt_ids": [str(p.message_id) for p in self.ppo_prompts],
+            "gate_prompt_ids": [str(p.message_id) for p in self.gate_prompts],
+        }
+
+
+def prompt_key(turns: Iterable[dict]) -> str:
+    """Identity of a prompt: its turns' roles and texts (ids differ between conversations)."""
+    return json.dumps([[t["role"], t["content"]] for t in turns], ensure_ascii=False)
+
+
+class _GroupBuilder:
+    """Pairs gathered per prompt text, each (chosen text, rejected text) once."""
+
+    def __init__(self):
+        self.prompts: dict[str, list[dict]] = {}
+        self.sources: dict[str, list[str]] = {}
+        self.pairs: dict[str, dict[tuple[str, str], PreferencePair]] = {}
+        self.duplicates = 0
+
+    def add(self, prompt: list[dict], prompt_id, chosen: str, rejected: str, source: str) -> None:
+        key = prompt_key(prompt)
+        self.prompts.setdefault(key, [dict(t) for t in prompt])
+        sources = self.sources.setdefault(key, [])
+        if f"prompt:{prompt_id}" not in sources:
+            sources.append(f"prompt:{prompt_id}")
+        pairs = self.pairs.setdefault(key, {})
+        if (chosen, rejected) in pairs:
+            self.duplicates += 1
+            return
+        pairs[(chosen, rejected)] = PreferencePair(chosen, rejected, source)
+
+    def groups(self) -> list[ComparisonGroup]:
+        return [
+            ComparisonGroup(self.prompts[key], list(pairs.values()), ",".join(self.sources[key]))
+            for key, pairs in self.pairs.items()
+        ]
+
+
+def read_reward_data(conn: psycopg.Connection) -> tuple[RewardData, dict[str, int]]:
+    """Every comparison group, thumb pair and unpaired thumb the store allows training on."""
+    builder = _GroupBuilder()
+    counts = {"comparison_groups": 0, "comparison_pairs": 0, "thumb_pairs": 0, "unpaired_thumbs": 0}
+    for group in training_data.comparison_groups(conn):
+        counts["comparison_groups"] += 1
+        for chosen, rejected, preference in group.pairs():
+            counts["comparison_pairs"] += 1
+            builder.add(group.prompt, group.prompt_id, chosen.content, rejected.content,
+                        f"comparison:{preference.comparison_id}")
+    for pair in training_data.thumb_pairs(conn):
+        counts["thumb_pairs"] += 1
+        builder.add(pair.prompt, pair.prompt_id, pair.chosen.content, pair.rejected.content,
+                    "ratings:" + ",".join(map(str, pair.rating_ids)))
+    thumbs = []
+    for rated in training_data.unpaired_thumbs(conn):
+        counts["unpaired_thumbs"] += 1
+        thumbs.append(ThumbLabel([dict(t) for t in rated.prompt], rated.answer.content, rated.label,
+                                 "ratings:" + ",".join(map(str, rated.rating_ids))))
+    counts["duplicate_pairs_merged"] = builder.duplicates
+    return RewardData(builder.groups(), thumbs), counts
+
+
+def read_prompts(
+    conn: psycopg.Connection, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int
+) -> tuple[list[LoggedPrompt], list[LoggedPrompt], dict[str, int]]:
+    """(PPO prompts, gate prompts): the store's prompts in its hash order, split, each side
+    capped. Reading stops once both sides are full, so a large store is sampled, not loaded."""
+    ppo, gate = [], []
+    counts = {"prompts_read": 0}
+    with closing(training_data.prompts(conn)) as stream:  # closing: ends the cursor's transaction
+        for prompt in stream:
+            counts["prompts_read"] += 1
+            side, cap = (gate, max_gate_prompts) if is_held_out(prompt.messages, held_out_percent) else (ppo, max_ppo_prompts)
+            if len(side) < cap:
+                side.append(prompt)
+            if len(ppo) >= max_ppo_prompts and len(gate) >= max_gate_prompts:
+                break
+    return ppo, gate, counts
+
+
+def split(data: RewardData, held_out_percent: float) -> tuple[RewardData, RewardData]:
+    """(training side, held-out side) by the prompt split every part of the round shares."""
+    train, held = RewardData(), RewardData()
+    for group in data.groups:
+        (held if is_held_out(group.prompt, held_out_percent) else train).groups.append(group)
+    for thumb in data.thumbs:
+        (held if is_held_out(thumb.prompt, held_out_percent) else train).thumbs.append(thumb)
+    return train, held
+
+
+def within_budget(data: RewardData, max_examples: int | None, seed: int) -> tuple[RewardData, int]:
+    """At most `max_examples` comparison groups and thumbs, a uniform sample: reward training
+    time grows with the data, a round's must not. Each round passes its own seed, so over
+    rounds the warm-started model still sees all of it. Returns (sample, examples left out)."""
+    items = [*data.groups, *data.thumbs]
+    if max_examples is None or len(items) <= max_examples:
+        return data, 0
+    keep = set(random.Random(seed).sample(range(len(items)), max_examples))
+    chosen = [item for i, item in enumerate(items) if i in keep]
+    sample = RewardData([x for x in chosen if isinstance(x, ComparisonGroup)], [x for x in chosen if isinstance(x, ThumbLabel)])
+    return sample, len(items) - max_examples
+
+
+def read_round_data(
+    url: str, *, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int,
+    max_reward_examples: int | None = None, seed: int = 0,
+) -> RoundData:
+    with psycopg.connect(url) as conn:
+        everything, counts = read_reward_data(conn)
+        ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts)
+    train, held = split(everything, held_out_percent)
+    train, counts["reward_examples_over_budget"] = within_budget(train, max_reward_examples, seed)
+    counts |= prompt_counts
+    counts |= {
+        "reward_groups": len(train.groups),
+        "reward_pairs": train.counts()["pairs"],
+        "reward_thumbs": len(train.thumbs),
+        "held_out_groups": len(held.groups),
+        "held_out_pairs": held.counts()["pairs"],
+        "held_out_thumbs": len(held.thumbs),
+        "ppo_prompts": len(ppo),
+        "gate_prompts": len(gate),
+    }
+    log.info("round data: %s", counts)
+    return RoundData(train, held, ppo, gate, counts)
+
+
+def too_little(data: RoundData, min_pairs: int, min_prompts: int, min_gate_prompts: int) -> str | None:
+    """Why this data cannot make a round, or None when it can."""
+    c = data.counts
+    missing = []
+    if c["reward_pairs"] < min_pairs:
+        missing.append(f"{c['reward_pairs']} preference pairs (need {min_pairs})")
+    if c["ppo_prompts"] < min_prompts:
+        missing.append(f"{c['ppo_prompts']} training prompts (need {min_prompts})")
+    if c["gate_prompts"] < min_gate_prompts:
+        missing.append(f"{c['gate_prompts']} held-out prompts (need {min_gate_prompts})")
+    return "too little data: " + ", ".join(missing) if missing else None

@@ -1,0 +1,815 @@
+"""PPO for the chat policy: InstructGPT's recipe, written on plain torch.
+
+Read top to bottom: the config, the pure pieces (whitening, the no-EOS penalty, the KL-penalised
+reward, GAE, the KL controllers), the model pieces (value head, answer log-probs, sampling), the
+PPO loss, and `train_ppo`, the loop. One iteration:
+
+  1. rollouts   a batch of prompts, answers sampled at temperature T (top_p 1, top_k off);
+  2. forward    old log-probs and values (policy), reference log-probs (adapter off);
+  3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
+                the no-EOS penalty;
+  4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
+  5. GAE        gamma 1, lambda 0.95 over the answer tokens, whitened advantages;
+  6. update     several epochs of minibatches: clipped policy loss + clipped value loss
+                (+ optional PPO-ptx language-model loss), gradients clipped to norm 1;
+  7. controller the KL coefficient beta moves towards its target (or stays fixed).
+
+Units: log-probs and KL in nats. "KL per sequence" is the sum over an answer's tokens of
+logp - ref_logp, both from logits / T. Every tensor laid out per answer token is [batch, T_answer]
+and aligned so that column t is the t-th generated token; `mask` marks the real tokens (a prefix:
+everything up to and including the first EOS).
+
+Dropout is off throughout: the policy stays in eval() mode while it trains (gradients flow the
+same; only dropout and similar train-time noise are disabled), so rollouts, old log-probs and
+the PPO ratio are all computed by the same deterministic function.
+
+Multi-GPU: `accelerate launch -m ...` around a caller of `train_ppo`; each process samples its own
+`batch_size` prompts per iteration and gradients are averaged by accelerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class PPOConfig:
+    # rollouts
+    num_iterations: int = field(
+        default=1, metadata={"help": "PPO iterations: each samples a fresh batch of answers and updates on it."}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "Prompts (= sampled answers) per iteration, per process."}
+    )
+    max_new_tokens: int = field(
+        default=48, metadata={"help": "Answer length cap in tokens; an answer that reaches it without EOS is penalised."}
+    )
+    temperature: float = field(
+        default=0.7,
+        metadata={
+            "help": "Sampling temperature T for rollouts. Policy, old and reference log-probs all come from "
+            "logits / T, so the ratio and the KL are those of the distribution actually sampled."
+        },
+    )
+    max_prompt_tokens: int = field(
+        default=512,
+        metadata={"help": "Prompts longer than this many tokens (after the chat template) are skipped, with a warning."},
+    )
+    # reward
+    reward_norm: str = field(
+        default="running",
+        metadata={
+            "help": "Reward whitening of the reward-model score before the KL penalty is added: 'none', "
+            "'batch' (mean 0, std 1 within each batch) or 'running' (mean and std over all scores seen so far)."
+        },
+    )
+    no_eos_penalty: float | None = field(
+        default=-1.0,
+        metadata={
+            "help": "Penalty for answers that hit max_new_tokens without EOS, in the units of the (normalised) "
+            "score. None turns it off."
+        },
+    )
+    no_eos_penalty_mode: str = field(
+        default="replace",
+        metadata={"help": "'replace': such answers score exactly no_eos_penalty; 'add': it is added to their score."},
+    )
+    # KL penalty
+    kl_coef: float = field(
+        default=0.05, metadata={"help": "Initial (or, without kl_target, fixed) beta: reward per nat of KL to the reference."}
+    )
+    kl_target: float | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive KL (Ziegler et al. 2019): target mean KL per sequence in nats. None keeps beta fixed."
+        },
+    )
+    kl_horizon: int = field(
+        default=10_000,
+        metadata={"help": "Adaptive KL horizon in episodes (answers): how fast beta moves towards the target."},
+    )
+    # advantages
+    gamma: float = field(default=1.0, metadata={"help": "Discount across answer tokens (1: none)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda: bias/variance trade-off of the advantages."})
+    whiten_advantages: bool = field(
+        default=True, metadata={"help": "Whiten advantages (mean 0, std 1 over the batch's answer tokens)."}
+    )
+    # PPO update
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each batch of rollouts."})
+    mini_batch_size: int = field(
+        default=8, metadata={"help": "Answers per optimiser step; batch_size / mini_batch_size steps per epoch."}
+    )
+    micro_batch_size: int = field(
+        default=8,
+        metadata={"help": "Answers per forward pass (memory bound); micro-batches accumulate into a minibatch."},
+    )
+    cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon for the policy loss."})
+    cliprange_value: float = field(
+        default=0.2, metadata={"help": "Value clip range: new values stay within this of the rollout's values."}
+    )
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
+    value_grad_to_policy: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the value loss train the policy's weights too (shared trunk). Off: the value head "
+            "reads detached hidden states, so the critic can never disturb the policy."
+        },
+    )
+    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the policy (LoRA or full)."})
+    value_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the value head."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping: max global L2 norm per step."})
+    # PPO-ptx
+    ptx_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "InstructGPT's PPO-ptx gamma: weight of the language-model loss (mean NLL per token) on "
+            "ptx_texts, added at every step. Used only when ptx_texts are given; 0 turns it off."
+        },
+    )
+    ptx_batch_size: int = field(default=4, metadata={"help": "ptx texts per optimiser step."})
+    max_ptx_tokens: int = field(default=256, metadata={"help": "ptx texts are cut to this many tokens."})
+    # policy
+    use_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Train a LoRA adapter (reference = same weights with the adapter off). Off: full fine-tuning "
+            "against a frozen copy."
+        },
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (for a model that has no adapter yet)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by alpha / r."})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear", metadata={"help": "Modules that get LoRA adapters ('all-linear': every linear but lm_head)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and initialisation."})
+
+    def __post_init__(self):
+        if self.reward_norm not in ("none", "batch", "running"):
+            raise ValueError(f"reward_norm must be 'none', 'batch' or 'running', not {self.reward_norm!r}")
+        if self.no_eos_penalty_mode not in ("replace", "add"):
+            raise ValueError(f"no_eos_penalty_mode must be 'replace' or 'add', not {self.no_eos_penalty_mode!r}")
+        if self.temperature <= 0:
+            raise ValueError("PPO needs sampling: temperature must be > 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of x over the masked positions."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask)
+    return var * n / (n - 1) if n > 1 else var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """x scaled to unit variance over the masked positions (and centred unless shift_mean=False);
+    positions outside the mask come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+class RunningMoments:
+    """Mean and standard deviation of every value seen so far (Chan et al.'s parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        # With fewer than two values there is no spread to divide by yet.
+        return math.sqrt(self.var * self.count / (self.count - 1)) if self.count > 1 else 1.0
+
+
+def normalise_scores(
+    scores: torch.Tensor,
+    mode: str,
+    running: RunningMoments | None = None,
+    batch_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reward whitening of sequence scores: 'none' leaves them as they are; 'batch' whitens them
+    with the mean and std of `batch_scores` (default: `scores`; pass the batch gathered from all
+    processes); 'running' with the mean and std in `running` (the caller updates it first)."""
+    if mode == "none":
+        return scores
+    if mode == "batch":
+        population = scores if batch_scores is None else batch_scores
+        std = population.std() if population.numel() > 1 else torch.ones((), device=scores.device)
+        return (scores - population.mean()) / (std + 1e-8)
+    if mode == "running":
+        if running is None:
+            raise ValueError("reward_norm='running' needs a RunningMoments")
+        return (scores - running.mean) / (running.std + 1e-8)
+    raise ValueError(f"unknown reward_norm {mode!r}")
+
+
+def apply_no_eos_penalty(
+    scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None, mode: str = "replace"
+) -> torch.Tensor:
+    """Penalise answers that were cut off at max_new_tokens (no EOS): their score becomes
+    `penalty` ('replace') or gets `penalty` added ('add'). Answers with EOS are untouched."""
+    if penalty is None:
+        return scores
+    cut = ~has_eos.bool()
+    if mode == "replace":
+        return torch.where(cut, torch.full_like(scores, penalty), scores)
+    if mode == "add":
+        return scores + cut.to(scores.dtype) * penalty
+    raise ValueError(f"unknown no-EOS penalty mode {mode!r}")
+
+
+def kl_penalised_rewards(
+    scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """InstructGPT's per-token reward: -beta * (logp - ref_logp) on every answer token, plus the
+    sequence's score on its last real token.
+
+    scores [B]; logp, ref_logp, mask [B, T]. Returns (rewards, kl, non_score_rewards), each [B, T]
+    and 0 outside the mask; kl is the per-token estimate logp - ref_logp (nats)."""
+    mask = mask.to(logp.dtype)
+    kl = (logp - ref_logp) * mask
+    non_score = -beta * kl
+    rewards = non_score.clone()
+    last = mask.sum(1).long() - 1
+    if (last < 0).any():
+        raise ValueError("every answer needs at least one token to carry its score")
+    rewards[torch.arange(rewards.shape[0], device=rewards.device), last] += scores.to(rewards.dtype)
+    return rewards, kl, non_score
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over answer tokens.
+
+    rewards, values, mask [B, T], mask a prefix per row. Value after the last real token is 0 (the
+    episode ends there). Returns (advantages, returns), 0 outside the mask; returns = advantages +
+    values are the value head's regression targets."""
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    steps = rewards.shape[1]
+    running = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages_reversed.append(running)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, (advantages + values) * mask
+
+
+class FixedKLController:
+    """beta stays where it was set (InstructGPT used a fixed 0.02)."""
+
+    def __init__(self, beta: float):
+        self.value = beta
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta grows when KL is above target and shrinks below it, by at most
+    20% of the target error per `horizon` episodes."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """current_kl: mean KL per sequence (nats) of the last batch; n_steps: its answer count."""
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+# ------------------------------------------------------------------------------------------------
+# Model pieces
+
+
+def make_value_head(hidden_size: int, init: nn.Module | dict[str, torch.Tensor] | None = None) -> nn.Linear:
+    """A scalar head on the policy's last hidden state. From the reward model's score head when
+    given (a Linear, or a state dict with 'weight' [1, H] and optionally 'bias'): the critic then
+    starts out predicting the reward model's view. Otherwise zeros: every value starts at 0."""
+    head = nn.Linear(hidden_size, 1)
+    with torch.no_grad():
+        if init is None:
+            head.weight.zero_()
+            head.bias.zero_()
+            return head
+        state = init.state_dict() if isinstance(init, nn.Module) else init
+        weight = state["weight"].detach().float().reshape(1, -1)
+        if weight.shape[1] != hidden_size:
+            raise ValueError(
+                f"value_head_init has hidden size {weight.shape[1]}, the policy {hidden_size}: "
+                "initialise from a reward model built on the same base model, or pass None"
+            )
+        head.weight.copy_(weight)
+        bias = state.get("bias")
+        head.bias.copy_(bias.detach().float().reshape(1) if bias is not None else torch.zeros(1))
+    return head
+
+
+def answer_logits_and_hidden(
+    lm: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over prompt + answer. Returns the temperature-scaled logits that predicted
+    each answer token [B, T, V] and the last hidden state at the same positions [B, T, H] (the state
+    before each token is chosen: what the value head reads)."""
+    answer_len = response_ids.shape[1]
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1)
+    # Left padding: positions count real tokens only, as generate() counted them.
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        logits_to_keep=answer_len + 1,  # only the positions that predict answer tokens
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float() / temperature
+    hidden = out.hidden_states[-1][:, -answer_len - 1 : -1]
+    return logits, hidden
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under softmax(logits): [B, T, V], [B, T] -> [B, T]."""
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(logits) per position: [B, T, V] -> [B, T]."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+class PolicyWithValueHead(nn.Module):
+    """The trained modules in one wrapper, so accelerate/DDP syncs policy and critic together.
+    Everything that needs gradients goes through this one forward (DDP's contract: one forward
+    per backward), the PPO-ptx language-model loss included."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear, value_grad_to_policy: bool):
+        super().__init__()
+        self.policy, self.value_head, self.value_grad_to_policy = policy, value_head, value_grad_to_policy
+
+    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature, lm_batch=None):
+        """Returns (answer logits / T [B, T, V], values [B, T], ptx loss or None)."""
+        logits, hidden = answer_logits_and_hidden(
+            self.policy, query_ids, query_mask, response_ids, response_mask, temperature
+        )
+        if not self.value_grad_to_policy:
+            hidden = hidden.detach()
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        lm_loss = ptx_loss(self.policy, lm_batch) if lm_batch is not None else None
+        return logits, values, lm_loss
+
+
+@contextmanager
+def reference_policy(policy: nn.Module, frozen_copy: nn.Module | None) -> Iterator[nn.Module]:
+    """The reference policy: the frozen copy (full fine-tuning) or the policy with its LoRA adapter
+    switched off (the very same base weights, no second copy in memory)."""
+    if frozen_copy is not None:
+        yield frozen_copy
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention mask) [B, L], padded on the left so every prompt ends at the
+    same column and generation continues all of them from there."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_after_eos(
+    response_ids: torch.Tensor, eos_ids: Sequence[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled answers -> (ids with everything after the first EOS set to pad, mask [B, T] of the
+    real tokens including that EOS, has_eos [B]). pad may equal EOS (SmolLM2), so the first EOS is
+    found by position, never by pad id."""
+    is_eos = torch.isin(response_ids, torch.tensor(list(eos_ids), device=response_ids.device))
+    has_eos = is_eos.any(1)
+    steps = response_ids.shape[1]
+    first_eos = torch.where(has_eos, is_eos.float().argmax(1), torch.full_like(has_eos, steps, dtype=torch.long))
+    lengths = torch.where(has_eos, first_eos + 1, first_eos)
+    mask = (torch.arange(steps, device=response_ids.device)[None, :] < lengths[:, None]).long()
+    return response_ids.masked_fill(mask == 0, pad_id), mask, has_eos
+
+
+def eos_token_ids(tokenizer, model: nn.Module) -> list[int]:
+    """Every id that ends an answer: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token: PPO needs one to tell finished answers from cut ones")
+    return sorted(ids)
+
+
+@torch.no_grad()
+def sample_answers(
+    lm: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor, config: PPOConfig, eos_ids, pad_id: int
+) -> torch.Tensor:
+    """Sample answers at temperature T from the full distribution (top_p 1, top_k off, no repetition
+    penalty), so their probabilities are exactly softmax(logits / T). Returns [B, T_answer] ids."""
+    gen_config = GenerationConfig(
+        do_sample=True,
+        temperature=config.temperature,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.0,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=list(eos_ids),
+        pad_token_id=pad_id,
+    )
+    out = lm.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)
+    return out[:, query_ids.shape[1] :]
+
+
+# ------------------------------------------------------------------------------------------------
+# The PPO loss
+
+
+def ppo_losses(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    response_ids: torch.Tensor,
+    mask: torch.Tensor,
+    old_logp: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Clipped surrogate policy loss and clipped value loss, both means over real answer tokens.
+    Returns (policy_loss, value_loss, stats)."""
+    mask = mask.to(values.dtype)
+    logp = token_logprobs(logits, response_ids)
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
+    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
+
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    vf_unclipped = (values - returns) ** 2
+    vf_clipped = (values_clipped - returns) ** 2
+    value_loss = 0.5 * masked_mean(torch.max(vf_unclipped, vf_clipped), mask)
+
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((pg_clipped > pg_unclipped).float(), mask).item(),
+            "value_clip_frac": masked_mean((vf_clipped > vf_unclipped).float(), mask).item(),
+            # 0.5 * E[(log ratio)^2]: a low-variance estimate of KL(old || new) per token.
+            "approx_kl": 0.5 * masked_mean(log_ratio**2, mask).item(),
+            "ratio_mean": masked_mean(ratio, mask).item(),
+            "entropy": masked_mean(entropy_from_logits(logits), mask).item(),
+        }
+    return policy_loss, value_loss, stats
+
+
+def ptx_loss(lm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PPO-ptx: mean next-token NLL (nats per token, temperature 1) on SFT/pretraining texts, which
+    keeps the policy from forgetting how to write while it chases the reward."""
+    out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1].float()
+    targets = batch["input_ids"][:, 1:]
+    target_mask = batch["attention_mask"][:, 1:].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return masked_mean(nll, target_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class PPOResult:
+    stats: list[dict[str, float]] = field(metadata={"help": "One log dict per iteration (see train_ppo)."})
+    model: nn.Module = field(metadata={"help": "The trained policy (a PeftModel with the LoRA adapter by default)."})
+    value_head: nn.Linear = field(metadata={"help": "The trained value head (warm start for the next round)."})
+    config: dict[str, Any] = field(metadata={"help": "The full PPOConfig as a dict, to store with the checkpoint."})
+    counts: dict[str, int] = field(metadata={"help": "Prompts given, used and skipped (too long)."})
+
+
+def prepare_policy(model: nn.Module, config: PPOConfig) -> tuple[nn.Module, nn.Module | None]:
+    """Returns (policy to train, frozen reference copy or None when the reference is 'adapter off').
+    A model that already carries a LoRA adapter keeps training that adapter (a later round)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model.eval()  # dropout off, for good: see the module docstring
+    if config.use_lora:
+        if not isinstance(model, PeftModel):
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=0.0,
+                target_modules=config.lora_target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+        model.eval()
+        return model, None
+    if isinstance(model, PeftModel):
+        raise ValueError("use_lora=False needs a plain model; merge the adapter first (merge_and_unload)")
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model.requires_grad_(True)
+    return model, reference
+
+
+def tokenize_prompts(tokenizer, prompts: list[list[dict]], max_tokens: int) -> tuple[list[int], list[list[int]]]:
+    """Render each conversation with the chat template, ready for the assistant's turn. Returns the
+    indices of the prompts kept and their token ids; prompts over max_tokens are dropped."""
+    kept, token_lists = [], []
+    for index, messages in enumerate(prompts):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_tokens:
+            kept.append(index)
+            token_lists.append(ids)
+    return kept, token_lists
+
+
+def tokenize_ptx(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    return [ids for ids in token_lists if len(ids) >= 2]
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def cycle_batches(n_items: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless batches of indices: a fresh shuffle each pass, every item once per pass."""
+    queue: list[int] = []
+    while True:
+        while len(queue) < batch_size:
+            queue += torch.randperm(n_items, generator=generator).tolist()
+        yield queue[:batch_size]
+        queue = queue[batch_size:]
+
+
+def train_ppo(
+    policy_model: nn.Module,
+    tokenizer,
+    prompts: list[list[dict]],
+    reward_fn: RewardFn,
+    config: PPOConfig | None = None,
+    ptx_texts: list[str] | None = None,
+    value_head_init: nn.Module | dict[str, torch.Tensor] | None = None,
+    accelerator: Accelerator | None = None,
+) -> PPOResult:
+    """Optimise `policy_model` with PPO against `reward_fn` on `prompts` (chat message lists).
+
+    reward_fn(prompts, answers) -> tensor [B] of scores, one per answer (no grad needed). Returns a
+    PPOResult whose `stats` has one dict per iteration with: score_mean (raw reward-model score),
+    score_std, reward_mean (score after normalisation and no-EOS penalty), non_score_reward
+    (-beta*KL summed per sequence), kl (mean KL per sequence to the reference, nats), beta,
+    entropy, clip_frac, value_clip_frac, approx_kl, policy_loss, value_loss, ptx_loss,
+    response_length, eos_rate, and generation_s / forward_s / scoring_s / training_s / iteration_s.
+    """
+    config = config or PPOConfig()
+    accelerator = accelerator or Accelerator()
+    set_seed(config.seed)
+    device = accelerator.device
+
+    kept, prompt_tokens = tokenize_prompts(tokenizer, prompts, config.max_prompt_tokens)
+    counts = {"prompts": len(prompts), "prompts_used": len(kept), "prompts_too_long": len(prompts) - len(kept)}
+    if counts["prompts_too_long"]:
+        logger.warning("skipping %d prompts longer than %d tokens", counts["prompts_too_long"], config.max_prompt_tokens)
+    if not kept:
+        raise ValueError("no prompt fits max_prompt_tokens: nothing to train on")
+
+    policy, frozen_reference = prepare_policy(policy_model, config)
+    value_head = make_value_head(policy.config.hidden_size, value_head_init)
+    module = PolicyWithValueHead(policy, value_head, config.value_grad_to_policy)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
+            {"params": list(value_head.parameters()), "lr": config.value_learning_rate},
+        ],
+        eps=1e-5,
+    )
+    module, optimizer = accelerator.prepare(module, optimizer)
+    if frozen_reference is not None:
+        frozen_reference.to(device)
+    unwrapped = accelerator.unwrap_model(module)
+
+    eos_ids = eos_token_ids(tokenizer, unwrapped.policy)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    kl_ctl = (
+        AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.kl_target is not None
+        else FixedKLController(config.kl_coef)
+    )
+    score_moments = RunningMoments()
+
+    # Each process walks the same shuffled order and takes its own slice of every global batch.
+    order = torch.Generator().manual_seed(config.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    prompt_batches = cycle_batches(len(kept), config.batch_size * world, order)
+    ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
+    ptx_order = torch.Generator().manual_seed(config.seed + 1)
+    ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
+
+    stats_per_iteration: list[dict[str, float]] = []
+    progress = tqdm(range(config.num_iterations), desc="ppo", disable=not accelerator.is_local_main_process)
+    for iteration in progress:
+        t_start = time.perf_counter()
+        batch = next(prompt_batches)[rank * config.batch_size : (rank + 1) * config.batch_size]
+        batch_prompts = [prompts[kept[i]] for i in batch]
+
+        # 1. rollouts ------------------------------------------------------------------------------
+        query_ids, query_mask = left_pad([prompt_tokens[i] for i in batch], pad_id, device)
+        response_ids = sample_answers(unwrapped.policy, query_ids, query_mask, config, eos_ids, pad_id)
+        response_ids, mask, has_eos = mask_after_eos(response_ids, eos_ids, pad_id)
+        t_generated = time.perf_counter()
+
+        # 2. old log-probs and values, reference log-probs (micro-batched, no grad) ---------------
+        old_logp, old_values, ref_logp = [], [], []
+        with torch.no_grad():
+            for rows in torch.arange(len(batch)).split(config.micro_batch_size):
+                args = (query_ids[rows], query_mask[rows], response_ids[rows], mask[rows])
+                logits, values, _ = module(*args, config.temperature)
+                old_logp.append(token_logprobs(logits, response_ids[rows]))
+                old_values.append(values)
+                with reference_policy(unwrapped.policy, frozen_reference) as reference:
+                    ref_logits, _ = answer_logits_and_hidden(reference, *args, config.temperature)
+                ref_logp.append(token_logprobs(ref_logits, response_ids[rows]))
+        old_logp, old_values, ref_logp = torch.cat(old_logp), torch.cat(old_values), torch.cat(ref_logp)
+        fmask = mask.float()
+        old_values = old_values * fmask
+        t_forward = time.perf_counter()
+
+        # 3. scores ---------------------------------------------------------------------------------
+        answers = [
+            tokenizer.decode(ids[:length], skip_special_tokens=True).strip()
+            for ids, length in zip(response_ids.tolist(), mask.sum(1).tolist())
+        ]
+        with torch.no_grad():
+            raw_scores = torch.as_tensor(reward_fn(batch_prompts, answers), dtype=torch.float32).to(device).flatten()
+        if raw_scores.shape[0] != len(answers):
+            raise ValueError(f"reward_fn returned {raw_scores.shape[0]} scores for {len(answers)} answers")
+        t_scored = time.perf_counter()
+
+        # 4. per-token rewards, 5. advantages --------------------------------------------------------
+        all_scores = accelerator.gather(raw_scores)  # normalisation sees every process's scores
+        if config.reward_norm == "running":
+            score_moments.update(all_scores)
+        scores = normalise_scores(raw_scores, config.reward_norm, running=score_moments, batch_scores=all_scores)
+        scores = apply_no_eos_penalty(scores, has_eos, config.no_eos_penalty, config.no_eos_penalty_mode)
+        beta = kl_ctl.value
+        rewards, kl, non_score = kl_penalised_rewards(scores, old_logp, ref_logp, fmask, beta)
+        advantages, returns = compute_gae(rewards, old_values, fmask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, fmask)
+
+        # 6. PPO epochs over minibatches ------------------------------------------------------------
+        step_stats: dict[str, list[float]] = {}
+        for _ in range(config.ppo_epochs):
+            for mini in torch.randperm(len(batch)).split(config.mini_batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                micro_batches = mini.split(config.micro_batch_size)
+                for position, rows in enumerate(micro_batches):
+                    last = position == len(micro_batches) - 1
+                    # The ptx batch rides with the minibatch's last micro-batch: one forward per backward.
+                    lm_batch = (
+                        right_pad([ptx_tokens[i] for i in next(ptx_batches)], pad_id, device)
+                        if last and ptx_batches is not None
+                        else None
+                    )
+                    # Gradients are averaged across processes once per minibatch, on its last backward.
+                    with nullcontext() if last else accelerator.no_sync(module):
+                        logits, values, lm_loss = module(
+                            query_ids[rows], query_mask[rows], response_ids[rows], mask[rows], config.temperature,
+                            lm_batch=lm_batch,
+                        )  # fmt: skip
+                        policy_loss, value_loss, micro_stats = ppo_losses(
+                            logits, values, response_ids[rows], fmask[rows], old_logp[rows], old_values[rows],
+                            advantages[rows], returns[rows], config.cliprange, config.cliprange_value,
+                        )  # fmt: skip
+                        loss = (policy_loss + config.vf_coef * value_loss) * len(rows) / len(mini)
+                        if lm_loss is not None:
+                            loss = loss + config.ptx_coef * lm_loss
+                            micro_stats["ptx_loss"] = lm_loss.item()
+                        accelerator.backward(loss)
+                    micro_stats |= {"policy_loss": policy_loss.item(), "value_loss": value_loss.item()}
+                    for key, value in micro_stats.items():
+                        step_stats.setdefault(key, []).append(value)
+                accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                optimizer.step()
+        t_trained = time.perf_counter()
+
+        # 7. KL controller, log -----------------------------------------------------------------------
+        kl_per_sequence = accelerator.reduce(kl.sum(1).mean(), "mean").item()
+        kl_ctl.update(kl_per_sequence, n_steps=len(batch) * world)
+
+        def across_processes(x: torch.Tensor) -> float:
+            return accelerator.reduce(x.float().mean().to(device), "mean").item()
+
+        stats = {
+            "iteration": iteration,
+            "score_mean": across_processes(raw_scores),
+            "score_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+            "reward_mean": across_processes(scores),
+            "non_score_reward": across_processes(non_score.sum(1)),
+            "kl": kl_per_sequence,
+            "beta": beta,
+            "response_length": across_processes(mask.sum(1)),
+            "eos_rate": across_processes(has_eos),
+            **{key: sum(values) / len(values) for key, values in step_stats.items()},
+            "generation_s": t_generated - t_start,
+            "forward_s": t_forward - t_generated,
+            "scoring_s": t_scored - t_forward,
+            "training_s": t_trained - t_scored,
+            "iteration_s": time.perf_counter() - t_start,
+        }
+        stats_per_iteration.append(stats)
+        progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{beta:.3g}")
+        logger.info(
+            "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  entropy %.3f  clip %.3f  "
+            "value loss %.4f  approx kl %.4f  length %.1f  eos %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
+            iteration, stats["score_mean"], stats["kl"], beta, stats["entropy"], stats["clip_frac"],
+            stats["value_loss"], stats["approx_kl"], stats["response_length"], stats["eos_rate"],
+            stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["training_s"],
+        )  # fmt: skip
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(module)
+    return PPOResult(
+        stats=stats_per_iteration, model=final.policy, value_head=final.value_head, config=asdict(config), counts=counts
+    )

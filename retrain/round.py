@@ -1,0 +1,450 @@
+"""One retraining round: logged feedback in, a gated and registered candidate out.
+
+`run_round` reads top to bottom as the round runs:
+
+  1. data       the store's comparisons, thumbs and prompts, split by prompt into a training
+                side and a held-out side (retrain/data.py); too little of either: skipped.
+  2. serving    the policy that serves now (from the registry; the base model when nothing
+                has served yet) and its greedy answers to the held-out prompts, taken before
+                PPO touches the weights.
+  3. reward     the reward model refreshed: warm-started from the previous round's
+                (DATA_DIR/reward/), trained on the training side, held-out pairwise accuracy,
+                scores normalised so the serving policy's answers average 0.
+  4. PPO        >= 1 iteration on the training-side prompts: the serving adapter keeps
+                training (or a fresh one starts on the base); reference = adapter off.
+  5. gate       candidate vs serving on the held-out prompts, both greedy: reward-model win
+                rate and mean reward, the candidate's KL to the reference on its own answers,
+                degeneration -> retrain/gate.decide.
+  6. save       the adapter as a checkpoint (deploy/checkpoint.py; the manifest holds the full
+                config, the data counts and ids, every metric), registered as a candidate or as
+                rejected with the reasons; with AUTO_PROMOTE, a passing one is promoted unless
+                the registry is pinned.
+
+Every stage is timed into the run's `timings` (seconds) and counted into its `counts`; the
+run is a row of `retrain_runs` (retrain/runs.py). A crash anywhere marks the run failed,
+removes what this round wrote, and leaves serving as it was: nothing is promoted before
+the last step, and the registry changes nothing on a failed call.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig
+
+from deploy import checkpoint, registry
+from deploy.base_model import resolve_from_settings
+from feedback.db import database_url
+
+from .data import read_round_data, too_little
+from .gate import decide, degeneration
+from .ppo import (
+    answer_logits_and_hidden,
+    eos_token_ids,
+    left_pad,
+    mask_after_eos,
+    reference_policy,
+    tokenize_prompts,
+    train_ppo,
+)
+from .reward import MANIFEST as REWARD_MANIFEST
+from .reward import load_reward_model, read_manifest, train_reward_model
+from .runs import Run, recorded_run
+from .settings import RetrainConfig, RetrainSettings
+
+log = logging.getLogger(__name__)
+
+ACTOR = "retrain"  # who the registry records for everything a round does
+
+# Each timed stage and the part of the breakdown it belongs to (`python -m retrain once`).
+STAGES = {
+    "read_data": "data",
+    "load_policy": "load",
+    "gate_serving_answers": "gate",
+    "reward_training": "training",
+    "load_reward_model": "load",
+    "ppo_setup": "load",
+    "ppo_rollouts": "generation",
+    "ppo_forward": "training",
+    "ppo_scoring": "scoring",
+    "ppo_update": "training",
+    "gate_candidate_answers": "gate",
+    "gate_scoring": "gate",
+    "gate_kl": "gate",
+    "save": "save",
+    "register": "save",
+}
+
+
+class RoundFailed(RuntimeError):
+    """The round crashed; its run row says failed with the traceback, serving is unchanged."""
+
+    def __init__(self, run_id: int, cause: BaseException):
+        super().__init__(f"retrain run {run_id} failed: {type(cause).__name__}: {cause}")
+        self.run_id = run_id
+
+
+@dataclass
+class RoundResult:
+    run_id: int
+    status: str  # 'succeeded' (a passing candidate), 'rejected' (the gate said no), 'skipped'
+    reason: str  # the skip reason or the gate's summary
+    candidate_id: str | None = None
+    promoted: bool = False
+    counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GateAnswers:
+    """Greedy answers to the held-out prompts, with the tensors the KL measure re-reads."""
+
+    texts: list[str]
+    ended_with_eos: list[bool]
+    batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # query ids/mask, answer ids/mask
+
+
+# -- the round ------------------------------------------------------------------------------------
+
+
+def run_round(settings: RetrainSettings, trigger: str = "manual", *, url: str | None = None) -> RoundResult:
+    """Run one round now (refused with RoundAlreadyRunning while another holds the lock)."""
+    url = url or database_url(settings)
+    written: list[Path] = []  # removed again if the round fails
+    run_id = None
+    try:
+        with recorded_run(url, trigger) as run:
+            run_id = run.id
+            started = time.perf_counter()
+            result = _round(run, settings, url, written)
+            run.timings["total"] = time.perf_counter() - started
+            result.timings = dict(run.timings)
+        return result
+    except BaseException as exc:
+        for path in written:
+            shutil.rmtree(path, ignore_errors=True)
+        # Refused lock (no run row) and interrupts pass through as they are.
+        if run_id is None or not isinstance(exc, Exception):
+            raise
+        raise RoundFailed(run_id, exc) from exc
+
+
+def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -> RoundResult:
+    timed = _stopwatch(run.timings)
+
+    # 1. Data: what the store allows training on; too little and the round ends here,
+    # having touched nothing but its own row.
+    config = settings.retrain_config()
+    with timed("read_data"):
+        data = read_round_data(
+            url,
+            held_out_percent=config.round.held_out_percent,
+            max_ppo_prompts=config.round.max_ppo_prompts,
+            max_gate_prompts=config.round.max_gate_prompts,
+            max_reward_examples=config.round.max_reward_examples,
+            seed=config.round.seed + run.id,  # each round its own sample of the reward data
+        )
+    run.counts.update(data.counts)
+    reason = too_little(data, config.round.min_pairs, config.round.min_prompts, config.round.min_gate_prompts)
+    if reason:
+        run.status = "skipped"
+        run.metrics["skipped"] = reason
+        log.info("round skipped: %s", reason)
+        return RoundResult(run.id, "skipped", reason, counts=dict(run.counts), metrics=dict(run.metrics))
+    with timed("read_data"):
+        serving, adapter_base = _serving_policy(url, settings)
+        config.reward.base_model = str(adapter_base)
+    run.metrics["serving"] = serving.id
+
+    # 2. The serving policy, and its answers to the held-out prompts before PPO changes it.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with timed("load_policy"):
+        policy, tokenizer = _load_serving(serving, adapter_base, device)
+        kept, gate_tokens = tokenize_prompts(tokenizer, [p.messages for p in data.gate_prompts], config.ppo.max_prompt_tokens)
+        gate_prompts = [data.gate_prompts[i].messages for i in kept]
+        frozen = copy.deepcopy(policy).requires_grad_(False) if not config.ppo.use_lora else None
+    run.counts["gate_prompts_used"] = len(gate_prompts)
+    if len(gate_prompts) < config.round.min_gate_prompts:
+        raise ValueError(f"only {len(gate_prompts)} held-out prompts fit {config.ppo.max_prompt_tokens} tokens")
+    with timed("gate_serving_answers"):
+        serving_answers = greedy_answers(policy, tokenizer, gate_tokens, config, "gate: serving answers")
+
+    # 3. Reward refresh: warm start from the previous round's model, normalised on serving's answers.
+    reward_dir = settings.reward_dir / f"run-{run.id:06d}"
+    previous = previous_reward_model(settings.reward_dir, adapter_base)
+    with timed("reward_training"):
+        written.append(reward_dir)
+        reward_metrics = train_reward_model(
+            data.reward_train, config.reward, reward_dir,
+            eval_data=data.reward_held_out,
+            reference=list(zip(gate_prompts, serving_answers.texts)),
+            init_from=previous,
+        )
+    run.metrics["reward"] = _reward_summary(reward_metrics, reward_dir)
+    with timed("load_reward_model"):
+        reward_model = load_reward_model(reward_dir, base_model=str(adapter_base)).to(device)
+
+    # 4. PPO on the training-side prompts.
+    ppo_started = time.perf_counter()
+    result = train_ppo(
+        policy, tokenizer, [p.messages for p in data.ppo_prompts], reward_model.score_answers,
+        config.ppo, value_head_init=_value_head_init(reward_model),
+    )
+    _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started)
+    run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})
+    run.metrics["ppo"] = {"iterations": result.stats, "last": result.stats[-1]}
+    candidate = result.model
+
+    # 5. Gate: the same held-out prompts, greedy, judged by the refreshed reward model.
+    with timed("gate_candidate_answers"):
+        candidate_answers = greedy_answers(candidate, tokenizer, gate_tokens, config, "gate: candidate answers")
+    with timed("gate_scoring"):
+        candidate_scores = reward_model.score_answers(gate_prompts, candidate_answers.texts).tolist()
+        serving_scores = reward_model.score_answers(gate_prompts, serving_answers.texts).tolist()
+    with timed("gate_kl"):
+        kl_per_answer = kl_to_reference(candidate, frozen, candidate_answers, config.ppo.temperature)
+    kl = sum(kl_per_answer) / len(kl_per_answer)
+    decision = decide(
+        candidate_scores, serving_scores, kl,
+        degeneration(candidate_answers.texts, candidate_answers.ended_with_eos, config.gate),
+        degeneration(serving_answers.texts, serving_answers.ended_with_eos, config.gate),
+        config.gate,
+    )
+    run.metrics["gate"] = decision.metrics
+    run.metrics["decision"] = {"passed": decision.passed, "reasons": decision.reasons, "summary": decision.summary()}
+    run.metrics["examples"] = _examples(gate_prompts, serving_answers, candidate_answers, serving_scores, candidate_scores)
+    log.info(decision.summary())
+
+    # 6. Save, register (candidate or rejected), promote when allowed.
+    candidate_id = checkpoint.new_checkpoint_id("rl")
+    path = settings.checkpoints_dir / candidate_id
+    with timed("save"):
+        written.append(path)
+        checkpoint.save_checkpoint(
+            path, candidate,
+            checkpoint_id=candidate_id,
+            parent_id=serving.id,
+            base_model=checkpoint.base_model_name(adapter_base),
+            config={**config.to_json(), "round": {**asdict(config.round), "run_id": run.id, "trigger": run.trigger},
+                    "serving": serving.id, "reward_model": str(reward_dir), "data": data.trace()},
+            data_counts={k: v for k, v in run.counts.items() if isinstance(v, int)},
+            metrics={"reward": run.metrics["reward"], "ppo": run.metrics["ppo"], "gate": decision.metrics,
+                     "decision": run.metrics["decision"]},
+        )
+    summary = _registry_metrics(run, decision, kl)
+    promoted = False
+    with timed("register"):
+        with registry.connect(url) as conn:
+            if decision.passed:
+                registry.register(conn, path, actor=ACTOR, reason=decision.summary(), metrics=summary)
+            else:
+                registry.register(conn, path, actor=ACTOR, status="rejected",
+                                  reason="gate: " + "; ".join(decision.reasons), metrics=summary)
+            written.remove(path)  # registered: the registry owns it now, even if promotion fails
+            if decision.passed and config.round.auto_promote:
+                promoted = _promote(conn, candidate_id, decision, run.metrics)
+    written.remove(reward_dir)  # this round's reward model is the next round's warm start
+    prune_reward_models(settings.reward_dir, config.round.keep_reward_models)
+
+    run.status = "succeeded" if decision.passed else "rejected"
+    run.candidate_id = candidate_id
+    return RoundResult(run.id, run.status, decision.summary(), candidate_id, promoted,
+                       dict(run.counts), dict(run.metrics))
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def _stopwatch(timings: dict):
+    @contextmanager
+    def timed(stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
+            log.info("stage %s: %.1f s", stage, timings[stage])
+
+    return timed
+
+
+def _serving_policy(url: str, settings: RetrainSettings) -> tuple[registry.Checkpoint, Path]:
+    """The serving checkpoint, and the full-weights directory its adapter sits on (the base
+    model for the base itself and for adapters trained on it). Nothing served yet: the base
+    model from MODEL / DATA_DIR is registered and serves, as a server does at its first start."""
+    with registry.connect(url) as conn:
+        state = registry.read_state(conn)
+        if state.serving is None:
+            registry.register_base(conn, resolve_from_settings(settings), actor=ACTOR)
+            state = registry.read_state(conn)
+        serving = registry.get(conn, state.serving.id)
+        ancestor = serving
+        while ancestor.kind != "full":
+            if ancestor.parent_id is None:
+                raise ValueError(f"checkpoint {ancestor.id} is an adapter with no parent: its base model is unknown")
+            ancestor = registry.get(conn, ancestor.parent_id)
+    adapter_base = Path(ancestor.path)
+    if settings.model and Path(settings.model).resolve() != adapter_base.resolve() and ancestor.is_base:
+        log.warning("MODEL=%s, but the serving policy %s builds on %s: training on the latter",
+                    settings.model, serving.id, adapter_base)
+    return serving, adapter_base
+
+
+def _load_serving(serving: registry.Checkpoint, adapter_base: Path, device: str):
+    """The serving policy as PPO's starting point: an adapter stays a separate PeftModel, so PPO
+    keeps training it and the reference (adapter off) is the base it was trained on."""
+    if serving.kind == "lora":
+        policy = checkpoint.load_policy(Path(serving.path), base_model_dir=adapter_base, merge=False)
+    else:
+        policy = checkpoint.load_base_policy(Path(serving.path))
+    return policy.model.to(device), policy.tokenizer
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompt_tokens: Sequence[Sequence[int]], config: RetrainConfig, desc: str) -> GateAnswers:
+    """Greedy answers (the same decoding for candidate and serving, so only the weights differ)."""
+    eos_ids = eos_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    generation = GenerationConfig(
+        do_sample=False, max_new_tokens=config.round.gate_max_new_tokens,
+        eos_token_id=list(eos_ids), pad_token_id=pad_id,
+    )
+    device = next(model.parameters()).device
+    size = config.round.gate_batch_size
+    answers = GateAnswers([], [], [])
+    model.eval()
+    for start in tqdm(range(0, len(prompt_tokens), size), desc=desc, unit="batch", dynamic_ncols=True):
+        query_ids, query_mask = left_pad(prompt_tokens[start : start + size], pad_id, device)
+        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation)
+        response_ids, mask, has_eos = mask_after_eos(out[:, query_ids.shape[1] :], eos_ids, pad_id)
+        answers.batches.append((query_ids, query_mask, response_ids, mask))
+        answers.texts += [
+            tokenizer.decode(ids[:length], skip_special_tokens=True).strip()
+            for ids, length in zip(response_ids.tolist(), mask.sum(1).tolist())
+        ]
+        answers.ended_with_eos += has_eos.tolist()
+    return answers
+
+
+@torch.no_grad()
+def kl_to_reference(policy, frozen_reference, answers: GateAnswers, temperature: float) -> list[float]:
+    """KL(policy || reference) in nats per answer: the exact per-token KL of the two next-token
+    distributions (logits / T, as PPO measures it), summed over each answer's tokens.
+
+    Exact rather than sampled: the gate's answers are greedy, so a log-prob ratio of the chosen
+    tokens alone would not estimate the KL."""
+    per_answer = []
+    for query_ids, query_mask, response_ids, mask in answers.batches:
+        args = (query_ids, query_mask, response_ids, mask, temperature)
+        logits, _ = answer_logits_and_hidden(policy, *args)
+        with reference_policy(policy, frozen_reference) as reference:
+            ref_logits, _ = answer_logits_and_hidden(reference, *args)
+        logp, ref_logp = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+        per_token = (logp.exp() * (logp - ref_logp)).sum(-1)
+        per_answer += (per_token * mask).sum(1).tolist()
+    return per_answer
+
+
+def previous_reward_model(reward_dir: Path, base_model: Path) -> Path | None:
+    """The newest reward model trained on the same base: the warm start (None: a fresh one)."""
+    for path in sorted(Path(reward_dir).glob("run-*"), reverse=True):
+        if not (path / REWARD_MANIFEST).is_file():
+            continue
+        trained_on = read_manifest(path)["config"].get("base_model", "")
+        if trained_on and Path(trained_on).resolve() == Path(base_model).resolve():
+            return path
+        log.info("not warm-starting from %s: trained on %s, not %s", path, trained_on, base_model)
+    return None
+
+
+def prune_reward_models(reward_dir: Path, keep: int) -> None:
+    for path in sorted(Path(reward_dir).glob("run-*"), reverse=True)[max(keep, 1):]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _value_head_init(reward_model):
+    """The critic starts as the reward model's head when both read the same features (the
+    base's last layer); a reward model cut to its bottom blocks reads other features, so
+    the critic then starts at zero."""
+    depth = reward_model.body.config.num_hidden_layers
+    policy_depth = AutoConfig.from_pretrained(reward_model.config.base_model).num_hidden_layers
+    return reward_model.head if depth == policy_depth else None
+
+
+def _reward_summary(metrics: dict, path: Path) -> dict:
+    keep = ("eval_accuracy", "eval_thumb_accuracy", "eval", "counts", "steps", "trainable_parameters",
+            "warm_started_from", "pairs_per_second", "train_seconds", "normalization")
+    return {"path": str(path), **{k: metrics.get(k) for k in keep}}
+
+
+def _add_ppo_timings(timings: dict, stats: list[dict], wall: float) -> None:
+    parts = {"ppo_rollouts": "generation_s", "ppo_forward": "forward_s", "ppo_scoring": "scoring_s", "ppo_update": "training_s"}
+    for stage, key in parts.items():
+        timings[stage] = timings.get(stage, 0.0) + sum(s[key] for s in stats)
+    # What the iterations do not account for: wrapping the policy in LoRA, the optimiser, tokenising.
+    timings["ppo_setup"] = timings.get("ppo_setup", 0.0) + max(0.0, wall - sum(s["iteration_s"] for s in stats))
+
+
+def _examples(prompts, serving: GateAnswers, candidate: GateAnswers, serving_scores, candidate_scores, n: int = 3) -> list[dict]:
+    """A few held-out answers side by side: what the numbers meant, for a person reading the run."""
+    return [
+        {"prompt": prompts[i][-1]["content"][:200], "serving": serving.texts[i][:300], "candidate": candidate.texts[i][:300],
+         "serving_score": serving_scores[i], "candidate_score": candidate_scores[i]}
+        for i in range(min(n, len(prompts)))
+    ]
+
+
+def _registry_metrics(run: Run, decision, kl: float) -> dict[str, Any]:
+    """The headline numbers on the registry row (`python -m deploy list` shows them)."""
+    m = decision.metrics
+    return {
+        "run_id": run.id,
+        "gate_passed": decision.passed,
+        "win_rate": m["win_rate"],
+        "candidate_reward": m["candidate_reward"],
+        "serving_reward": m["serving_reward"],
+        "kl": kl,
+        "reward_accuracy": run.metrics["reward"].get("eval_accuracy"),
+        "gate_prompts": m["prompts"],
+    }
+
+
+def _promote(conn, candidate_id: str, decision, metrics: dict) -> bool:
+    m = decision.metrics
+    reason = (f"gate passed: win rate {m['win_rate']:.3f}, reward {m['candidate_reward']:+.3f} vs "
+              f"{m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on {m['prompts']} held-out prompts")
+    try:
+        registry.promote(conn, candidate_id, actor=ACTOR, reason=reason, auto=True)
+    except registry.Pinned as exc:
+        metrics["promotion"] = {"promoted": False, "reason": exc.message}
+        log.info("candidate %s not promoted: %s", candidate_id, exc.message)
+        return False
+    metrics["promotion"] = {"promoted": True, "reason": reason}
+    log.info("promoted %s: %s", candidate_id, reason)
+    return True
+
+
+def breakdown(timings: dict[str, float]) -> list[tuple[str, str, float]]:
+    """(stage, part, seconds) in the order the round runs, for the time table."""
+    return [(stage, part, timings[stage]) for stage, part in STAGES.items() if stage in timings]
+
+
+def totals_by_part(timings: dict[str, float]) -> dict[str, float]:
+    parts: dict[str, float] = {}
+    for stage, part, seconds in breakdown(timings):
+        parts[part] = parts.get(part, 0.0) + seconds
+    return parts

@@ -1,0 +1,86 @@
+"""`python -m retrain serve`: rounds on an interval or cron, and when enough feedback arrived.
+
+apscheduler 3.x runs two jobs in one process: the clock (an interval or a crontab line) and a
+feedback watcher that starts a round early once `min_new_feedback` ratings and comparisons have
+arrived since the last round began. Both call the same round function; the round's advisory
+lock (retrain/runs.py) keeps it to one at a time across every process sharing the database,
+and each job has max_instances=1 so this process never queues rounds behind itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .runs import RoundAlreadyRunning, last_run
+
+log = logging.getLogger(__name__)
+
+
+def new_feedback_since(url: str, since: datetime | None) -> int:
+    """Ratings and comparisons stored (or changed) after `since` (all of them when None)."""
+    import psycopg
+
+    from feedback.training_data import feedback_count_since
+
+    with psycopg.connect(url) as conn:
+        return feedback_count_since(conn, since or datetime.fromtimestamp(0, timezone.utc))
+
+
+def _guarded(round_fn: Callable[[str], object], trigger: str) -> None:
+    try:
+        round_fn(trigger)
+    except RoundAlreadyRunning as exc:
+        log.info("round not started: %s", exc)
+    except Exception:  # the failure is recorded in retrain_runs; the scheduler keeps going
+        log.exception("round failed (trigger %s)", trigger)
+
+
+def enough_new_feedback(url: str, minimum: int) -> bool:
+    previous = last_run(url)
+    count = new_feedback_since(url, previous["started_at"] if previous else None)
+    log.debug("%d new pieces of feedback since the last round (need %d)", count, minimum)
+    return count >= minimum
+
+
+def build_scheduler(
+    url: str,
+    round_fn: Callable[[str], object],
+    *,
+    interval_minutes: float | None,
+    cron: str | None,
+    min_new_feedback: int,
+    feedback_check_seconds: float,
+) -> BlockingScheduler:
+    scheduler = BlockingScheduler(timezone=timezone.utc)
+    if cron:
+        clock = CronTrigger.from_crontab(cron, timezone=timezone.utc)
+    elif interval_minutes:
+        clock = IntervalTrigger(minutes=interval_minutes)
+    else:
+        clock = None
+    if clock is not None:
+        scheduler.add_job(
+            _guarded, clock, args=(round_fn, "schedule"), id="clock",
+            max_instances=1, coalesce=True, misfire_grace_time=None,
+        )
+    if min_new_feedback > 0:
+        def watch() -> None:
+            if enough_new_feedback(url, min_new_feedback):
+                _guarded(round_fn, "feedback")
+
+        scheduler.add_job(
+            watch, IntervalTrigger(seconds=feedback_check_seconds), id="feedback",
+            max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc),
+        )
+    if not scheduler.get_jobs():
+        raise ValueError(
+            "nothing to schedule: set RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON or "
+            "RETRAIN_MIN_NEW_FEEDBACK (> 0)"
+        )
+    return scheduler

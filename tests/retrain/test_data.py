@@ -1,0 +1,149 @@
+"""A round's data: the store's reads split by prompt, merged per prompt, counted, traceable."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+
+from feedback import store
+from retrain.data import prompt_key, read_round_data, too_little
+from retrain.reward_data import is_held_out
+
+SERVING = "base-tiny"
+
+
+def _read(url, held_out=50.0, max_ppo=1000, max_gate=1000):
+    return read_round_data(url, held_out_percent=held_out, max_ppo_prompts=max_ppo, max_gate_prompts=max_gate)
+
+
+def _texts(data) -> dict[str, set[str]]:
+    """Every piece of text each part of the round would see."""
+    seen = {"ppo": set(), "gate": set(), "reward_train": set(), "reward_held_out": set()}
+    for p in data.ppo_prompts:
+        seen["ppo"] |= {t["content"] for t in p.messages}
+    for p in data.gate_prompts:
+        seen["gate"] |= {t["content"] for t in p.messages}
+    for name, part in (("reward_train", data.reward_train), ("reward_held_out", data.reward_held_out)):
+        for g in part.groups:
+            seen[name] |= {t["content"] for t in g.prompt} | {x for pair in g.pairs for x in (pair.chosen, pair.rejected)}
+        for t in part.thumbs:
+            seen[name] |= {turn["content"] for turn in t.prompt} | {t.answer}
+    return seen
+
+
+def test_held_out_prompts_never_reach_ppo_or_reward_training(round_db, seed_store):
+    seeded = seed_store(round_db, 12)
+    data = _read(round_db)
+
+    ppo = {prompt_key(p.messages) for p in data.ppo_prompts}
+    gate = {prompt_key(p.messages) for p in data.gate_prompts}
+    assert ppo and gate, "50% held out of 24 prompts: both sides have some"
+    assert not ppo & gate
+    assert all(is_held_out(p.messages, 50.0) for p in data.gate_prompts)
+    assert not any(is_held_out(p.messages, 50.0) for p in data.ppo_prompts)
+    # The reward model's split is the same split: held-out prompts only measure its accuracy.
+    assert all(is_held_out(g.prompt, 50.0) for g in data.reward_held_out.groups)
+    assert not any(is_held_out(g.prompt, 50.0) for g in data.reward_train.groups)
+    assert all(is_held_out(t.prompt, 50.0) for t in data.reward_held_out.thumbs)
+    assert not any(is_held_out(t.prompt, 50.0) for t in data.reward_train.thumbs)
+    # Every user turn of the store is on exactly one side.
+    assert sorted(p.messages[-1]["content"] for p in [*data.ppo_prompts, *data.gate_prompts]) == sorted(seeded.prompts)
+
+
+def test_the_split_is_stable_between_rounds(round_db, seed_store):
+    seed_store(round_db, 6)
+    first, second = _read(round_db), _read(round_db)
+    assert [p.message_id for p in first.gate_prompts] == [p.message_id for p in second.gate_prompts]
+    assert first.fingerprint() == second.fingerprint()
+
+
+def test_opted_out_conversations_are_never_read(round_db, seed_store):
+    seeded = seed_store(round_db, 4, private=3)
+    data = _read(round_db)
+    seen = set().union(*_texts(data).values())
+    assert not seen & set(seeded.private_prompts)
+    assert not any(f"plant {n}" in text for n in (4, 5, 6) for text in seen)  # the private chats' answers
+    assert data.counts["prompts_read"] == len(seeded.prompts) == 8
+
+
+def test_counts_match_what_was_seeded(round_db, seed_store):
+    seeded = seed_store(round_db, 10)
+    data = _read(round_db)
+    c = data.counts
+    assert c["comparison_pairs"] == seeded.comparisons == 10
+    assert c["thumb_pairs"] == 0
+    # The compared answers' thumbs are left to the comparison; the follow-ups' are pointwise.
+    assert c["unpaired_thumbs"] == seeded.pointwise_thumbs == 10
+    assert c["reward_pairs"] + c["held_out_pairs"] == 10
+    assert c["reward_thumbs"] + c["held_out_thumbs"] == 10
+    assert c["reward_groups"] == len(data.reward_train.groups)
+    assert c["ppo_prompts"] + c["gate_prompts"] == c["prompts_read"] == 20
+    assert c["ppo_prompts"] == len(data.ppo_prompts) and c["gate_prompts"] == len(data.gate_prompts)
+
+
+def test_budgets_cap_each_side(round_db, seed_store):
+    seed_store(round_db, 10)
+    data = _read(round_db, max_ppo=3, max_gate=2)
+    assert (len(data.ppo_prompts), len(data.gate_prompts)) == (3, 2)
+    assert data.counts["ppo_prompts"] == 3 and data.counts["gate_prompts"] == 2
+
+
+def test_a_prompts_comparisons_and_opposite_thumbs_form_one_traceable_group(round_db):
+    """The same question in two conversations: a comparison in one, opposite thumbs in the
+    other, and a repeat of the comparison: one group of two pairs, each pair naming its rows."""
+
+    async def write():
+        async with await psycopg.AsyncConnection.connect(round_db) as conn:
+            user = await store.user_for_token(conn, "merge-user")
+            ids = {}
+            for name, (good, bad, how) in {
+                "first": ("Use a watering can.", "Pour a bucket.", "compare"),
+                "second": ("Mist the leaves.", "Never water it.", "thumbs"),
+                "again": ("Use a watering can.", "Pour a bucket.", "compare"),
+            }.items():
+                chat = await store.create_conversation(conn, user, name)
+                q = await store.add_message(conn, user, chat.id, None, "user", "How do I water a fern?")
+                a = await store.add_message(conn, user, chat.id, q.id, "assistant", good, model_version=SERVING)
+                b = await store.add_message(conn, user, chat.id, q.id, "assistant", bad, model_version=SERVING)
+                if how == "compare":
+                    ids[name] = await store.record_comparison(conn, user, a.id, b.id, "better")
+                else:
+                    ids[name] = (await store.record_rating(conn, user, a.id, 1), await store.record_rating(conn, user, b.id, -1))
+                ids[f"{name}_prompt"] = q.id
+            return ids
+
+    ids = asyncio.run(write())
+    data = _read(round_db, held_out=0.01)  # (almost) nothing held out: the group is on the training side
+    groups = [*data.reward_train.groups, *data.reward_held_out.groups]
+    assert len(groups) == 1
+    (group,) = groups
+    pairs = {(p.chosen, p.rejected): p.source for p in group.pairs}
+    assert set(pairs) == {("Use a watering can.", "Pour a bucket."), ("Mist the leaves.", "Never water it.")}
+    assert pairs[("Use a watering can.", "Pour a bucket.")] in {f"comparison:{ids['first']}", f"comparison:{ids['again']}"}
+    assert pairs[("Mist the leaves.", "Never water it.")] == "ratings:" + ",".join(map(str, sorted(ids["second"])))
+    assert f"prompt:{ids['second_prompt']}" in group.source
+    assert data.counts["thumb_pairs"] == 1
+
+
+def test_too_little_data_says_what_is_missing(round_db, seed_store):
+    seed_store(round_db, 1)
+    data = _read(round_db)
+    reason = too_little(data, min_pairs=5, min_prompts=5, min_gate_prompts=1)
+    assert reason.startswith("too little data:")
+    assert "preference pairs (need 5)" in reason and "training prompts (need 5)" in reason
+    assert too_little(data, min_pairs=0, min_prompts=0, min_gate_prompts=0) is None
+
+
+def test_the_reward_budget_samples_the_training_side_and_counts_the_rest(round_db, seed_store):
+    seed_store(round_db, 10)
+    full = _read(round_db, held_out=0.01)
+    items = len(full.reward_train.groups) + len(full.reward_train.thumbs)
+    capped = read_round_data(round_db, held_out_percent=0.01, max_ppo_prompts=100, max_gate_prompts=100,
+                             max_reward_examples=5, seed=1)
+    assert len(capped.reward_train.groups) + len(capped.reward_train.thumbs) == 5
+    assert capped.counts["reward_examples_over_budget"] == items - 5
+    assert capped.counts["reward_pairs"] == capped.reward_train.counts()["pairs"]
+    other = read_round_data(round_db, held_out_percent=0.01, max_ppo_prompts=100, max_gate_prompts=100,
+                            max_reward_examples=5, seed=2)
+    assert other.fingerprint() != capped.fingerprint()  # another round, another sample

@@ -1,0 +1,337 @@
+"""PPO: the pure pieces against hand-computed cases, the model plumbing against plain forwards,
+and a short PPO run on a planted reward (tiny Llama, real SmolLM2 tokenizer, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from retrain.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOConfig,
+    RunningMoments,
+    answer_logits_and_hidden,
+    apply_no_eos_penalty,
+    compute_gae,
+    kl_penalised_rewards,
+    left_pad,
+    make_value_head,
+    mask_after_eos,
+    masked_whiten,
+    normalise_scores,
+    prepare_policy,
+    reference_policy,
+    token_logprobs,
+    train_ppo,
+)
+
+EOS = 2  # <|im_end|> in SmolLM2's tokenizer, also its pad token
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 64-wide model gains nothing from threads, and on a busy 2-core machine the thread pool's
+    waiting made these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    """SmolLM2's real tokenizer, as the shared tiny model carries it."""
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def tiny_llama(tiny_model_dir: Path) -> LlamaForCausalLM:
+    """A fresh copy of the shared tiny Llama (2 layers, width 64, SmolLM2's 49k vocabulary)."""
+    return LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+
+# --- a tiny "SFT" policy with something to choose between --------------------------------------
+# A random Llama over 49k tokens is near uniform: no answer would ever contain a planted word, and
+# PPO would have no signal. So the base policy is first taught four answers, equally likely for
+# every prompt; the planted reward then prefers one of them. Like a real SFT model, it ends its
+# answers with EOS.
+PROMPTS = ["Tell me something.", "Say anything.", "What is on your mind?", "Give me a fact.",
+           "Talk to me.", "Share a thought."]  # fmt: skip
+ANSWERS = ["I like cats.", "The sky is blue.", "Water is wet.", "Bread is tasty."]
+TARGET = "I like cats."
+
+
+def conversation(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    return tokenizer(answer, add_special_tokens=False)["input_ids"] + [EOS]
+
+
+@pytest.fixture(scope="module")
+def sft_state(tokenizer, tiny_model_dir) -> dict[str, torch.Tensor]:
+    """Weights of the tiny base policy after a short supervised fit on every (prompt, answer)."""
+    model = tiny_llama(tiny_model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger embeddings: the tied output layer can turn peaky in a few steps
+        model.model.embed_tokens.weight.normal_(0, 0.1)
+    rows = [(prompt_ids(tokenizer, p), answer_ids(tokenizer, a)) for p in PROMPTS for a in ANSWERS]
+    ids = [p + a for p, a in rows]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), EOS)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    predicts_answer = torch.zeros((len(ids), width), dtype=torch.bool)  # position -> next is answer
+    for row, ((p, a), seq) in enumerate(zip(rows, ids)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        attention[row, : len(seq)] = 1
+        predicts_answer[row, len(p) - 1 : len(seq) - 1] = True
+    targets = torch.roll(input_ids, -1, dims=1)[predicts_answer]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for _ in range(50):
+        hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        # The 49k-way output layer only where an answer token is predicted: most of the cost.
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[predicts_answer]), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture
+def sft_model(tiny_model_dir, sft_state) -> LlamaForCausalLM:
+    model = tiny_llama(tiny_model_dir)
+    model.load_state_dict(sft_state)
+    return model.eval()
+
+
+def answer_probability(lm, tokenizer, prompt: str, answer: str) -> float:
+    """Exact probability (temperature 1) that `lm` answers `prompt` with `answer` then EOS."""
+    query = torch.tensor([prompt_ids(tokenizer, prompt)])
+    response = torch.tensor([answer_ids(tokenizer, answer)])
+    with torch.no_grad():
+        logits, _ = answer_logits_and_hidden(
+            lm, query, torch.ones_like(query), response, torch.ones_like(response), 1.0
+        )
+    return token_logprobs(logits, response).sum().exp().item()
+
+
+# --- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_gae_matches_hand_computed_case():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 3.0, 7.0]])
+    values = torch.tensor([[0.5, 1.0, -1.0], [2.0, 1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1 ended after two tokens
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # Row 0, delta_t = r_t + V_{t+1} - V_t with V after the end = 0:
+    #   t=2: 2 + 0 - (-1) = 3              -> A2 = 3
+    #   t=1: 0 + (-1) - 1 = -2             -> A1 = -2 + 0.5 * 3 = -0.5
+    #   t=0: 1 + 1 - 0.5 = 1.5             -> A0 = 1.5 + 0.5 * -0.5 = 1.25
+    # Row 1 (the masked reward 7 and value 9 must not leak in):
+    #   t=1: 3 + 0 - 1 = 2                 -> A1 = 2
+    #   t=0: 0.5 + 1 - 2 = -0.5            -> A0 = -0.5 + 0.5 * 2 = 0.5
+    assert torch.allclose(advantages, torch.tensor([[1.25, -0.5, 3.0], [0.5, 2.0, 0.0]]))
+    assert torch.allclose(returns, torch.tensor([[1.75, 0.5, 2.0], [2.5, 3.0, 0.0]]))
+
+
+def test_gae_with_lambda_one_and_no_values_is_reward_to_go():
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, _ = compute_gae(rewards, torch.zeros(1, 4), mask, gamma=0.9, lam=1.0)
+    # 1.0 | -0.2 + 0.9 * 1.0 = 0.7 | 0.1 + 0.9 * 0.7 = 0.73
+    assert torch.allclose(advantages, torch.tensor([[0.73, 0.7, 1.0, 0.0]]))
+
+
+def test_kl_penalised_reward_puts_score_on_last_real_token():
+    scores = torch.tensor([2.0, -1.0])
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.0, -9.0]])
+    ref_logp = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards, kl, non_score = kl_penalised_rewards(scores, logp, ref_logp, mask, beta=0.1)
+    # kl = logp - ref_logp on real tokens: [0.5, 0, -1] and [0.5, 0, (masked)]
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0], [0.5, 0.0, 0.0]]))
+    assert torch.allclose(non_score, -0.1 * kl)
+    # -beta * kl everywhere, + score on token 2 of row 0 and token 1 of row 1 (its last real one)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 0.1 + 2.0], [-0.05, 0.0 - 1.0, 0.0]]))
+
+
+def test_mask_after_eos_and_the_no_eos_penalty():
+    response = torch.tensor(
+        [
+            [5, 6, EOS, EOS, EOS],  # finished; pad = EOS afterwards
+            [5, EOS, 7, 8, 9],  # finished at token 1; what follows is not part of the answer
+            [5, 6, 7, 8, 9],  # cut off at max_new_tokens: no EOS
+        ]
+    )
+    ids, mask, has_eos = mask_after_eos(response, [EOS], pad_id=EOS)
+    assert has_eos.tolist() == [True, True, False]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ids[1].tolist() == [5, EOS, EOS, EOS, EOS]
+
+    scores = torch.tensor([0.3, -0.4, 2.0])
+    replaced = apply_no_eos_penalty(scores, has_eos, penalty=-1.0, mode="replace")
+    added = apply_no_eos_penalty(scores, has_eos, penalty=-1.0, mode="add")
+    assert replaced.tolist() == pytest.approx([0.3, -0.4, -1.0])
+    assert added.tolist() == pytest.approx([0.3, -0.4, 1.0])
+    assert torch.equal(apply_no_eos_penalty(scores, has_eos, penalty=None), scores)
+
+
+def test_adaptive_kl_controller_moves_beta_towards_target():
+    above = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    above.update(current_kl=9.0, n_steps=10)  # error +0.5, clipped to +0.2: beta * (1 + 0.2 * 10 / 100)
+    assert above.value == pytest.approx(0.1 * 1.02)
+    below = AdaptiveKLController(0.1, target=6.0, horizon=100)
+    below.update(current_kl=5.4, n_steps=10)  # error -0.1: beta * (1 - 0.1 * 10 / 100)
+    assert below.value == pytest.approx(0.1 * 0.99)
+    fixed = FixedKLController(0.1)
+    fixed.update(current_kl=100.0, n_steps=1000)
+    assert fixed.value == 0.1
+
+
+def test_whitening_and_running_moments():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    white = masked_whiten(x, mask)
+    real = white[mask.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.std().item() == pytest.approx(1.0, abs=1e-4)
+    assert white[~mask.bool()].abs().max().item() == 0.0
+
+    moments = RunningMoments()
+    batches = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0]), torch.tensor([-4.0, 0.5])]
+    for batch in batches:
+        moments.update(batch)
+    everything = torch.cat(batches)
+    assert moments.mean == pytest.approx(everything.mean().item())
+    assert moments.std == pytest.approx(everything.std().item())
+    normalised = normalise_scores(torch.tensor([10.0]), "running", running=moments)
+    assert normalised.item() == pytest.approx((10.0 - everything.mean().item()) / everything.std().item())
+
+
+# --- model plumbing --------------------------------------------------------------------------------
+
+
+def test_logprobs_are_temperature_scaled_and_ignore_left_padding(tokenizer, sft_model):
+    short, long = prompt_ids(tokenizer, "Hi."), prompt_ids(tokenizer, "What is on your mind?")
+    query, query_mask = left_pad([short, long], EOS)
+    response = torch.tensor([[40, 41, 42], [43, 44, EOS]])
+    response_mask = torch.ones_like(response)
+    temperature = 0.5
+    with torch.no_grad():
+        logits, _ = answer_logits_and_hidden(sft_model, query, query_mask, response, response_mask, temperature)
+        got = token_logprobs(logits, response)
+        for row, prompt in enumerate([short, long]):
+            # The plain way: one unpadded sequence, full logits, divided by T, log-softmax.
+            seq = torch.tensor([prompt + response[row].tolist()])
+            plain = sft_model(input_ids=seq).logits[0, len(prompt) - 1 : -1] / temperature
+            expected = torch.log_softmax(plain, -1).gather(-1, response[row, :, None]).squeeze(-1)
+            assert torch.allclose(got[row], expected, atol=1e-4)
+            at_t1 = torch.log_softmax(plain * temperature, -1).gather(-1, response[row, :, None]).squeeze(-1)
+            assert not torch.allclose(got[row], at_t1, atol=1e-2)
+
+
+def test_reference_with_adapter_off_is_the_base_model(tokenizer, sft_model):
+    base = copy.deepcopy(sft_model)
+    policy, frozen = prepare_policy(sft_model, PPOConfig(lora_r=4, lora_alpha=8))
+    assert frozen is None  # LoRA: no second copy of the weights
+    torch.manual_seed(1)
+    with torch.no_grad():  # a trained-looking adapter (fresh LoRA B is zero, i.e. a no-op)
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    query, query_mask = left_pad([prompt_ids(tokenizer, "Hi."), prompt_ids(tokenizer, "Talk to me.")], EOS)
+    response = torch.tensor([[40, 41, EOS], [43, 44, 45]])
+    args = (query, query_mask, response, torch.ones_like(response), 1.0)
+    with torch.no_grad():
+        base_logp = token_logprobs(answer_logits_and_hidden(base, *args)[0], response)
+        adapted_logp = token_logprobs(answer_logits_and_hidden(policy, *args)[0], response)
+        with reference_policy(policy, frozen) as reference:
+            ref_logp = token_logprobs(answer_logits_and_hidden(reference, *args)[0], response)
+        after_logp = token_logprobs(answer_logits_and_hidden(policy, *args)[0], response)
+    assert not torch.allclose(adapted_logp, base_logp, atol=1e-3)
+    assert torch.allclose(ref_logp, base_logp, atol=1e-5)
+    assert torch.allclose(after_logp, adapted_logp)  # the adapter is back on afterwards
+
+
+# --- PPO end to end ----------------------------------------------------------------------------------
+
+
+def cats_reward(prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+    """Planted reward: 1 for answers that mention cats, else 0."""
+    return torch.tensor([1.0 if "cats" in answer else 0.0 for answer in answers])
+
+
+def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model):
+    prompts = [conversation(p) for p in PROMPTS]
+    before = [answer_probability(sft_model, tokenizer, p, TARGET) for p in PROMPTS]
+    assert 0.1 < sum(before) / len(before) < 0.45  # the SFT mixture: about 1 in 4, room to grow
+
+    # Nats per answer. Collapsing onto the target answer alone costs about ln 4 = 1.4; sampled
+    # estimates are noisy, so 4 leaves room for that, not for a runaway policy or a KL measured
+    # at the wrong temperature or positions.
+    kl_bound = 4.0
+    config = PPOConfig(
+        num_iterations=6, batch_size=16, mini_batch_size=8, micro_batch_size=16, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-3, kl_coef=0.1, lora_r=8, lora_alpha=16, seed=0,
+    )  # fmt: skip
+    result = train_ppo(sft_model, tokenizer, prompts, cats_reward, config)
+
+    after = [answer_probability(result.model, tokenizer, p, TARGET) for p in PROMPTS]
+    with reference_policy(result.model, None) as reference:
+        reference_after = [answer_probability(reference, tokenizer, p, TARGET) for p in PROMPTS]
+    mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+    assert mean_after > mean_before + 0.25, (before, after)
+    assert reference_after == pytest.approx(before, abs=1e-5)  # learnt in the adapter only
+
+    stats = result.stats
+    assert len(stats) == config.num_iterations
+    assert stats[-1]["score_mean"] + stats[-2]["score_mean"] > stats[0]["score_mean"] + stats[1]["score_mean"]
+    assert max(s["kl"] for s in stats) < kl_bound
+    # ... and the measured KL saw the move: answering "cats" 9 times in 10 where the reference
+    # does 1 in 4 is ~1 nat per answer (0.9 ln 3.6 + 0.1 ln 0.4).
+    assert stats[-1]["kl"] > 0.3
+    for s in stats:
+        assert all(math.isfinite(v) for v in s.values())
+        assert {"entropy", "clip_frac", "value_loss", "policy_loss", "approx_kl", "response_length",
+                "eos_rate", "non_score_reward", "generation_s", "scoring_s", "training_s"} <= s.keys()  # fmt: skip
+    assert result.config == asdict(config)
+    assert all(f.metadata.get("help") for f in fields(PPOConfig))
+
+
+def test_full_finetuning_with_ptx_trains_the_policy_and_keeps_the_reference(tokenizer, sft_model):
+    before = {name: p.detach().clone() for name, p in sft_model.named_parameters()}
+    config = PPOConfig(
+        num_iterations=1, batch_size=4, mini_batch_size=2, micro_batch_size=1, ppo_epochs=1,
+        max_new_tokens=4, use_lora=False, learning_rate=1e-3, ptx_batch_size=2, seed=1,
+    )  # fmt: skip
+    ptx = [tokenizer.apply_chat_template(conversation(p) + [{"role": "assistant", "content": a}], tokenize=False)
+           for p, a in zip(PROMPTS, ANSWERS)]  # fmt: skip
+    result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS[:4]], cats_reward, config, ptx_texts=ptx)
+    stats = result.stats[0]
+    assert stats["ptx_loss"] > 0 and math.isfinite(stats["ptx_loss"])
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-4)  # first rollouts come from the reference itself
+    changed = [n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed, "full fine-tuning must move the policy's own weights"
+
+
+def test_value_head_starts_from_the_reward_head_or_zero():
+    reward_head = torch.nn.Linear(64, 1, bias=False)  # a sequence-classification score head
+    from_reward = make_value_head(64, reward_head)
+    assert torch.equal(from_reward.weight, reward_head.weight) and from_reward.bias.item() == 0.0
+    from_state = make_value_head(64, {"weight": torch.ones(1, 64), "bias": torch.tensor([0.5])})
+    assert from_state(torch.ones(1, 64)).item() == pytest.approx(64.5)
+    assert make_value_head(64)(torch.randn(3, 64)).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="hidden size"):
+        make_value_head(32, reward_head)

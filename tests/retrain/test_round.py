@@ -1,0 +1,179 @@
+"""Rounds end to end on the tiny model and a real PostgreSQL: recorded, gated, registered."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from deploy import checkpoint, registry
+from deploy.base_model import resolve_base_model
+from retrain import round as round_module
+from retrain.round import STAGES, RoundFailed, run_round
+from retrain.settings import RetrainSettings
+
+# A gate that anything passes (and one that nothing passes): the round's plumbing is under
+# test here, not the tiny random model's answers.
+LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
+                "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0}
+STRICT_GATE = {**LENIENT_GATE, "max_kl": -1.0}
+
+
+def _with_gate(settings: RetrainSettings, tmp_path: Path, gate: dict, **round_fields) -> RetrainSettings:
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
+    path.write_text(json.dumps({"gate": gate, "round": round_fields}))
+    return settings.model_copy(update={"retrain_config_file": path})
+
+
+def _run_row(url: str, run_id: int) -> dict:
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return conn.execute("SELECT * FROM retrain_runs WHERE id = %s", (run_id,)).fetchone()
+
+
+def _serving_base(url: str, settings: RetrainSettings) -> str:
+    """What a server does at its first start: the base model serves."""
+    with registry.connect(url) as conn:
+        return registry.register_base(conn, resolve_base_model(settings.model, settings.data_dir), actor="test").id
+
+
+def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells_all(
+    round_db, round_settings, seed_store, tmp_path
+):
+    seed_store(round_db, 10)
+    base_id = _serving_base(round_db, round_settings)
+    settings = _with_gate(round_settings, tmp_path, LENIENT_GATE)
+
+    result = run_round(settings, "manual")
+
+    assert (result.status, result.promoted) == ("succeeded", True), result.reason
+    row = _run_row(round_db, result.run_id)
+    assert (row["status"], row["candidate_id"], row["error"]) == ("succeeded", result.candidate_id, None)
+    assert row["counts"]["reward_pairs"] + row["counts"]["held_out_pairs"] == 10
+    assert row["counts"]["ppo_prompts"] > 0 and row["counts"]["gate_prompts_used"] > 0
+    assert set(STAGES) <= set(row["timings"]) and row["timings"]["total"] > 0
+    assert row["metrics"]["gate"]["win_rate"] is not None and row["metrics"]["decision"]["passed"]
+    assert row["metrics"]["reward"]["warm_started_from"] is None  # the first round starts fresh
+    assert len(row["metrics"]["ppo"]["iterations"]) == 1
+
+    with registry.connect(round_db) as conn:
+        candidate = registry.get(conn, result.candidate_id)
+        state = registry.read_state(conn)
+    assert (candidate.status, candidate.kind, candidate.parent_id) == ("serving", "lora", base_id)
+    assert candidate.metrics["run_id"] == result.run_id and "win_rate" in candidate.metrics
+    assert state.serving.id == result.candidate_id
+
+    manifest = checkpoint.verify(Path(candidate.path))
+    assert set(manifest.config) >= {"round", "reward", "ppo", "gate", "data", "serving"}
+    assert manifest.config["ppo"]["num_iterations"] == 1
+    assert manifest.config["round"]["run_id"] == result.run_id
+    assert manifest.data_counts == {k: v for k, v in row["counts"].items() if isinstance(v, int)}
+    assert manifest.metrics["gate"]["win_rate"] == row["metrics"]["gate"]["win_rate"]
+    gate_ids = set(manifest.config["data"]["gate_prompt_ids"])
+    assert gate_ids and not gate_ids & set(manifest.config["data"]["ppo_prompt_ids"])
+
+    # The next round builds on it: the serving adapter keeps training, the reward model warm-starts.
+    second = run_round(settings, "schedule")
+    assert second.status == "succeeded", second.reason
+    with registry.connect(round_db) as conn:
+        child = registry.get(conn, second.candidate_id)
+    assert child.parent_id == result.candidate_id
+    assert second.metrics["reward"]["warm_started_from"] == row["metrics"]["reward"]["path"]
+
+
+def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays(
+    round_db, round_settings, seed_store, tmp_path
+):
+    seed_store(round_db, 8)
+    base_id = _serving_base(round_db, round_settings)
+    result = run_round(_with_gate(round_settings, tmp_path, STRICT_GATE), "manual")
+
+    assert (result.status, result.promoted) == ("rejected", False)
+    assert "KL to the reference" in result.reason
+    with registry.connect(round_db) as conn:
+        rejected = registry.get(conn, result.candidate_id)
+        assert registry.read_state(conn).serving.id == base_id
+    assert rejected.status == "rejected" and rejected.reason.startswith("gate: KL to the reference")
+    assert _run_row(round_db, result.run_id)["status"] == "rejected"
+
+
+def test_a_pinned_registry_keeps_a_passing_candidate_a_candidate(round_db, round_settings, seed_store, tmp_path):
+    seed_store(round_db, 8)
+    base_id = _serving_base(round_db, round_settings)
+    with registry.connect(round_db) as conn:
+        registry.pin(conn, actor="operator", reason="holiday freeze")
+    result = run_round(_with_gate(round_settings, tmp_path, LENIENT_GATE), "manual")
+
+    assert (result.status, result.promoted) == ("succeeded", False)
+    assert "pinned" in result.metrics["promotion"]["reason"]
+    with registry.connect(round_db) as conn:
+        assert registry.get(conn, result.candidate_id).status == "candidate"
+        assert registry.read_state(conn).serving.id == base_id
+
+
+def test_too_little_data_skips_the_round_and_touches_nothing(round_db, round_settings, seed_store):
+    seed_store(round_db, 1)
+    result = run_round(round_settings, "feedback")
+
+    assert result.status == "skipped" and result.reason.startswith("too little data")
+    row = _run_row(round_db, result.run_id)
+    assert (row["status"], row["candidate_id"]) == ("skipped", None)
+    assert row["metrics"]["skipped"] == result.reason and row["counts"]["prompts_read"] == 2
+    with psycopg.connect(round_db) as conn:
+        assert conn.execute("SELECT count(*) FROM checkpoints").fetchone()[0] == 0
+
+
+def test_a_round_whose_ppo_crashes_is_failed_and_leaves_serving_untouched(
+    round_db, round_settings, seed_store, monkeypatch
+):
+    seed_store(round_db, 8)
+    base_id = _serving_base(round_db, round_settings)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("PPO blew up")
+
+    monkeypatch.setattr(round_module, "train_ppo", crash)
+    with pytest.raises(RoundFailed) as failure:
+        run_round(round_settings, "manual")
+
+    row = _run_row(round_db, failure.value.run_id)
+    assert row["status"] == "failed" and "PPO blew up" in row["error"] and row["finished_at"]
+    assert "reward_training" in row["timings"]  # the stages before the crash were recorded
+    with psycopg.connect(round_db) as conn:
+        statuses = conn.execute("SELECT id, status FROM checkpoints").fetchall()
+    assert statuses == [(base_id, "serving")]
+    # What the failed round wrote is gone: no reward model to warm-start from, no checkpoint.
+    assert not list(round_settings.reward_dir.glob("run-*"))
+    assert not list(round_settings.checkpoints_dir.glob("*"))
+
+
+def test_once_on_too_little_data_exits_4_with_json(round_db, tiny_model_dir, tmp_path):
+    env = {**os.environ, "DATABASE_URL": round_db, "MODEL": str(tiny_model_dir), "DATA_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "retrain", "once", "--json"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 4, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["status"] == "skipped" and result["exit_code"] == 4
+    assert result["reason"].startswith("too little data")
+
+
+def test_config_command_prints_the_full_config_and_the_file_overrides_it(tmp_path, monkeypatch, capsys):
+    from retrain.__main__ import main
+
+    overrides = tmp_path / "retrain.json"
+    overrides.write_text(json.dumps({"ppo": {"kl_coef": 0.2}, "gate": {"max_kl": 3.0}}))
+    monkeypatch.setenv("RETRAIN_CONFIG_FILE", str(overrides))
+    monkeypatch.setenv("RETRAIN_PPO_ITERATIONS", "3")
+    assert main(["config", "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert set(config) == {"round", "reward", "ppo", "gate"}
+    assert (config["ppo"]["num_iterations"], config["ppo"]["kl_coef"], config["gate"]["max_kl"]) == (3, 0.2, 3.0)
+
+    overrides.write_text(json.dumps({"ppo": {"kl_coeff": 0.2}}))
+    with pytest.raises(ValueError, match="unknown ppo fields"):
+        RetrainSettings().retrain_config()
