@@ -95,7 +95,9 @@ class ServerSettings(ModelSettings, DeploySettings):
 
     # Sampling. Defaults are SmolLM2's recommended ones; requests may ask for others within bounds.
     default_temperature: float = Field(0.2, ge=0, description="0 is greedy decoding.")
-    default_top_p: float = Field(0.9, gt=0, le=1)
+    default_top_p: float = Field(
+        0.9, gt=0, le=1, description="Nucleus sampling: sample among the likeliest tokens holding this probability mass."
+    )
     default_max_new_tokens: int = Field(256, gt=0, description="Answer length when not asked, in tokens.")
     max_temperature: float = Field(2.0, ge=0, description="Highest temperature a request may ask for.")
     max_new_tokens_limit: int = Field(
