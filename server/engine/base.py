@@ -18,15 +18,18 @@ while streams in flight drain on the old one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from ..prompt import Prompt
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -301,3 +304,45 @@ class Engine(ABC):
     @abstractmethod
     def _cancel(self, generation: Generation) -> None:
         """Engine side of Generation.cancel()."""
+
+
+class VersionedEngine(Engine):
+    """The version bookkeeping both engines share: which versions are live, which one new
+    requests get, and how a replaced version drains before it is freed.
+
+    Subclasses keep `_versions` (name -> a record with `accepting`, `in_flight` and a `drained`
+    event set when in_flight drops to 0) and `_default`, and say which generations are live.
+    """
+
+    _versions: dict[str, Any]
+    _default: str | None
+
+    @abstractmethod
+    def _live_generations(self) -> Iterable[Generation]:
+        """Every generation submitted and not yet finished."""
+
+    def set_default_version(self, version: str) -> None:
+        record = self._versions.get(version)
+        if record is None or not record.accepting:
+            raise UnknownModelVersion(version, self.versions())
+        self._default = version
+
+    async def _drain_and_forget(self, version: str, timeout: float | None) -> None:
+        """Stop accepting `version`, wait for its in-flight requests (cancelling those left after
+        `timeout` seconds), then drop its record; the engine frees its own resources after."""
+        record = self._versions.get(version)
+        if record is None:
+            raise UnknownModelVersion(version, self.versions())
+        if version == self._default:
+            raise VersionInUse(f"{version} is the default version: set another default before unloading it")
+        record.accepting = False
+        if record.in_flight:
+            try:
+                await asyncio.wait_for(record.drained.wait(), timeout)
+            except TimeoutError:
+                log.warning("unloading %s: cancelling %d requests still running", version, record.in_flight)
+                for generation in list(self._live_generations()):
+                    if generation.model_version == version:
+                        generation.cancel()
+                await record.drained.wait()
+        del self._versions[version]

@@ -60,7 +60,7 @@ from .base import (
     TokenEvent,
     UnknownModelVersion,
     Usage,
-    VersionInUse,
+    VersionedEngine,
 )
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import SlotKVCache
@@ -161,7 +161,7 @@ class _Batch:
         return row
 
 
-class LocalEngine(Engine):
+class LocalEngine(VersionedEngine):
     """See the module docstring. Construct, `await start()`, then `await load_base(path)`."""
 
     def __init__(self, config: LocalEngineConfig = LocalEngineConfig()):
@@ -291,29 +291,11 @@ class LocalEngine(Engine):
         log.info("serving version %s%s", name, " (default)" if self._default == name else "")
         return name
 
-    def set_default_version(self, version: str) -> None:
-        record = self._versions.get(version)
-        if record is None or not record.accepting:
-            raise UnknownModelVersion(version, self.versions())
-        self._default = version
+    def _live_generations(self) -> list[Generation]:
+        return list(self._generations.values())
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
-        record = self._versions.get(version)
-        if record is None:
-            raise UnknownModelVersion(version, self.versions())
-        if version == self._default:
-            raise VersionInUse(f"{version} is the default version: set another default before unloading it")
-        record.accepting = False
-        if record.in_flight:
-            try:
-                await asyncio.wait_for(record.drained.wait(), timeout)
-            except TimeoutError:
-                log.warning("unloading %s: cancelling %d requests still running", version, record.in_flight)
-                for generation in list(self._generations.values()):
-                    if generation.model_version == version:
-                        generation.cancel()
-                await record.drained.wait()
-        del self._versions[version]
+        await self._drain_and_forget(version, timeout)
         self._commands.put(("drop_version", version))
         log.info("unloaded version %s", version)
 

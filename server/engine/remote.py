@@ -62,7 +62,7 @@ from .base import (
     TokenEvent,
     UnknownModelVersion,
     Usage,
-    VersionInUse,
+    VersionedEngine,
 )
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class _Request:
     finished: bool = False
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(VersionedEngine):
     """See the module docstring. Construct, `await start()`; `load_remote_engine` does both
     from the server's settings."""
 
@@ -390,29 +390,11 @@ class RemoteEngine(Engine):
         log.info("serving version %s as %r on %s (checkpoint %s)%s", version, served, endpoint.url, path,
                  " (default)" if make_default else "")
 
-    def set_default_version(self, version: str) -> None:
-        record = self._versions.get(version)
-        if record is None or not record.accepting:
-            raise UnknownModelVersion(version, self.versions())
-        self._default = version
+    def _live_generations(self) -> list[Generation]:
+        return [request.generation for request in self._requests.values()]
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
-        record = self._versions.get(version)
-        if record is None:
-            raise UnknownModelVersion(version, self.versions())
-        if version == self._default:
-            raise VersionInUse(f"{version} is the default version: set another default before unloading it")
-        record.accepting = False
-        if record.in_flight:
-            try:
-                await asyncio.wait_for(record.drained.wait(), timeout)
-            except TimeoutError:
-                log.warning("unloading %s: cancelling %d requests still running", version, record.in_flight)
-                for request in list(self._requests.values()):
-                    if request.generation.model_version == version:
-                        request.generation.cancel()
-                await record.drained.wait()
-        del self._versions[version]
+        await self._drain_and_forget(version, timeout)
         log.info("unregistered version %s", version)
 
     # ------------------------------------------------------------------ blue/green
