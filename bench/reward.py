@@ -1,7 +1,10 @@
 """Reward models on real human preferences: ours against TRL's RewardTrainer.
 
-    .venv/bin/python bench/reward.py --json bench/results/reward.json            # both, full data
-    .venv/bin/python bench/reward.py --skip-trl --train-pairs 32 --eval-pairs 16  # a speed probe
+    nice -n 10 .venv/bin/python bench/reward.py --threads 1 --json reward.json     # both, full data
+    .venv/bin/python bench/reward.py --skip-trl --train-pairs 40 --eval-pairs 40    # a speed probe
+
+Each side takes ~27 CPU-minutes with the defaults below (about an hour for both on an idle
+2-core machine at 1 thread; several hours when the machine is shared).
 
 Data: ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz (Anthropic HH-RLHF, harmless-base test
 split). Line i with i % 5 == 0 is evaluation (463 pairs), the rest training (1,849 pairs). Each
@@ -12,7 +15,8 @@ Both trainers get the same backbone (cut to the same depth), the same token ids 
 rendering, cut from the left to max_tokens), the same LoRA layers and rank, learning rate,
 schedule, batch size, epochs and length-grouped batching. Differences that are each side's design:
 TRL reads the score at the last token that is not the pad id (SmolLM2's pad is <|im_end|>, so one
-token before ours), trains its head at the body's learning rate, and initialises it randomly.
+token before ours), trains its head at the body's learning rate, initialises it randomly, and
+centres rewards per pair (mean((r_c + r_r)^2), same coefficient) where we centre the batch mean.
 Both are evaluated on the same evaluation pairs; "shorter final answer wins" is the bar to beat.
 """
 

@@ -194,8 +194,17 @@ def _load_body(path: str | os.PathLike, num_layers: int | None) -> nn.Module:
     """The backbone without its LM head, cut to its bottom `num_layers` blocks if asked (a
     model with fewer blocks keeps all of them)."""
     depth = AutoConfig.from_pretrained(path).num_hidden_layers
-    overrides = {"num_hidden_layers": num_layers} if num_layers and num_layers < depth else {}
-    return AutoModel.from_pretrained(path, dtype=torch.float32, **overrides)
+    if not num_layers or num_layers >= depth:
+        return AutoModel.from_pretrained(path, dtype=torch.float32)
+    # The blocks left out are reported as unexpected weights (transformers logs its load report
+    # through modeling_utils' logger): intended here, so that one load is quiet.
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        return AutoModel.from_pretrained(path, dtype=torch.float32, num_hidden_layers=num_layers)
+    finally:
+        report.setLevel(level)
 
 
 def _apply_trainable_layers(body: nn.Module, config: RewardConfig) -> nn.Module:

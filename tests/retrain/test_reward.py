@@ -1,4 +1,5 @@
-"""The reward model on a tiny randomly initialised Llama with SmolLM2's real tokenizer."""
+"""The reward model on a tiny randomly initialised Llama with SmolLM2's real tokenizer
+(`tiny_model_dir`, from tests/support/tiny_model.py via tests/retrain/conftest.py)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from retrain.reward_data import (
     encode_conversation,
     split_held_out,
 )
-from tests.support.tiny_model import tiny_model_dir  # noqa: F401  (the shared fixture)
 
 WORDS = "river stone cloud maple lantern copper meadow violet harbor pepper quiet window silver garden".split()
 TOPICS = ["cooking", "the weather", "travel", "music", "a good book", "gardening", "the sea", "mountains"]
