@@ -64,7 +64,8 @@ async def list_conversations(
         found = await store.list_conversations(conn, caller.user, limit, before)
     return [
         wire.ConversationSummary(
-            id=c.id, title=c.title, created_at=c.created_at, updated_at=c.updated_at
+            id=c.id, title=c.title, allow_data_use=c.allow_data_use, created_at=c.created_at,
+            updated_at=c.updated_at,
         )
         for c in found
     ]
@@ -81,6 +82,7 @@ async def conversation_tree(conversation_id: str, caller: CallerDep, chat: ChatD
     return wire.ConversationTree(
         id=c.id,
         title=c.title,
+        allow_data_use=c.allow_data_use,
         created_at=c.created_at,
         updated_at=c.updated_at,
         messages=[
@@ -100,6 +102,25 @@ async def conversation_tree(conversation_id: str, caller: CallerDep, chat: ChatD
             )
             for m in tree.messages
         ],
+    )
+
+
+@router.patch(
+    "/api/conversations/{conversation_id}", response_model=wire.ConversationSummary, responses=ERRORS
+)
+async def update_conversation(
+    conversation_id: str, body: wire.ConversationUpdate, caller: CallerDep, chat: ChatDep
+):
+    """Rename a conversation, or opt it out of (or back into) retraining with
+    `allow_data_use`: an opted-out conversation, its thumbs and comparisons are never read by a
+    round."""
+    async with chat.pool.connection() as conn:
+        c = await store.update_conversation(
+            conn, caller.user, conversation_id, title=body.title, allow_data_use=body.allow_data_use
+        )
+    return wire.ConversationSummary(
+        id=c.id, title=c.title, allow_data_use=c.allow_data_use, created_at=c.created_at,
+        updated_at=c.updated_at,
     )
 
 

@@ -184,6 +184,8 @@ class ConversationSummary(BaseModel):
     id: UUID
     # The start of its first user message.
     title: str
+    # false: retraining never reads this conversation (nor its thumbs and comparisons).
+    allow_data_use: bool = True
     created_at: datetime
     # When its last message was added (lists are ordered by it, newest first).
     updated_at: datetime
@@ -217,10 +219,19 @@ class ConversationTree(BaseModel):
     # As in ConversationSummary.
     id: UUID
     title: str
+    allow_data_use: bool = True
     created_at: datetime
     updated_at: datetime
     # Every message of every branch, oldest first; parent_id gives the tree.
     messages: list[MessageNode]
+
+
+class ConversationUpdate(_Frame):
+    # A new title (absent: unchanged).
+    title: str | None = Field(None, min_length=1)
+    # false: keep this conversation out of retraining from now on; true: allow it again
+    # (absent: unchanged). Strict: "no" or 0 is refused, not read as false.
+    allow_data_use: bool | None = Field(None, strict=True)
 
 
 class ErrorBody(BaseModel):

@@ -66,6 +66,32 @@ async def test_trees_are_private_and_ids_checked(base_url, token):
 # -- feedback over HTTP ---------------------------------------------------------------------------
 
 
+async def test_opting_a_conversation_out_of_training(base_url, token, db):
+    async with connect(base_url, token) as ws:
+        answer = await ws.chat("Keep this one private")
+    conversation_id = answer["started"]["conversation_id"]
+    path = f"/api/conversations/{conversation_id}"
+    async with http(base_url, token) as client:
+        assert (await client.get(path)).json()["allow_data_use"] is True
+        response = await client.patch(path, json={"allow_data_use": False})
+        assert response.status_code == 200, response.text
+        assert response.json()["allow_data_use"] is False and response.json()["title"] == "Keep this one private"
+        assert (await client.get(path)).json()["allow_data_use"] is False
+        assert (await client.get("/api/conversations")).json()[0]["allow_data_use"] is False
+        renamed = (await client.patch(path, json={"title": "Private"})).json()
+        assert renamed["title"] == "Private" and renamed["allow_data_use"] is False
+
+        bad = await client.patch(path, json={"allow_data_use": "no"})
+        assert bad.status_code == 422 and "allow_data_use" in bad.json()["message"]
+        unknown = await client.patch(path, json={"private": True})
+        assert unknown.status_code == 422 and "private" in unknown.json()["message"]
+    async with http(base_url, new_token()) as stranger:
+        response = await stranger.patch(path, json={"allow_data_use": True})
+        assert response.status_code == 404 and response.json()["code"] == "not_found"
+    stored = await rows(db, "SELECT allow_data_use FROM conversations WHERE id = %s", conversation_id)
+    assert [row["allow_data_use"] for row in stored] == [False]
+
+
 async def test_feedback_and_compare_over_http(base_url, token, db):
     async with http(base_url, token) as client:
         messages = [{"role": "user", "content": "Name a colour"}]
