@@ -22,6 +22,18 @@ from .runs import RoundAlreadyRunning, last_run
 log = logging.getLogger(__name__)
 
 
+class _RoundStillRunning(logging.Filter):
+    """apscheduler warns at every feedback check that finds the previous check's round still
+    running (max_instances=1 doing its job): expected, and one line every few seconds for the
+    whole round would bury the round's own log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+logging.getLogger("apscheduler.scheduler").addFilter(_RoundStillRunning())
+
+
 def new_feedback_since(url: str, since: datetime | None) -> int:
     """Ratings and comparisons stored (or changed) after `since` (all of them when None)."""
     import psycopg

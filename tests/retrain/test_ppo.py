@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from retrain.ppo import (
     AdaptiveKLController,
+    adapter_merged,
     FixedKLController,
     PPOConfig,
     RunningMoments,
@@ -263,6 +264,30 @@ def test_reference_with_adapter_off_is_the_base_model(tokenizer, sft_model):
     assert not torch.allclose(adapted_logp, base_logp, atol=1e-3)
     assert torch.allclose(ref_logp, base_logp, atol=1e-5)
     assert torch.allclose(after_logp, adapted_logp)  # the adapter is back on afterwards
+
+
+def test_rollouts_sample_with_the_adapter_merged_and_leave_it_unmerged(tokenizer, sft_model):
+    policy, _ = prepare_policy(sft_model, PPOConfig(lora_r=4, lora_alpha=8))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    query, query_mask = left_pad([prompt_ids(tokenizer, "Hi."), prompt_ids(tokenizer, "Talk to me.")], EOS)
+    response = torch.tensor([[40, 41, EOS], [43, 44, 45]])
+    args = (query, query_mask, response, torch.ones_like(response), 1.0)
+    with torch.no_grad():
+        adapted = token_logprobs(answer_logits_and_hidden(policy, *args)[0], response)
+        with adapter_merged(policy):
+            merged = token_logprobs(answer_logits_and_hidden(policy, *args)[0], response)
+    assert torch.allclose(merged, adapted, atol=1e-4)  # the same policy, sampled faster
+    after = policy.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before)  # unmerged again
+    plain = torch.nn.Linear(2, 2)
+    with adapter_merged(plain):  # a model without an adapter samples as it is
+        assert not hasattr(plain, "merge_adapter")
 
 
 # --- PPO end to end ----------------------------------------------------------------------------------

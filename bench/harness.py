@@ -1,0 +1,96 @@
+"""What the end-to-end benchmarks share: a scratch database, a free port, the real processes
+(`python -m server`, `python -m retrain serve`) and waiting for a server to be ready."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def scratch_database(admin_url: str, prefix: str):
+    """A migrated database of its own on `admin_url`'s server, dropped afterwards."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from feedback.migrate import migrate
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def admin_url(database_url: str | None, workdir: Path) -> str:
+    """`database_url`, or a private embedded PostgreSQL under `workdir` (stopped at exit)."""
+    if database_url:
+        return database_url
+    from feedback.db import embedded_url
+
+    return embedded_url(workdir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_process(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m module args` from the project root with `env` over this process's, its output
+    to `log_path`."""
+    log_file = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGINT (a clean shutdown), then kill if it does not end in time."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def version_info(client) -> dict:
+    response = await client.get("/api/version")
+    response.raise_for_status()
+    return response.json()
+
+
+async def wait_ready(client, process: subprocess.Popen, timeout: float) -> dict:
+    """GET /api/version until the server serves a version, in sync with the registry."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}; see its log")
+        try:
+            info = await version_info(client)
+            if info["model_version"] and info["in_sync"] and info["listening"]:
+                return info
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.25)
+    raise SystemExit(f"the server was not ready after {timeout:g} s")

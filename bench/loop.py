@@ -1,0 +1,584 @@
+"""The whole loop, end to end: simulated users chat, vote, and the served model learns from them.
+
+    .venv/bin/python bench/loop.py --preference concise              # 5 rounds, about an hour
+    .venv/bin/python bench/loop.py --preference plain --noise 0.3
+    make demo                                                        # --quick: 2 short rounds
+
+It starts the real system on a scratch database (DATABASE_URL's server, or a private embedded
+PostgreSQL): `python -m server` on SmolLM2-135M-Instruct and `python -m retrain serve`, whose
+scheduler starts a round once a day's feedback has arrived (RETRAIN_MIN_NEW_FEEDBACK). Nothing
+in between is driven by this script: the round refreshes the reward model, runs PPO, gates the
+candidate and promotes it; the server hears the NOTIFY and hot-swaps the adapter.
+
+Each "day", `--users` simulated users chat over the websocket protocol: a new conversation per
+prompt from the training side of bench/data/everyday_prompts.txt, a thumb on the answer, then a
+regenerate and a compare of the two answers (and a thumb on the second), each vote by a hidden
+preference (bench/preferences.py), `--noise` of them random. Then the script waits for the round
+and the swap, and measures the serving policy on the held-out prompts (never chatted during a
+day; asked greedily, in conversations opted out of training):
+
+- the preference's score, the simulated users' thumbs-up rate (their rule, without noise),
+- win rate against round 0's answers to the same prompts under the preference (ties half),
+- KL to the base model (the gate's measure of the promoted candidate: mean per-answer nats),
+- answer length (words, tokens) and the share of answers that end (EOS) before the cap.
+
+It prints progress as it goes, writes a JSON log and a PNG plot after every round, and stops
+after `--rounds` rounds or once the next round would pass `--budget-minutes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402  (after the path)
+    admin_url, free_port, scratch_database, start_process, stop_process, version_info, wait_ready,
+)
+from bench.preferences import PREFERENCES, Preference, SimulatedUser, win_rate, words  # noqa: E402
+
+log = logging.getLogger("bench.loop")
+
+PROMPTS = ROOT / "bench" / "data" / "everyday_prompts.txt"
+
+# The budgets of a round, as environment variables of `python -m retrain serve` (see
+# `python -m retrain config`), and the overrides of the full config (RETRAIN_CONFIG_FILE).
+PROFILES = {
+    "full": {
+        "days": 5, "conversations": 24, "held_out": 40, "max_new_tokens": 128,
+        "retrain": {
+            "RETRAIN_PPO_ITERATIONS": "3", "RETRAIN_PPO_BATCH_SIZE": "16", "RETRAIN_PPO_EPOCHS": "2",
+            "RETRAIN_REWARD_EPOCHS": "2", "RETRAIN_REWARD_LAYERS": "8", "RETRAIN_REWARD_MAX_TOKENS": "256",
+            "RETRAIN_MAX_GATE_PROMPTS": "12", "RETRAIN_HELD_OUT_PERCENT": "25",
+        },
+        "config": {"ppo": {"learning_rate": 2e-4}},
+    },
+    "quick": {
+        "days": 2, "conversations": 12, "held_out": 16, "max_new_tokens": 64,
+        "retrain": {
+            "RETRAIN_PPO_ITERATIONS": "1", "RETRAIN_PPO_BATCH_SIZE": "8", "RETRAIN_PPO_EPOCHS": "1",
+            "RETRAIN_REWARD_EPOCHS": "1", "RETRAIN_REWARD_LAYERS": "6", "RETRAIN_REWARD_MAX_TOKENS": "192",
+            "RETRAIN_MAX_GATE_PROMPTS": "6", "RETRAIN_HELD_OUT_PERCENT": "25",
+            "RETRAIN_MIN_PAIRS": "4", "RETRAIN_MIN_PROMPTS": "4",
+        },
+        "config": {"ppo": {"learning_rate": 2e-4}, "round": {"min_gate_prompts": 2}},
+    },
+}
+USER_SAMPLING = {"temperature": 0.8, "top_p": 0.9}  # the simulated users' client settings
+FEEDBACK_PER_CONVERSATION = 3  # a thumb on each of two answers, and their comparison
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def load_prompts(path: Path = PROMPTS) -> list[str]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if len(set(prompts)) != len(prompts):
+        raise ValueError(f"{path} repeats a prompt")
+    return prompts
+
+
+def split_prompts(prompts: list[str], held_out: int) -> tuple[list[str], list[str]]:
+    """(training side, held-out side): the `held_out` prompts with the smallest hash of their
+    text, so the split is stable however the file is reordered."""
+    ranked = sorted(prompts, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    held = set(ranked[:held_out])
+    return [p for p in prompts if p not in held], [p for p in prompts if p in held]
+
+
+# -- the websocket client -------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    conversation_id: str
+    message_id: str
+    text: str
+    finish_reason: str
+    model_version: str
+    tokens: int
+
+
+class Session:
+    """One user's websocket: one request at a time, so frames arrive in order."""
+
+    def __init__(self, ws_url: str, token: str):
+        self.token = token
+        self.url = f"{ws_url}?token={token}"
+        self.ws = None
+
+    async def __aenter__(self) -> Session:
+        import websockets
+
+        self.ws = await websockets.connect(self.url, max_size=None)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.ws.close()
+
+    async def _send(self, frame: dict) -> None:
+        await self.ws.send(json.dumps(frame))
+
+    async def _frame(self) -> dict:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), 600))
+        if frame["type"] == "error":
+            raise RuntimeError(f"server error {frame['code']}: {frame['message']}")
+        return frame
+
+    async def _answer(self) -> Answer:
+        started = await self._frame()
+        assert started["type"] == "started", started
+        pieces = []
+        while True:
+            frame = await self._frame()
+            if frame["type"] == "token":
+                pieces.append(frame["text"])
+            elif frame["type"] == "done":
+                return Answer(started["conversation_id"], started["message_id"], "".join(pieces),
+                              frame["finish_reason"], started["model_version"], frame["usage"]["completion_tokens"])
+
+    async def ask(self, content: str, params: dict) -> Answer:
+        await self._send({"type": "message", "content": content, "params": params})
+        return await self._answer()
+
+    async def regenerate(self, message_id: str, params: dict) -> Answer:
+        await self._send({"type": "regenerate", "message_id": message_id, "params": params})
+        return await self._answer()
+
+    async def _acked(self, frame: dict) -> None:
+        await self._send(frame)
+        ack = await self._frame()
+        assert ack["type"] == "ack", ack
+
+    async def thumb(self, message_id: str, rating: int) -> None:
+        await self._acked({"type": "feedback", "message_id": message_id, "rating": rating})
+
+    async def compare(self, message_id: str, other_id: str, verdict: str) -> None:
+        await self._acked({"type": "compare", "message_id": message_id, "other_id": other_id, "verdict": verdict})
+
+
+async def run_users(ws_url: str, tokens: list[str], prompts: list[str], work) -> list:
+    """`work(session, prompt)` for every prompt, spread over one session per user token."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for index, prompt in enumerate(prompts):
+        queue.put_nowait((index, prompt))
+    results: list = [None] * len(prompts)
+
+    async def user(token: str) -> None:
+        async with Session(ws_url, token) as session:
+            while not queue.empty():
+                index, prompt = queue.get_nowait()
+                results[index] = await work(session, prompt)
+
+    await asyncio.gather(*(user(token) for token in tokens))
+    return results
+
+
+# -- one day, one measurement ---------------------------------------------------------------------
+
+
+async def chat_day(ws_url: str, tokens: list[str], prompts: list[str], users: list[SimulatedUser],
+                   params: dict, progress) -> dict:
+    """Each prompt: ask, thumb, regenerate, compare, thumb. Returns the day's vote counts."""
+    counts = {"conversations": 0, "thumbs_up": 0, "thumbs_down": 0, "better": 0, "worse": 0, "same": 0}
+    by_token = dict(zip(tokens, users))
+
+    async def converse(session: Session, prompt: str) -> None:
+        judge = by_token[session.token]
+        first = await session.ask(prompt, params)
+        second = await session.regenerate(first.message_id, params)
+        for answer in (first, second):
+            rating = judge.thumb(answer.text)
+            await session.thumb(answer.message_id, rating)
+            counts["thumbs_up" if rating > 0 else "thumbs_down"] += 1
+        verdict = judge.compare(second.text, first.text)
+        await session.compare(second.message_id, first.message_id, verdict)
+        counts[verdict] += 1
+        counts["conversations"] += 1
+        progress(counts["conversations"])
+
+    await run_users(ws_url, tokens, prompts, converse)
+    return counts
+
+
+async def measure(base_url: str, tokens: list[str], prompts: list[str], params: dict) -> list[Answer]:
+    """The serving policy's answers to the held-out prompts, each in a new conversation that
+    is opted out of training at once (PATCH allow_data_use=false)."""
+    import httpx
+
+    ws_url = base_url.replace("http://", "ws://") + "/ws"
+    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+        async def ask(session: Session, prompt: str) -> Answer:
+            answer = await session.ask(prompt, params)
+            response = await client.patch(f"/api/conversations/{answer.conversation_id}",
+                                          json={"allow_data_use": False},
+                                          headers={"Authorization": f"Bearer {session.token}"})
+            response.raise_for_status()
+            return answer
+
+        return await run_users(ws_url, tokens, prompts, ask)
+
+
+@dataclass
+class RoundRow:
+    round: int
+    model_version: str
+    minutes: float  # since the start, when the measurement ended
+    score: float  # the preference's mean score on the held-out prompts
+    thumbs_up_rate: float
+    win_rate_vs_round_0: float
+    kl_to_base: float
+    mean_words: float
+    mean_tokens: float
+    eos_rate: float
+    run: dict = field(default_factory=dict)  # the round's retrain_runs row, summarised
+    examples: list = field(default_factory=list)
+
+
+def summarise(round_no: int, preference: Preference, prompts: list[str], answers: list[Answer],
+              baseline: list[Answer] | None, kl: float, started: float, run: dict) -> RoundRow:
+    texts = [a.text for a in answers]
+    versions = {a.model_version for a in answers}
+    if len(versions) != 1:
+        raise RuntimeError(f"the held-out answers came from several versions: {sorted(versions)}")
+    return RoundRow(
+        round=round_no,
+        model_version=versions.pop(),
+        minutes=round((time.monotonic() - started) / 60, 2),
+        score=statistics.fmean(preference.score(t) for t in texts),
+        thumbs_up_rate=sum(preference.likes(t) for t in texts) / len(texts),
+        win_rate_vs_round_0=win_rate(preference, texts, [b.text for b in baseline]) if baseline else 0.5,
+        kl_to_base=kl,
+        mean_words=statistics.fmean(words(t) for t in texts),
+        mean_tokens=statistics.fmean(a.tokens for a in answers),
+        eos_rate=sum(a.finish_reason == "stop" for a in answers) / len(answers),
+        run=run,
+        examples=[{"prompt": p, "answer": a.text, "finish_reason": a.finish_reason}
+                  for p, a in list(zip(prompts, answers))[:4]],
+    )
+
+
+# -- the round, the swap --------------------------------------------------------------------------
+
+
+def latest_run_id(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT coalesce(max(id), 0) FROM retrain_runs").fetchone()[0]
+
+
+def next_run(url: str, after_id: int) -> dict | None:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return conn.execute(
+            "SELECT id, status, trigger, started_at, finished_at, counts, metrics, timings, candidate_id, error "
+            "FROM retrain_runs WHERE id > %s ORDER BY id LIMIT 1", (after_id,)
+        ).fetchone()
+
+
+async def wait_for_round(url: str, after_id: int, retrain, timeout: float, progress) -> dict:
+    began = time.monotonic()
+    reported = 0
+    while time.monotonic() - began < timeout:
+        if retrain.poll() is not None:
+            raise SystemExit(f"`python -m retrain serve` exited with {retrain.returncode}; see its log")
+        row = await asyncio.to_thread(next_run, url, after_id)
+        if row is not None and row["status"] != "running":
+            return row
+        minutes = int((time.monotonic() - began) // 60)
+        if minutes > reported:
+            reported = minutes
+            progress(f"round {row['id']} running ({row['trigger']})" if row else "no round started yet")
+        await asyncio.sleep(5)
+    raise SystemExit(f"no round finished within {timeout:g} s after the day's feedback")
+
+
+def serving_checkpoint(url: str) -> tuple[str, float]:
+    """The registry's serving checkpoint and its KL to the base (0 for the base itself)."""
+    from deploy import registry
+
+    with registry.connect(url) as conn:
+        serving = registry.get(conn, registry.read_state(conn).serving.id)
+    return serving.id, float((serving.metrics or {}).get("kl") or 0.0)
+
+
+async def wait_for_swap(client, version: str, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        info = await version_info(client)
+        if info["model_version"] == version and info["in_sync"]:
+            return time.monotonic() - started
+        await asyncio.sleep(0.25)
+    raise SystemExit(f"the server did not serve {version} within {timeout:g} s of the promotion")
+
+
+def run_summary(row: dict) -> dict:
+    metrics, timings = row["metrics"] or {}, row["timings"] or {}
+    gate = metrics.get("gate") or {}
+    return {
+        "id": row["id"], "status": row["status"], "trigger": row["trigger"], "candidate": row["candidate_id"],
+        "minutes": round((row["finished_at"] - row["started_at"]).total_seconds() / 60, 2),
+        "decision": (metrics.get("decision") or {}).get("summary") or metrics.get("skipped") or row["error"],
+        "promoted": (metrics.get("promotion") or {}).get("promoted", False),
+        "gate_kl": gate.get("kl"), "gate_win_rate": gate.get("win_rate"),
+        "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "counts": row["counts"],
+    }
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    when: str
+    preference: str
+    description: str
+    noise: float
+    profile: str
+    settings: dict
+    machine: dict
+    kl_bound: float
+    prompts: dict
+    rounds: list[RoundRow] = field(default_factory=list)
+    minutes: float = 0.0
+    stopped_because: str = ""
+
+    def write(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str))
+        plot(self, out / "loop.png")
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in report.rounds]
+    panels = [
+        ("win_rate_vs_round_0", "win rate vs round 0", 0.75 if report.noise < 0.3 else 0.65),
+        ("thumbs_up_rate", "thumbs-up rate", None),
+        ("score", f"{report.preference} score", None),
+        ("kl_to_base", "KL to base (nats)", report.kl_bound),
+        ("mean_words", "answer length (words)", None),
+        ("eos_rate", "answers ending before the cap", None),
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    for ax, (key, title, line) in zip(axes.flat, panels):
+        ax.plot(rounds, [getattr(r, key) for r in report.rounds], marker="o")
+        if line is not None:
+            ax.axhline(line, color="grey", linestyle="--", linewidth=1)
+        if key in ("win_rate_vs_round_0", "thumbs_up_rate", "eos_rate"):
+            ax.set_ylim(-0.02, 1.02)  # shares: the whole range, so a small wobble looks small
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_xticks(rounds)
+    fig.suptitle(f"Flywheel loop: hidden preference '{report.preference}', {report.noise:.0%} random votes "
+                 f"({report.prompts['held_out']} held-out prompts, SmolLM2-135M)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_table(report: Report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"'{report.preference}' with {report.noise:.0%} random votes")
+    for column in ("round", "serving", "min", "score", "thumbs up", "win vs 0", "KL", "words", "EOS", "the round"):
+        table.add_column(column, justify="left" if column == "serving" else "right")
+    for r in report.rounds:
+        table.add_row(str(r.round), r.model_version, f"{r.minutes:.1f}", f"{r.score:.2f}", f"{r.thumbs_up_rate:.2f}",
+                      f"{r.win_rate_vs_round_0:.2f}", f"{r.kl_to_base:.2f}", f"{r.mean_words:.1f}",
+                      f"{r.eos_rate:.2f}", _outcome(r.run))
+    Console(width=160).print(table)
+
+
+def _outcome(run: dict) -> str:
+    if not run:
+        return "-"
+    gate = f" (gate win {run['gate_win_rate']:.2f})" if run.get("gate_win_rate") is not None else ""
+    return f"{run['status']}{', promoted' if run['promoted'] else ''}{gate}, {run['minutes']:.1f} min"
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+async def run(args) -> Report:
+    import httpx
+
+    from deploy.base_model import resolve_base_model
+    from retrain.gate import GateConfig
+
+    profile = PROFILES[args.profile]
+    days = args.rounds or profile["days"]
+    conversations = args.conversations or profile["conversations"]
+    max_new_tokens = args.max_new_tokens or profile["max_new_tokens"]
+    preference = PREFERENCES[args.preference]
+    training, held_out = split_prompts(load_prompts(), args.held_out or profile["held_out"])
+    rng = random.Random(args.seed)
+    rng.shuffle(training)
+    model_dir = resolve_base_model(args.model, Path(args.data_dir))
+    out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-loop-"))
+    config_overrides = profile["config"]
+    kl_bound = config_overrides.get("gate", {}).get("max_kl", GateConfig().max_kl)
+    report = Report(
+        when=datetime.now(UTC).isoformat(timespec="seconds"), preference=preference.name,
+        description=preference.description, noise=args.noise, profile=args.profile,
+        settings={**{k: v for k, v in vars(args).items()}, "days": days, "conversations": conversations,
+                  "max_new_tokens": max_new_tokens, "retrain": profile["retrain"], "config": config_overrides,
+                  "user_sampling": USER_SAMPLING},
+        machine={"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform()},
+        kl_bound=kl_bound,
+        prompts={"file": str(PROMPTS.relative_to(ROOT)), "training": len(training), "held_out": len(held_out)},
+    )
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        log.info("[%5.1f min] %s", (time.monotonic() - started) / 60, message)
+
+    config_file = workdir / "retrain-config.json"
+    config_file.write_text(json.dumps(config_overrides))
+    say(f"work directory {workdir}; preference '{preference.name}' ({preference.description}), "
+        f"noise {args.noise:.0%}; {len(training)} training prompts, {len(held_out)} held out")
+    with scratch_database(admin_url(args.database_url, workdir), "flywheel_bench_loop") as url:
+        common = {"DATABASE_URL": url, "MODEL": str(model_dir), "DATA_DIR": str(workdir / "data"),
+                  "LOG_LEVEL": "INFO"}
+        port = free_port()
+        server = start_process("server", [], {
+            **common, "HOST": "127.0.0.1", "PORT": str(port), "ALLOW_ANONYMOUS": "true",
+            "RATE_LIMIT_PER_MINUTE": "100000", "MAX_NEW_TOKENS_LIMIT": str(max(max_new_tokens, 256)),
+        }, workdir / "server.log")
+        retrain = start_process("retrain", ["serve"], {
+            **common, **profile["retrain"],
+            "RETRAIN_MIN_NEW_FEEDBACK": str(conversations * FEEDBACK_PER_CONVERSATION),
+            "RETRAIN_FEEDBACK_CHECK_SECONDS": "5", "RETRAIN_MAX_NEW_TOKENS": str(max_new_tokens),
+            "RETRAIN_THREADS": str(args.threads), "RETRAIN_CONFIG_FILE": str(config_file), "AUTO_PROMOTE": "true",
+        }, workdir / "retrain.log")
+        base_url = f"http://127.0.0.1:{port}"
+        ws_url = base_url.replace("http://", "ws://") + "/ws"
+        tokens = [f"loop-user-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
+        users = [SimulatedUser(preference, args.noise, random.Random(args.seed * 1000 + i)) for i in range(args.users)]
+        chat_params = {**USER_SAMPLING, "max_new_tokens": max_new_tokens}
+        measure_params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+        try:
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
+                info = await wait_ready(client, server, args.start_timeout_s)
+                say(f"server ready, serving {info['model_version']}; measuring round 0")
+                evaluators = [f"loop-evaluator-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
+                baseline = await measure(base_url, evaluators, held_out, measure_params)
+                report.rounds.append(summarise(0, preference, held_out, baseline, None, 0.0, started, {}))
+                report.write(out)
+                say(_row_line(report.rounds[-1]))
+                cursor = 0
+                last_run = await asyncio.to_thread(latest_run_id, url)
+                for day in range(1, days + 1):
+                    elapsed = (time.monotonic() - started) / 60
+                    longest = max((r.minutes - p.minutes for p, r in zip(report.rounds, report.rounds[1:])), default=0)
+                    if elapsed + longest > args.budget_minutes:
+                        report.stopped_because = (f"budget: {elapsed:.0f} min spent, a round took up to "
+                                                  f"{longest:.0f} min, budget {args.budget_minutes:g} min")
+                        break
+                    today = [training[(cursor + i) % len(training)] for i in range(conversations)]
+                    cursor += conversations
+                    step = max(1, conversations // 4)
+                    counts = await chat_day(
+                        ws_url, tokens, today, users, chat_params,
+                        lambda n: n % step == 0 and say(f"day {day}: {n}/{conversations} conversations"),
+                    )
+                    say(f"day {day}: feedback stored {counts}; waiting for the scheduler's round")
+                    row = await wait_for_round(url, last_run, retrain, args.round_timeout_s, say)
+                    last_run = row["id"]
+                    summary = {**run_summary(row), "day_votes": counts}
+                    say(f"round {row['id']} {row['status']} in {summary['minutes']:.1f} min: {summary['decision']}")
+                    version, kl = await asyncio.to_thread(serving_checkpoint, url)
+                    summary["swap_s"] = round(await wait_for_swap(client, version, args.swap_timeout_s), 2)
+                    answers = await measure(base_url, evaluators, held_out, measure_params)
+                    report.rounds.append(summarise(day, preference, held_out, answers, baseline, kl, started, summary))
+                    report.minutes = round((time.monotonic() - started) / 60, 1)
+                    report.write(out)
+                    say(_row_line(report.rounds[-1]))
+                else:
+                    report.stopped_because = f"{days} rounds done"
+        finally:
+            stop_process(retrain)
+            stop_process(server)
+    report.minutes = round((time.monotonic() - started) / 60, 1)
+    report.write(out)
+    say(f"done: {report.stopped_because}; wrote {out / 'loop.json'} and {out / 'loop.png'} "
+        f"(logs under {workdir})")
+    return report
+
+
+def _row_line(r: RoundRow) -> str:
+    return (f"round {r.round} ({r.model_version}): score {r.score:.2f}, thumbs up {r.thumbs_up_rate:.2f}, "
+            f"win vs round 0 {r.win_rate_vs_round_0:.2f}, KL {r.kl_to_base:.2f}, {r.mean_words:.0f} words, "
+            f"EOS {r.eos_rate:.2f}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise",
+                        help="the simulated users' hidden preference")
+    parser.add_argument("--noise", type=float, default=0.0, help="share of random votes (0..1)")
+    parser.add_argument("--quick", dest="profile", action="store_const", const="quick", default="full",
+                        help="2 short rounds on small budgets: shows the loop working, not learning much")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (days) to run (default: the profile's)")
+    parser.add_argument("--conversations", type=int, default=None, help="conversations per day")
+    parser.add_argument("--held-out", type=int, default=None, help="held-out prompts measured after each round")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="answer cap, chat and rounds alike")
+    parser.add_argument("--users", type=int, default=8, help="simulated users chatting at once")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of a round (RETRAIN_THREADS)")
+    parser.add_argument("--budget-minutes", type=float, default=90.0,
+                        help="start no round that would end after this (the longest round so far is the guess)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
+    parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"),
+                        help="where the default model is converted once (rounds work in a temporary directory)")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL"),
+                        help="a PostgreSQL server for the scratch database (default: an embedded one)")
+    parser.add_argument("--start-timeout-s", type=float, default=300.0)
+    parser.add_argument("--round-timeout-s", type=float, default=2400.0)
+    parser.add_argument("--swap-timeout-s", type=float, default=120.0)
+    parser.add_argument("--out", default=None, help="directory for loop.json and loop.png")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.noise <= 1.0:
+        parser.error(f"--noise is a share of votes between 0 and 1, not {args.noise}")
+    return args
+
+
+def main(argv=None) -> None:
+    from feedback.logs import configure_logging
+
+    configure_logging()
+    args = parse_args(argv)
+    report = asyncio.run(run(args))
+    print_table(report)
+
+
+if __name__ == "__main__":
+    main()

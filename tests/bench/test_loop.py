@@ -1,0 +1,42 @@
+"""bench/loop.py end to end on the tiny model: the real server and `python -m retrain serve`
+processes, the websocket protocol and PostgreSQL, one scheduled round, the swap, the report.
+
+The tiny random model learns nothing worth measuring; this checks the loop runs by itself
+(votes stored, a round started by the scheduler, the promoted candidate served and measured)
+and that its report and plot are written. The real numbers come from SmolLM2 (README)."""
+
+from __future__ import annotations
+
+import json
+
+from bench import loop
+
+
+async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url, tmp_path):
+    args = loop.parse_args([
+        "--quick", "--preference", "concise", "--noise", "0.2", "--rounds", "1", "--conversations", "12",
+        "--held-out", "6", "--max-new-tokens", "8", "--users", "3", "--threads", "1",
+        "--model", str(tiny_model_dir), "--database-url", admin_url, "--out", str(tmp_path / "out"),
+        "--start-timeout-s", "120", "--round-timeout-s", "300",
+    ])
+    report = await loop.run(args)
+
+    assert [r.round for r in report.rounds] == [0, 1]
+    base, after = report.rounds
+    assert base.model_version == "TinySmolLM2" and base.win_rate_vs_round_0 == 0.5 and base.kl_to_base == 0
+    run = after.run
+    assert run["trigger"] == "feedback"  # the scheduler started it, on the day's votes
+    assert run["status"] in ("succeeded", "rejected") and run["decision"].startswith("gate")
+    assert run["day_votes"]["conversations"] == 12
+    assert run["day_votes"]["thumbs_up"] + run["day_votes"]["thumbs_down"] == 24
+    if run["promoted"]:
+        assert after.model_version == run["candidate"] and after.kl_to_base >= 0
+    else:
+        assert after.model_version == "TinySmolLM2"
+    assert 0 <= after.win_rate_vs_round_0 <= 1 and 0 <= after.thumbs_up_rate <= 1
+    assert len(after.examples) == 4 and after.mean_tokens <= 8
+
+    written = json.loads((tmp_path / "out" / "loop.json").read_text())
+    assert written["preference"] == "concise" and len(written["rounds"]) == 2
+    assert (tmp_path / "out" / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.stopped_because == "1 rounds done"
