@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+from support.tiny_model import tiny_model_dir  # noqa: F401  (the session fixture)
+
 from bench import loop
 
 
