@@ -23,8 +23,10 @@ Dropout is off throughout: the policy stays in eval() mode while it trains (grad
 same; only dropout and similar train-time noise are disabled), so rollouts, old log-probs and
 the PPO ratio are all computed by the same deterministic function.
 
-Multi-GPU: `accelerate launch -m ...` around a caller of `train_ppo`; each process samples its own
-`batch_size` prompts per iteration and gradients are averaged by accelerate.
+Multi-GPU: `accelerate launch -m ...` around a caller of `train_ppo` (`python -m retrain once` is
+one); each process samples its own `batch_size` prompts per iteration (a global batch is
+batch_size x processes), reward normalisation and the KL controller see every process's
+answers, and gradients are averaged by accelerate.
 """
 
 from __future__ import annotations
@@ -665,6 +667,10 @@ def train_ppo(
         eps=1e-5,
     )
     module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.num_processes > 1:
+        # Initialisation above is the same everywhere (DDP copies the main process's weights
+        # anyway); from here on each process draws its own random numbers for its own answers.
+        set_seed(config.seed, device_specific=True)
     if frozen_reference is not None:
         frozen_reference.to(device)
     unwrapped = accelerator.unwrap_model(module)
