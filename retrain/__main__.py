@@ -9,6 +9,12 @@ Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the 
 (its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate, 4 skipped
 (too little data), 5 another round is running. `--json` prints one JSON document on stdout;
 logs and progress bars go to stderr.
+
+Several processes: `accelerate launch --num_processes N -m retrain once` runs the round as N
+processes (retrain/ranks.py). A launcher turns any non-zero exit into its own failure, so the
+processes of a launch exit 0 unless the round failed (1); the main process prints the outcome.
+With RETRAIN_LAUNCHER set, `once` starts that launch itself and returns the codes above
+(retrain/launch.py), and so does every round of `serve`.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -41,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     once = commands.add_parser("once", help="run one round now and print its time breakdown")
     once.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     once.add_argument("--trigger", default="manual", help="recorded as the run's trigger (default: manual)")
+    once.add_argument("--result-file", type=Path, metavar="PATH",
+                      help="write the result's JSON document to PATH instead of stdout (how a launched "
+                      "round reports back to RETRAIN_LAUNCHER's caller)")
     commands.add_parser("serve", help="run rounds on the schedule and on new feedback")
     config = commands.add_parser("config", help="print the full round config with help text")
     config.add_argument("--json", action="store_true", help="the config as JSON")
@@ -71,30 +82,71 @@ def _database(settings) -> str:
 
 
 def cmd_once(args, settings) -> int:
+    from .launch import LaunchFailed, launch_round, launcher_for
+    from .ranks import this_process
     from .round import RoundFailed, run_round
     from .runs import RoundAlreadyRunning
 
-    out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    launcher = launcher_for(settings)
+    ranks = None if launcher else this_process()  # None: this process only starts the launch and waits
+    # A launcher turns any non-zero exit into its own failure: a launch's processes exit 0
+    # unless the round failed, and the main process says how it ended.
+    in_launch = ranks is not None and ranks.num_processes > 1
+    speaks = ranks is None or ranks.is_main_process
+    if not speaks:
+        logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     try:
-        result = run_round(settings, args.trigger, url=_database(settings))
+        if launcher:
+            result = launch_round(settings, args.trigger, url=_database(settings), launcher=launcher)
+        else:
+            _stop_on_sigterm()
+            url = _database(settings) if ranks.is_main_process else None  # the others never touch it
+            result = run_round(settings, args.trigger, url=url)
     except RoundAlreadyRunning as exc:
-        return _fail(args.json, "busy", str(exc), EXIT_BUSY)
-    except RoundFailed as exc:
-        return _fail(args.json, "failed", f"{exc} (see retrain_runs row {exc.run_id})", EXIT_FAILED, run_id=exc.run_id)
+        code = _fail(args, speaks, "busy", str(exc), EXIT_BUSY)
+        return EXIT_OK if in_launch else code
+    except (RoundFailed, LaunchFailed) as exc:
+        where = f" (see retrain_runs row {exc.run_id})" if exc.run_id is not None else ""
+        return _fail(args, speaks, "failed", f"{exc}{where}", EXIT_FAILED, run_id=exc.run_id)
     code = EXIT_BY_STATUS[result.status]
-    if args.json:
-        print(json.dumps({**result.to_json(), "breakdown": _parts(result.timings), "exit_code": code},
-                         indent=2, default=str))
+    if speaks:
+        document = {**result.to_json(), "breakdown": _parts(result.timings), "exit_code": code}
+        if args.result_file or args.json:
+            _emit(args, document)
+        else:
+            render(Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120), result)
+    return EXIT_OK if in_launch else code
+
+
+def _emit(args, document: dict) -> None:
+    """The result's JSON document: to --result-file (written whole, then renamed), or stdout."""
+    text = json.dumps(document, indent=2, default=str)
+    if getattr(args, "result_file", None):
+        staging = args.result_file.with_name(args.result_file.name + ".tmp")
+        staging.write_text(text)
+        staging.replace(args.result_file)
     else:
-        render(out, result)
-    return code
+        print(text)
 
 
-def _fail(as_json: bool, code: str, message: str, exit_code: int, **extra) -> int:
-    if as_json:
-        print(json.dumps({"error": code, "message": message, **extra}))
+def _fail(args, speaks: bool, code: str, message: str, exit_code: int, **extra) -> int:
+    if speaks and (getattr(args, "json", False) or getattr(args, "result_file", None)):
+        _emit(args, {"error": code, "message": message, **extra, "exit_code": exit_code})
     print(f"error: {message}", file=sys.stderr)
     return exit_code
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the round like an exception, so it records itself failed and removes what it
+    wrote: a launcher stops the other processes this way when one of them failed, and so do
+    `kill` and service managers. A second SIGTERM ends the process at once."""
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if sys.exc_info()[1] is None:  # not in the middle of recording a failure already
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _parts(timings: dict) -> dict:
@@ -153,21 +205,32 @@ def render(out: Console, result) -> None:
 
 
 def cmd_serve(args, settings) -> int:
+    from .launch import inside_launch, launch_round
     from .round import run_round
     from .scheduler import build_scheduler
 
+    if inside_launch():
+        return _fail(args, True, "usage", "`serve` runs one scheduler: start it as a plain process and set "
+                     "RETRAIN_LAUNCHER (e.g. 'accelerate launch --num_processes 4') to run each round as a launch",
+                     EXIT_USAGE)
     url = _database(settings)
+    if settings.retrain_launcher:
+        def round_fn(trigger: str):
+            return launch_round(settings, trigger, url=url, launcher=settings.retrain_launcher)
+    else:
+        def round_fn(trigger: str):
+            return run_round(settings, trigger, url=url)
     try:
         scheduler = build_scheduler(
             url,
-            lambda trigger: run_round(settings, trigger, url=url),
+            round_fn,
             interval_minutes=settings.retrain_interval_minutes,
             cron=settings.retrain_cron,
             min_new_feedback=settings.retrain_min_new_feedback,
             feedback_check_seconds=settings.retrain_feedback_check_seconds,
         )
     except ValueError as exc:
-        return _fail(False, "usage", str(exc), EXIT_USAGE)
+        return _fail(args, False, "usage", str(exc), EXIT_USAGE)
     # apscheduler logs every run of the feedback watcher at INFO: once a minute, forever.
     logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
     log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))

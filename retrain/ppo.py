@@ -23,8 +23,10 @@ Dropout is off throughout: the policy stays in eval() mode while it trains (grad
 same; only dropout and similar train-time noise are disabled), so rollouts, old log-probs and
 the PPO ratio are all computed by the same deterministic function.
 
-Multi-GPU: `accelerate launch -m ...` around a caller of `train_ppo`; each process samples its own
-`batch_size` prompts per iteration and gradients are averaged by accelerate.
+Multi-GPU: `accelerate launch -m ...` around a caller of `train_ppo` (`python -m retrain once` is
+one); each process samples its own `batch_size` prompts per iteration (a global batch is
+batch_size x processes), reward normalisation and the KL controller see every process's
+answers, and gradients are averaged by accelerate.
 """
 
 from __future__ import annotations
@@ -94,8 +96,12 @@ class PPOConfig:
         },
     )
     no_eos_penalty_mode: str = field(
-        default="replace",
-        metadata={"help": "'replace': such answers score exactly no_eos_penalty; 'add': it is added to their score."},
+        default="add",
+        metadata={
+            "help": "'add': the penalty is added to such answers' score, so a cut answer still carries the "
+            "reward model's judgement; 'replace': they score exactly no_eos_penalty (when most answers are "
+            "cut, as SmolLM2's at 64 tokens, that leaves PPO little but the penalty to learn from)."
+        },
     )
     # KL penalty
     kl_coef: float = field(
@@ -258,8 +264,12 @@ def normalise_scores(
 def apply_no_eos_penalty(
     scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None, mode: str = "replace"
 ) -> torch.Tensor:
-    """Penalise answers that were cut off at max_new_tokens (no EOS): their score becomes
-    `penalty` ('replace') or gets `penalty` added ('add'). Answers with EOS are untouched."""
+    """Penalise answers that were cut off at max_new_tokens (no EOS): their score gets `penalty`
+    added ('add') or becomes `penalty` ('replace'). Answers with EOS are untouched.
+
+    'add' is the default: finishing pays exactly `penalty` more than the same answer cut, and
+    among cut answers the reward model's ranking stands. 'replace' erases it (every cut answer
+    scores the same) and even lifts a cut answer the reward model rates below `penalty`."""
     if penalty is None:
         return scores
     cut = ~has_eos.bool()
@@ -682,6 +692,10 @@ def train_ppo(
         eps=1e-5,
     )
     module, optimizer = accelerator.prepare(module, optimizer)
+    if accelerator.num_processes > 1:
+        # Initialisation above is the same everywhere (DDP copies the main process's weights
+        # anyway); from here on each process draws its own random numbers for its own answers.
+        set_seed(config.seed, device_specific=True)
     if frozen_reference is not None:
         frozen_reference.to(device)
     unwrapped = accelerator.unwrap_model(module)

@@ -334,6 +334,9 @@ def evaluate(model: nn.Module, groups: Sequence[EncodedGroup], thumbs: Sequence[
              pad_id: int, accelerator: Accelerator) -> dict:
     """Held-out pairwise accuracy (ties count half) and thumb accuracy (sign of the raw score).
     Each process takes every n-th batch and the sums are added up: exact, no duplicates."""
+    # The bare model: a DDP forward syncs buffers with the other processes, and processes may
+    # have different numbers of batches here (one batch more on some: that would hang).
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     device = accelerator.device

@@ -24,6 +24,13 @@ Every stage is timed into the run's `timings` (seconds) and counted into its `co
 run is a row of `retrain_runs` (retrain/runs.py). A crash anywhere marks the run failed,
 removes what this round wrote, and leaves serving as it was: nothing is promoted before
 the last step, and the registry changes nothing on a failed call.
+
+Under `accelerate launch --num_processes N -m retrain once` every process runs `run_round`:
+the main process alone locks, records, reads the store, writes and registers; all of them
+train and share the gate's work (retrain/ranks.py has the division). A process that dies
+takes the launch down: the main process records the failure when it still can, and the next
+round (or `python -m retrain once` with RETRAIN_LAUNCHER, retrain/launch.py) closes a run left
+'running' and removes its reward model.
 """
 
 from __future__ import annotations
@@ -33,12 +40,13 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
@@ -46,7 +54,7 @@ from deploy import checkpoint, registry
 from deploy.base_model import resolve_from_settings
 from feedback.db import database_url
 
-from .data import read_round_data, too_little
+from .data import RoundData, read_round_data, too_little
 from .gate import decide, degeneration
 from .ppo import (
     answer_logits_and_hidden,
@@ -59,6 +67,7 @@ from .ppo import (
 )
 from .reward import MANIFEST as REWARD_MANIFEST
 from .reward import load_reward_model, read_manifest, train_reward_model
+from .ranks import gather, my_share, share, this_process
 from .runs import Run, recorded_run
 from .settings import RetrainConfig, RetrainSettings
 
@@ -117,88 +126,105 @@ class GateAnswers:
     ended_with_eos: list[bool]
     batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]  # query ids/mask, answer ids/mask
 
+    def gathered(self, ranks: PartialState) -> GateAnswers:
+        """Every process's answers in prompt order (the tensors stay with the process that made them)."""
+        return GateAnswers(gather(ranks, self.texts), gather(ranks, self.ended_with_eos), [])
+
+
+@dataclass
+class RoundPlan:
+    """What the main process read and decided before the round trains, shared with every process."""
+
+    config: RetrainConfig
+    data: RoundData
+    skip: str | None = None  # why the round ends here (too little data)
+    serving: registry.Checkpoint | None = None
+    adapter_base: Path | None = None  # the full-weights directory the policy's adapter sits on
+    warm_start: Path | None = None  # the previous reward model, or None: a fresh one
+
 
 # -- the round ------------------------------------------------------------------------------------
 
 
 def run_round(settings: RetrainSettings, trigger: str = "manual", *, url: str | None = None) -> RoundResult:
-    """Run one round now (refused with RoundAlreadyRunning while another holds the lock)."""
-    url = url or database_url(settings)
-    written: list[Path] = []  # removed again if the round fails
+    """Run one round now (refused with RoundAlreadyRunning while another holds the lock).
+
+    Every process of a launch calls this; each returns the round's result, and only the main
+    process's carries the candidate id and the promotion."""
+    ranks = this_process()  # its place in `accelerate launch`, or the only process
+    if ranks.is_main_process:
+        url = url or database_url(settings)  # the other processes never touch the database
+    written: list[Path] = []  # what the main process wrote: removed again if the round fails
     run_id = None
     try:
-        with recorded_run(url, trigger) as run:
+        with ExitStack() as recording:
+            # The main process takes the lock and opens the run's row; the others get a copy.
+            run = share(ranks, lambda: recording.enter_context(recorded_run(url, trigger)))
             run_id = run.id
             started = time.perf_counter()
-            result = _round(run, settings, url, written)
+            result = _round(run, settings, url, written, ranks)
             run.timings["total"] = time.perf_counter() - started
             result.timings = dict(run.timings)
         return result
     except BaseException as exc:
-        for path in written:
-            shutil.rmtree(path, ignore_errors=True)
+        if ranks.is_main_process:
+            for path in written:
+                shutil.rmtree(path, ignore_errors=True)
         # Refused lock (no run row) and interrupts pass through as they are.
         if run_id is None or not isinstance(exc, Exception):
             raise
         raise RoundFailed(run_id, exc) from exc
 
 
-def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -> RoundResult:
+def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[Path], ranks: PartialState) -> RoundResult:
     timed = _stopwatch(run.timings)
 
-    # 1. Data: what the store allows training on; too little and the round ends here,
-    # having touched nothing but its own row.
-    config = settings.retrain_config()
+    # 1. Data, read by the main process: what the store allows training on; too little and the
+    # round ends here, having touched nothing but its own row. Every process gets the same plan.
     with timed("read_data"):
-        data = read_round_data(
-            url,
-            held_out_percent=config.round.held_out_percent,
-            max_ppo_prompts=config.round.max_ppo_prompts,
-            max_gate_prompts=config.round.max_gate_prompts,
-            max_reward_examples=config.round.max_reward_examples,
-            seed=config.round.seed + run.id,  # each round its own sample of the reward data
-        )
+        plan = share(ranks, lambda: _plan(run, settings, url))
+    config, data = plan.config, plan.data
     run.counts.update(data.counts)
-    reason = too_little(data, config.round.min_pairs, config.round.min_prompts, config.round.min_gate_prompts)
-    if reason:
+    if plan.skip:
         run.status = "skipped"
-        run.metrics["skipped"] = reason
-        log.info("round skipped: %s", reason)
-        return RoundResult(run.id, "skipped", reason, counts=dict(run.counts), metrics=dict(run.metrics))
-    with timed("read_data"):
-        serving, adapter_base = _serving_policy(url, settings)
-        config.reward.base_model = str(adapter_base)
+        run.metrics["skipped"] = plan.skip
+        log.info("round skipped: %s", plan.skip)
+        return RoundResult(run.id, "skipped", plan.skip, counts=dict(run.counts), metrics=dict(run.metrics))
+    serving, adapter_base = plan.serving, plan.adapter_base
     run.metrics["serving"] = serving.id
+    run.metrics["processes"] = ranks.num_processes
 
-    # 2. The serving policy, and its answers to the held-out prompts before PPO changes it.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # 2. The serving policy, and its answers to the held-out prompts before PPO changes it. Each
+    # process answers its share of the prompts (`mine`); the answers are gathered for all.
     with timed("load_policy"):
-        policy, tokenizer = _load_serving(serving, adapter_base, device)
+        policy, tokenizer = _load_serving(serving, adapter_base, ranks.device)
         kept, gate_tokens = tokenize_prompts(tokenizer, [p.messages for p in data.gate_prompts], config.ppo.max_prompt_tokens)
         gate_prompts = [data.gate_prompts[i].messages for i in kept]
         frozen = copy.deepcopy(policy).requires_grad_(False) if not config.ppo.use_lora else None
     run.counts["gate_prompts_used"] = len(gate_prompts)
     if len(gate_prompts) < config.round.min_gate_prompts:
         raise ValueError(f"only {len(gate_prompts)} held-out prompts fit {config.ppo.max_prompt_tokens} tokens")
+    my_prompts, my_tokens = my_share(ranks, gate_prompts), my_share(ranks, gate_tokens)
     with timed("gate_serving_answers"):
-        serving_answers = greedy_answers(policy, tokenizer, gate_tokens, config, "gate: serving answers")
+        my_serving_answers = greedy_answers(policy, tokenizer, my_tokens, config, "gate: serving answers")
+        serving_answers = my_serving_answers.gathered(ranks)
 
-    # 3. Reward refresh: warm start from the previous round's model, normalised on serving's answers.
+    # 3. Reward refresh: warm start from the previous round's model, normalised on serving's
+    # answers; every process trains, the main process writes it.
     reward_dir = settings.reward_dir / f"run-{run.id:06d}"
-    previous = previous_reward_model(settings.reward_dir, adapter_base)
     with timed("reward_training"):
         written.append(reward_dir)
         reward_metrics = train_reward_model(
             data.reward_train, config.reward, reward_dir,
             eval_data=data.reward_held_out,
             reference=list(zip(gate_prompts, serving_answers.texts)),
-            init_from=previous,
+            init_from=plan.warm_start,
         )
     run.metrics["reward"] = _reward_summary(reward_metrics, reward_dir)
     with timed("load_reward_model"):
-        reward_model = load_reward_model(reward_dir, base_model=str(adapter_base)).to(device)
+        reward_model = load_reward_model(reward_dir, base_model=str(adapter_base)).to(ranks.device)
 
-    # 4. PPO on the training-side prompts.
+    # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()
     result = train_ppo(
         policy, tokenizer, [p.messages for p in data.ppo_prompts], reward_model.score_answers,
@@ -209,14 +235,16 @@ def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -
     run.metrics["ppo"] = {"iterations": result.stats, "last": result.stats[-1]}
     candidate = result.model
 
-    # 5. Gate: the same held-out prompts, greedy, judged by the refreshed reward model.
+    # 5. Gate: the same held-out prompts, greedy, judged by the refreshed reward model. Each
+    # process answers, scores and measures its share; every process sees all the numbers.
     with timed("gate_candidate_answers"):
-        candidate_answers = greedy_answers(candidate, tokenizer, gate_tokens, config, "gate: candidate answers")
+        my_candidate_answers = greedy_answers(candidate, tokenizer, my_tokens, config, "gate: candidate answers")
+        candidate_answers = my_candidate_answers.gathered(ranks)
     with timed("gate_scoring"):
-        candidate_scores = reward_model.score_answers(gate_prompts, candidate_answers.texts).tolist()
-        serving_scores = reward_model.score_answers(gate_prompts, serving_answers.texts).tolist()
+        candidate_scores = gather(ranks, reward_model.score_answers(my_prompts, my_candidate_answers.texts).tolist())
+        serving_scores = gather(ranks, reward_model.score_answers(my_prompts, my_serving_answers.texts).tolist())
     with timed("gate_kl"):
-        kl_per_answer = kl_to_reference(candidate, frozen, candidate_answers, config.ppo.temperature)
+        kl_per_answer = gather(ranks, kl_to_reference(candidate, frozen, my_candidate_answers, config.ppo.temperature))
     kl = sum(kl_per_answer) / len(kl_per_answer)
     decision = decide(
         candidate_scores, serving_scores, kl,
@@ -228,6 +256,9 @@ def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -
     run.metrics["decision"] = {"passed": decision.passed, "reasons": decision.reasons, "summary": decision.summary()}
     run.metrics["examples"] = _examples(gate_prompts, serving_answers, candidate_answers, serving_scores, candidate_scores)
     log.info(decision.summary())
+    run.status = "succeeded" if decision.passed else "rejected"
+    if not ranks.is_main_process:  # the rest is the main process's: save, register, promote
+        return RoundResult(run.id, run.status, decision.summary(), counts=dict(run.counts), metrics=dict(run.metrics))
 
     # 6. Save, register (candidate or rejected), promote when allowed.
     candidate_id = checkpoint.new_checkpoint_id("rl")
@@ -239,7 +270,9 @@ def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -
             checkpoint_id=candidate_id,
             parent_id=serving.id,
             base_model=checkpoint.base_model_name(adapter_base),
-            config={**config.to_json(), "round": {**asdict(config.round), "run_id": run.id, "trigger": run.trigger},
+            config={**config.to_json(),
+                    "round": {**asdict(config.round), "run_id": run.id, "trigger": run.trigger,
+                              "processes": ranks.num_processes},  # batch sizes are per process
                     "serving": serving.id, "reward_model": str(reward_dir), "data": data.trace()},
             data_counts={k: v for k, v in run.counts.items() if isinstance(v, int)},
             metrics={"reward": run.metrics["reward"], "ppo": run.metrics["ppo"], "gate": decision.metrics,
@@ -260,7 +293,6 @@ def _round(run: Run, settings: RetrainSettings, url: str, written: list[Path]) -
     written.remove(reward_dir)  # this round's reward model is the next round's warm start
     prune_reward_models(settings.reward_dir, config.round.keep_reward_models)
 
-    run.status = "succeeded" if decision.passed else "rejected"
     run.candidate_id = candidate_id
     return RoundResult(run.id, run.status, decision.summary(), candidate_id, promoted,
                        dict(run.counts), dict(run.metrics))
@@ -280,6 +312,28 @@ def _stopwatch(timings: dict):
             log.info("stage %s: %.1f s", stage, timings[stage])
 
     return timed
+
+
+def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
+    """The main process's reading: the config, the data, whether to skip, the serving policy and
+    the reward model to warm-start from."""
+    config = settings.retrain_config()
+    data = read_round_data(
+        url,
+        held_out_percent=config.round.held_out_percent,
+        max_ppo_prompts=config.round.max_ppo_prompts,
+        max_gate_prompts=config.round.max_gate_prompts,
+        max_reward_examples=config.round.max_reward_examples,
+        seed=config.round.seed + run.id,  # each round its own sample of the reward data
+    )
+    reason = too_little(data, config.round.min_pairs, config.round.min_prompts, config.round.min_gate_prompts)
+    if reason:
+        return RoundPlan(config, data, skip=reason)
+    serving, adapter_base = _serving_policy(url, settings)
+    config.reward.base_model = str(adapter_base)
+    forget_reward_models(settings.reward_dir, run.abandoned)  # a dead round's is no warm start
+    return RoundPlan(config, data, serving=serving, adapter_base=adapter_base,
+                     warm_start=previous_reward_model(settings.reward_dir, adapter_base))
 
 
 def _serving_policy(url: str, settings: RetrainSettings) -> tuple[registry.Checkpoint, Path]:
@@ -304,7 +358,7 @@ def _serving_policy(url: str, settings: RetrainSettings) -> tuple[registry.Check
     return serving, adapter_base
 
 
-def _load_serving(serving: registry.Checkpoint, adapter_base: Path, device: str):
+def _load_serving(serving: registry.Checkpoint, adapter_base: Path, device: torch.device):
     """The serving policy as PPO's starting point: an adapter stays a separate PeftModel, so PPO
     keeps training it and the reference (adapter off) is the base it was trained on."""
     if serving.kind == "lora":
@@ -327,7 +381,8 @@ def greedy_answers(model, tokenizer, prompt_tokens: Sequence[Sequence[int]], con
     size = config.round.gate_batch_size
     answers = GateAnswers([], [], [])
     model.eval()
-    for start in tqdm(range(0, len(prompt_tokens), size), desc=desc, unit="batch", dynamic_ncols=True):
+    quiet = not this_process().is_local_main_process  # one progress bar per machine
+    for start in tqdm(range(0, len(prompt_tokens), size), desc=desc, unit="batch", dynamic_ncols=True, disable=quiet):
         query_ids, query_mask = left_pad(prompt_tokens[start : start + size], pad_id, device)
         out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation)
         response_ids, mask, has_eos = mask_after_eos(out[:, query_ids.shape[1] :], eos_ids, pad_id)
@@ -374,6 +429,16 @@ def previous_reward_model(reward_dir: Path, base_model: Path) -> Path | None:
 def prune_reward_models(reward_dir: Path, keep: int) -> None:
     for path in sorted(Path(reward_dir).glob("run-*"), reverse=True)[max(keep, 1):]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def forget_reward_models(reward_dir: Path, run_ids: Sequence[int]) -> None:
+    """Remove the reward models of runs that died (marked failed after the fact): like a failed
+    round's own, they must not become a later round's warm start."""
+    for run_id in run_ids:
+        path = Path(reward_dir) / f"run-{run_id:06d}"
+        if path.exists():
+            log.warning("removing %s: its round died before finishing", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _value_head_init(reward_model):

@@ -41,6 +41,7 @@ class Run:
     counts: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # stage -> seconds
+    abandoned: list[int] = field(default_factory=list)  # runs found dead and closed when this one started
 
 
 @contextmanager
@@ -62,21 +63,31 @@ def round_lock(url: str) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def start_run(conn: psycopg.Connection, trigger: str) -> Run:
-    # Holding the lock, no other round can be running: a 'running' row is one whose process
-    # died without a word (killed, out of memory, power cut). Close it so the history is true.
+ABANDONED = ("abandoned: the process running this round died before finishing "
+             "(killed or out of memory?); found when the next round started")
+
+
+def close_abandoned_runs(conn: psycopg.Connection, error: str = ABANDONED) -> list[int]:
+    """Mark every 'running' row failed with `error`; call only while holding the round lock.
+    Holding it, no round can be running: such a row is one whose process died without a word
+    (killed, out of memory, power cut, a launched rank that took the others down). Returns
+    their ids, so the caller can remove what those rounds left on disk."""
     abandoned = conn.execute(
-        """UPDATE retrain_runs SET status = 'failed', finished_at = now(),
-               error = 'abandoned: the process running this round died before finishing '
-                       '(killed or out of memory?); found when the next round started'
-           WHERE status = 'running' RETURNING id"""
+        """UPDATE retrain_runs SET status = 'failed', finished_at = now(), error = %s
+           WHERE status = 'running' RETURNING id""",
+        (error,),
     ).fetchall()
     for (run_id,) in abandoned:
         log.warning("retrain run %d was left 'running' by a process that died: marked failed", run_id)
+    return [run_id for (run_id,) in abandoned]
+
+
+def start_run(conn: psycopg.Connection, trigger: str) -> Run:
+    abandoned = close_abandoned_runs(conn)  # so the history is true before this round begins
     row = conn.execute(
         "INSERT INTO retrain_runs (trigger) VALUES (%s) RETURNING id", (trigger,)
     ).fetchone()
-    return Run(id=row[0], trigger=trigger)
+    return Run(id=row[0], trigger=trigger, abandoned=abandoned)
 
 
 def _json(value) -> str:

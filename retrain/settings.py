@@ -167,7 +167,10 @@ class RetrainSettings(ModelSettings):
     retrain_min_pairs: int = Field(8, ge=1, description="Fewest preference pairs for a round to run.")
     retrain_min_prompts: int = Field(8, ge=1, description="Fewest PPO prompts for a round to run.")
     retrain_ppo_iterations: int = Field(2, ge=1, description="PPO iterations per round.")
-    retrain_ppo_batch_size: int = Field(8, ge=1, description="Prompts (answers) per PPO iteration.")
+    retrain_ppo_batch_size: int = Field(
+        8, ge=1, description="Prompts (answers) per PPO iteration, per process (a launch of N "
+        "processes samples N times as many)."
+    )
     retrain_ppo_epochs: int = Field(
         2, ge=1, description="PPO passes over each iteration's answers (the update's cost scales with it)."
     )
@@ -193,6 +196,13 @@ class RetrainSettings(ModelSettings):
         "round usually shares the machine with a server, and oversubscribed threads wait on each "
         "other (measured: greedy generation 6.5x slower with 2 threads than with 1 on a busy "
         "2-core machine). Raise it on a machine of the round's own.",
+    )
+    retrain_launcher: str | None = Field(
+        None,
+        description="Run each round (`once`, and every round `serve` starts) as processes of this "
+        "launcher, which is given `-m retrain once ...`: e.g. 'accelerate launch --multi_gpu "
+        "--num_processes 4' for data-parallel PPO and reward training on 4 GPUs. Unset: the round "
+        "runs in the command's own process.",
     )
     retrain_config_file: Path | None = Field(
         None, description="JSON file setting any field of the full config (see `python -m retrain config`)."

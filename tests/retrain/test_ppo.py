@@ -189,6 +189,39 @@ def test_mask_after_eos_and_the_no_eos_penalty():
     assert torch.equal(apply_no_eos_penalty(scores, has_eos, penalty=None), scores)
 
 
+def test_the_default_no_eos_penalty_is_added_so_cut_answers_keep_the_reward_models_signal():
+    from retrain.settings import RetrainSettings
+
+    assert PPOConfig().no_eos_penalty_mode == "add"
+    assert RetrainSettings(retrain_config_file=None).retrain_config().ppo.no_eos_penalty_mode == "add"
+
+    # A batch like SmolLM2's at 64 tokens: two answers of three are cut (no EOS). Normalised
+    # reward-model scores; the cut ones range from much liked to much disliked.
+    scores = torch.tensor([1.5, 0.5, -0.5, -1.5, 0.8, -0.8])
+    has_eos = torch.tensor([False, False, False, False, True, True])
+    cut = ~has_eos
+    mask = torch.ones(6, 4)  # every answer 4 tokens long; no KL (policy = reference)
+    zeros = torch.zeros(6, 4)
+
+    def first_token_advantages(mode: str) -> torch.Tensor:
+        final = apply_no_eos_penalty(scores, has_eos, penalty=-1.0, mode=mode)
+        rewards, _, _ = kl_penalised_rewards(final, zeros, zeros, mask, beta=0.05)
+        advantages, _ = compute_gae(rewards, zeros, mask)
+        return masked_whiten(advantages, mask)[:, 0]
+
+    replaced = apply_no_eos_penalty(scores, has_eos, penalty=-1.0, mode="replace")
+    added = apply_no_eos_penalty(scores, has_eos, penalty=-1.0, mode="add")
+    # replace: every cut answer scores -1, the reward model's view of them is gone; the one it
+    # disliked most (-1.5) is even raised.
+    assert replaced[cut].tolist() == [-1.0] * 4 and replaced[3] > scores[3]
+    assert first_token_advantages("replace")[cut].unique().numel() == 1  # PPO cannot tell them apart
+    # add: each cut answer exactly one penalty below its own score, the ranking kept, and so
+    # the advantages PPO follows still order the cut answers as the reward model does.
+    assert torch.allclose(added[cut], scores[cut] - 1.0)
+    advantages = first_token_advantages("add")[cut]
+    assert torch.equal(advantages.argsort(), scores[cut].argsort()) and advantages.unique().numel() == 4
+
+
 def test_adaptive_kl_controller_moves_beta_towards_target():
     above = AdaptiveKLController(0.1, target=6.0, horizon=100)
     above.update(current_kl=9.0, n_steps=10)  # error +0.5, clipped to +0.2: beta * (1 + 0.2 * 10 / 100)
