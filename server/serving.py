@@ -79,6 +79,7 @@ async def load(settings: ServerSettings) -> Engine:
         max_batch_size=settings.max_batch_size,
         context_length=settings.context_length,
         threads=settings.engine_threads,
+        merge_adapters=settings.engine_merge_adapters,
         limits=sampling_limits(settings),
     )
     engine = await start_local_engine(model_dir, config)
