@@ -37,7 +37,6 @@ from feedback.errors import InvalidInput, TooLong, WrongConversation
 from feedback.store import Message, User
 
 from . import serving
-from .api_paths import stored_prefix
 from .engine.base import TokenEvent
 from .errors import EngineFailed, InvalidParams, NothingToRegenerate, NotReady
 from .metrics import Metrics
@@ -367,7 +366,7 @@ class Chat:
 
     async def _store_api_path(self, conn, user: User, messages: list[dict[str, str]]) -> Message:
         """The stored message the answer goes under, writing what is not stored yet."""
-        prefix = await stored_prefix(conn, user, messages)
+        prefix = await store.find_path(conn, user, messages)
         if len(prefix) == len(messages):
             # The same conversation asked again: the new answer is a sibling of earlier ones.
             return await store.get_message(conn, user, prefix[-1])
