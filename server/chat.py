@@ -13,7 +13,8 @@ version and its first message are written in one transaction, so a refused turn 
 behind; the user's message is committed before the first token is sent.
 
 How a turn ends is always recorded, one way for every cause:
-- "stop" / "length": the model finished, or hit max_new_tokens;
+- "stop" / "length": the model finished, or hit max_new_tokens (or, in theory, the longest
+  answer the store takes, see Chat.answer_settings: the answer is cut there);
 - "cancelled": a cancel frame, a closed websocket or a dropped HTTP stream. The partial answer
   (possibly empty) is stored with finish_reason "cancelled", so the tree shows what was seen;
 - "error": the engine failed mid-answer; the partial answer is stored and the client is told.
@@ -121,6 +122,8 @@ class Answer:
         """The answer's text as produced. However it ends - finished, cancelled (the consumer
         was cancelled or closed this iterator) or failed - the answer is stored before the
         iterator finishes, and `finish_reason` says which."""
+        limit = self.chat.answer_settings.max_message_chars
+        length = 0
         try:
             async for event in self.request:
                 if isinstance(event, TokenEvent):
@@ -130,8 +133,17 @@ class Answer:
                             self.chat.metrics.time_to_first_token.observe(
                                 time.monotonic() - self.started_at
                             )
-                        self.parts.append(event.text)
-                        yield event.text
+                        text = event.text[: limit - length]
+                        if text:
+                            length += len(text)
+                            self.parts.append(text)
+                            yield text
+                        if len(text) < len(event.text):
+                            # Longer than any answer may be stored: cut here, as max_new_tokens would.
+                            log.warning("answer %s reached the %d-character limit for answers: cut there",
+                                        self.message_id, limit)
+                            self.finish_reason = "length"
+                            break
                 else:
                     self.finish_reason = event.finish_reason
                     self.completion_tokens = event.usage.completion_tokens
@@ -210,7 +222,9 @@ class Chat:
         # last heard decides which version a conversation runs on. None: the engine's default.
         self.swaps = None
         # MAX_MESSAGE_CHARS limits what people send; an answer is bounded by its token budget
-        # instead and must always be storable, so the store gets a limit it cannot reach.
+        # instead and must always be storable, so the store gets a limit the budget cannot
+        # reach, and an answer that reaches it anyway (an engine that ignores max_new_tokens,
+        # tokens longer than MAX_CHARS_PER_TOKEN) is cut there: finish_reason "length".
         self.answer_settings = settings.model_copy(
             update={
                 "max_message_chars": max(
