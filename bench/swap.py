@@ -141,7 +141,7 @@ def admin_url(args, workdir: Path) -> str:
     return embedded_url(workdir)  # a private PostgreSQL, stopped when this process exits
 
 
-def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[Path]:
+def make_adapters(model_dir: Path, root: Path, count: int, rank: int, targets: str) -> list[Path]:
     """`count` LoRA checkpoints on the base, with random non-zero weights (seeded)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -149,12 +149,12 @@ def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[Pa
     from deploy.checkpoint import base_model_name, load_base_policy, save_checkpoint
 
     base_id = base_model_name(model_dir)
+    target_modules = targets if targets == "all-linear" else targets.split(",")
     paths = []
     for i in range(count):
         base = load_base_policy(model_dir)
         torch.manual_seed(1000 + i)
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj", "v_proj"],
-                            init_lora_weights=False)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules, init_lora_weights=False)
         adapter = get_peft_model(base.model, config)
         checkpoint_id = f"bench-lora-{i + 1}-{uuid.uuid4().hex[:6]}"
         save_checkpoint(root / checkpoint_id, adapter, checkpoint_id=checkpoint_id, parent_id=base_id,
@@ -163,21 +163,21 @@ def make_adapters(model_dir: Path, root: Path, count: int, rank: int) -> list[Pa
     return paths
 
 
-def time_idle_load(model_dir: Path, adapter: Path, threads: int | None) -> float:
-    """Median of 3 loads of `adapter` onto the base as the local engine does it (verify, then
-    merge onto a copy sharing the base's tensors), in ms."""
-    import torch
+async def time_idle_load(model_dir: Path, adapter: Path, threads: int | None) -> float:
+    """Median of 3 loads of `adapter` by a local engine serving the base, as the server's swap
+    does it (verify, read, apply to the base weights), with nothing else running, in ms."""
+    from server.engine.local import LocalEngineConfig, start_local_engine
 
-    from deploy.checkpoint import load_base_policy, load_policy
-
-    if threads:
-        torch.set_num_threads(threads)
-    base = load_base_policy(model_dir)
+    engine = await start_local_engine(model_dir, LocalEngineConfig(threads=threads, merge_adapters=False))
     times = []
-    for _ in range(3):
-        started = time.monotonic()
-        load_policy(adapter, base_model=base.model, base_model_dir=base.path, tokenizer=base.tokenizer)
-        times.append(time.monotonic() - started)
+    try:
+        for i in range(3):
+            started = time.monotonic()
+            await engine.load_version(f"idle-{i}", adapter)
+            times.append(time.monotonic() - started)
+            await engine.unload_version(f"idle-{i}")
+    finally:
+        await engine.close()
     return _ms(statistics.median(times))
 
 
@@ -433,9 +433,10 @@ async def run(args) -> Report:
     log.info("work directory %s (adapters, server log)", workdir)
     with scratch_database(admin_url(args, workdir)) as database_url:
         log.info("writing %d LoRA adapters on %s", args.swaps, base_id)
-        paths = await asyncio.to_thread(make_adapters, model_dir, workdir / "checkpoints", args.swaps, args.rank)
+        paths = await asyncio.to_thread(make_adapters, model_dir, workdir / "checkpoints", args.swaps, args.rank,
+                                        args.target_modules)
         adapters = await asyncio.to_thread(register, database_url, model_dir, paths)
-        report.idle_adapter_load_ms = await asyncio.to_thread(time_idle_load, model_dir, paths[0], args.engine_threads)
+        report.idle_adapter_load_ms = await time_idle_load(model_dir, paths[0], args.engine_threads)
         log.info("one adapter loads in %.0f ms on an idle engine", report.idle_adapter_load_ms)
         port = free_port()
         process = start_server(args, database_url, model_dir, workdir, port)
@@ -527,6 +528,8 @@ def parse_args(argv=None):
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--swaps", type=int, default=3, help="adapters promoted one after another")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the adapters")
+    parser.add_argument("--target-modules", default="q_proj,v_proj",
+                        help="modules the adapters adapt: comma-separated names, or all-linear (retraining's default)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--engine-threads", type=int, default=None, help="server's torch threads (default: torch's)")

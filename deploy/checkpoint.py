@@ -438,14 +438,7 @@ def _load_lora(directory, manifest, base_model_dir, base_model, tokenizer, merge
     if base_model is None and base_model_dir is None:
         raise ValueError(f"checkpoint {manifest.id} is a LoRA adapter: pass base_model_dir or base_model")
     if base_model_dir is not None:
-        found = base_model_name(base_model_dir)
-        if found != manifest.base_model:
-            raise BaseModelMismatch(
-                f"checkpoint {manifest.id} is an adapter for base model {manifest.base_model!r}, "
-                f"but {base_model_dir} is {found!r}: set MODEL to the base it was trained on",
-                path=directory,
-                checkpoint_id=manifest.id,
-            )
+        _check_base(manifest, directory, base_model_dir)
     if base_model is None:
         base = AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=dtype)
         model = PeftModel.from_pretrained(base, directory, is_trainable=False)
@@ -492,15 +485,25 @@ def _adapts_only_linear_layers(directory: Path) -> bool:
 _LORA_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 
 
-def _merged_plain_lora(base_model: Any, directory: Path) -> Any | None:
-    """The base with a plain LoRA adapter (Linear layers, no DoRA, no per-module patterns)
-    folded in: W + scaling * B @ A, as peft merges it, without peft's module surgery (which
-    takes seconds and dominates a hot swap). None for any other adapter: peft handles those."""
+@dataclass(frozen=True)
+class LoraFactors:
+    """A plain LoRA adapter as tensors: the Linear layer at each module path (e.g.
+    `model.layers.0.self_attn.q_proj`) computes W x + scaling * B (A x), with A [rank, in] and
+    B [out, rank] from `factors[path]`."""
+
+    factors: dict[str, tuple[Any, Any]]
+    scaling: float  # lora_alpha / r (/ sqrt(r) with rsLoRA)
+
+
+def read_lora_factors(directory: Path) -> LoraFactors | None:
+    """The factors of a plain LoRA adapter (Linear layers only: no DoRA, biases, saved modules
+    or per-module ranks), read straight from its safetensors file; None for any other adapter
+    (load those with `load_policy`, through peft). Checks nothing: verify first."""
     import math
 
-    import torch
     from safetensors.torch import load_file
 
+    directory = Path(directory)
     config = json.loads((directory / "adapter_config.json").read_text())
     weights_file = directory / "adapter_model.safetensors"
     plain = (
@@ -521,19 +524,67 @@ def _merged_plain_lora(base_model: Any, directory: Path) -> Any | None:
         if match is None:
             return None
         pairs.setdefault(match[1], {})[match[2]] = tensor
+    if any(set(factors) != {"A", "B"} for factors in pairs.values()):
+        return None
     rank, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoraFactors({path: (f["A"], f["B"]) for path, f in pairs.items()}, scaling)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A verified LoRA checkpoint read without touching any model: for a server that applies
+    the adapter on the fly next to the base weights it already holds (server/engine/runner.py)."""
+
+    manifest: Manifest
+    path: Path
+    lora: LoraFactors | None  # None: not a plain LoRA adapter; load it with `load_policy`
+    tokenizer: Any  # the checkpoint's own if saved, else the base's
+
+
+def load_adapter(directory: Path, *, base_model_dir: Path, tokenizer: Any = None) -> Adapter:
+    """Verify LoRA checkpoint `directory` (hashes, and that it was trained on the base at
+    `base_model_dir`) and read its factors; costs what the adapter file does, not the model."""
+    directory = Path(directory)
+    manifest = verify(directory)
+    if manifest.kind != "lora":
+        raise ValueError(f"checkpoint {manifest.id} is a {manifest.kind} checkpoint, not a LoRA adapter")
+    _check_base(manifest, directory, base_model_dir)
+    return Adapter(manifest, directory, read_lora_factors(directory),
+                   _lora_tokenizer(directory, base_model_dir, tokenizer, manifest))
+
+
+def _check_base(manifest: Manifest, directory: Path, base_model_dir: Path) -> None:
+    found = base_model_name(base_model_dir)
+    if found != manifest.base_model:
+        raise BaseModelMismatch(
+            f"checkpoint {manifest.id} is an adapter for base model {manifest.base_model!r}, "
+            f"but {base_model_dir} is {found!r}: set MODEL to the base it was trained on",
+            path=directory,
+            checkpoint_id=manifest.id,
+        )
+
+
+def _merged_plain_lora(base_model: Any, directory: Path) -> Any | None:
+    """The base with a plain LoRA adapter folded in: W + scaling * B @ A, as peft merges it,
+    without peft's module surgery (which takes seconds). Only the adapted layers get new
+    weights; every other tensor is the base's. None for any other adapter: peft handles those."""
+    import torch
+
+    lora = read_lora_factors(directory)
+    if lora is None:
+        return None
     try:
-        model = _copy_along(base_model, list(pairs))
+        model = _copy_along(base_model, list(lora.factors))
     except KeyError:  # the adapter names a layer this model does not have
         return None
-    for path, factors in pairs.items():
+    for path, (a, b) in lora.factors.items():
         layer = model.get_submodule(path)
-        if set(factors) != {"A", "B"} or not isinstance(layer, torch.nn.Linear):
+        if not isinstance(layer, torch.nn.Linear):
             return None
         weight = layer.weight.detach()
-        delta = factors["B"].to(weight.dtype) @ factors["A"].to(weight.dtype)
-        layer.weight = torch.nn.Parameter(weight + delta * scaling, requires_grad=False)  # a new tensor
+        delta = b.to(weight.dtype) @ a.to(weight.dtype)
+        layer.weight = torch.nn.Parameter(weight + delta * lora.scaling, requires_grad=False)  # a new tensor
     return model
 
 

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
-from psycopg.rows import class_row
+from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from .errors import (
@@ -544,6 +544,45 @@ async def siblings(
     if not found:
         raise NotFound("message", message_id)
     return found
+
+
+async def find_path(
+    conn: psycopg.AsyncConnection, user: User, turns: list[dict[str, str]]
+) -> list[UUID]:
+    """Ids of the longest stored path of the user's matching the start of `turns` (each a
+    {"role", "content"}): root first, each message a child of the previous one, same role and
+    content. The most recently active conversation's when several match; [] when not even the
+    first message matches.
+
+    The OpenAI-compatible API is stateless (each request re-sends the whole conversation): this
+    is how an API client's multi-turn chat stays one conversation, and how asking the same thing
+    again becomes a sibling answer that can be compared.
+    """
+    matched: list[UUID] = []
+    paths: dict[UUID, list[UUID]] = {}  # last message id -> the matching path ending there
+    async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+        for depth, turn in enumerate(turns):
+            if depth == 0:
+                await cur.execute(
+                    """SELECT m.id, NULL FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                       WHERE c.user_id = %s AND m.parent_id IS NULL AND m.role = %s AND m.content = %s
+                       ORDER BY c.updated_at DESC, m.created_at LIMIT 50""",
+                    (user.id, turn["role"], turn["content"]),
+                )
+            else:
+                await cur.execute(
+                    """SELECT m.id, m.parent_id FROM messages m
+                       JOIN conversations c ON c.id = m.conversation_id
+                       WHERE c.user_id = %s AND m.parent_id = ANY(%s) AND m.role = %s AND m.content = %s
+                       ORDER BY c.updated_at DESC, m.created_at LIMIT 50""",
+                    (user.id, list(paths), turn["role"], turn["content"]),
+                )
+            paths = {row[0]: paths.get(row[1], []) + [row[0]] for row in await cur.fetchall()}
+            if not paths:
+                break
+            # Dicts keep insertion order: the first is the most recently active conversation.
+            matched = next(iter(paths.values()))
+    return matched
 
 
 # -- feedback ---------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ version and its first message are written in one transaction, so a refused turn 
 behind; the user's message is committed before the first token is sent.
 
 How a turn ends is always recorded, one way for every cause:
-- "stop" / "length": the model finished, or hit max_new_tokens;
+- "stop" / "length": the model finished, or hit max_new_tokens (or, in theory, the longest
+  answer the store takes, see Chat.answer_settings: the answer is cut there);
 - "cancelled": a cancel frame, a closed websocket or a dropped HTTP stream. The partial answer
   (possibly empty) is stored with finish_reason "cancelled", so the tree shows what was seen;
 - "error": the engine failed mid-answer; the partial answer is stored and the client is told.
@@ -37,7 +38,6 @@ from feedback.errors import InvalidInput, TooLong, WrongConversation
 from feedback.store import Message, User
 
 from . import serving
-from .api_paths import stored_prefix
 from .engine.base import TokenEvent
 from .errors import EngineFailed, InvalidParams, NothingToRegenerate, NotReady
 from .metrics import Metrics
@@ -122,6 +122,8 @@ class Answer:
         """The answer's text as produced. However it ends - finished, cancelled (the consumer
         was cancelled or closed this iterator) or failed - the answer is stored before the
         iterator finishes, and `finish_reason` says which."""
+        limit = self.chat.answer_settings.max_message_chars
+        length = 0
         try:
             async for event in self.request:
                 if isinstance(event, TokenEvent):
@@ -131,8 +133,17 @@ class Answer:
                             self.chat.metrics.time_to_first_token.observe(
                                 time.monotonic() - self.started_at
                             )
-                        self.parts.append(event.text)
-                        yield event.text
+                        text = event.text[: limit - length]
+                        if text:
+                            length += len(text)
+                            self.parts.append(text)
+                            yield text
+                        if len(text) < len(event.text):
+                            # Longer than any answer may be stored: cut here, as max_new_tokens would.
+                            log.warning("answer %s reached the %d-character limit for answers: cut there",
+                                        self.message_id, limit)
+                            self.finish_reason = "length"
+                            break
                 else:
                     self.finish_reason = event.finish_reason
                     self.completion_tokens = event.usage.completion_tokens
@@ -211,7 +222,9 @@ class Chat:
         # last heard decides which version a conversation runs on. None: the engine's default.
         self.swaps = None
         # MAX_MESSAGE_CHARS limits what people send; an answer is bounded by its token budget
-        # instead and must always be storable, so the store gets a limit it cannot reach.
+        # instead and must always be storable, so the store gets a limit the budget cannot
+        # reach, and an answer that reaches it anyway (an engine that ignores max_new_tokens,
+        # tokens longer than MAX_CHARS_PER_TOKEN) is cut there: finish_reason "length".
         self.answer_settings = settings.model_copy(
             update={
                 "max_message_chars": max(
@@ -231,11 +244,11 @@ class Chat:
             raise NotReady()
         return self.engine
 
-    def _version_for(self, conversation_id: UUID, assigned: str | None) -> str:
+    def _version_for(self, key: UUID | str | None, assigned: str | None) -> str:
         """Chosen right before submitting, with no await in between, so the version cannot be
         unloaded in the meantime."""
         state = self.swaps.state if self.swaps is not None else None
-        return serving.conversation_version(self.engine, state, conversation_id, assigned)
+        return serving.conversation_version(self.engine, state, key, assigned)
 
     def _check_length(self, content: str) -> None:
         if len(content) > self.settings.max_message_chars:
@@ -344,9 +357,11 @@ class Chat:
         model: str | None,
     ) -> Answer:
         """An API request (see openai_api's module doc): its messages array is found among the
-        user's stored paths or stored as one, and the answer is appended at its end."""
+        user's stored paths or stored as one, and the answer is appended at its end. `model`
+        None ("default") runs where the canary decision says (see `_api_version`); a named one
+        must be served here."""
         engine = self._ready_engine()
-        version = serving.pick_version(engine, model)
+        named = None if model is None else serving.pick_version(engine, model)
         params = resolve_params(self.settings, asked)
         for m in messages:
             self._check_length(m["content"])
@@ -355,9 +370,15 @@ class Chat:
         release = self.quotas.take_slot(user.id)
         request = None
         try:
-            request = serving.submit(engine, prompt, params, version)
             async with self.pool.connection() as conn, conn.transaction():
-                question = await self._store_api_path(conn, user, messages)
+                place = await _api_place(conn, user, messages)
+                assigned = None if place.conversation_id is None else await _assigned_version(
+                    conn, place.conversation_id
+                )
+                version = named or self._api_version(user, place.conversation_id, assigned)
+                request = serving.submit(engine, prompt, params, version)
+                question = await self._store_api_path(conn, user, place, messages)
+                await _remember_version(conn, question.conversation_id, assigned, request.model_version)
         except BaseException:
             if request is not None:
                 request.cancel()
@@ -365,24 +386,28 @@ class Chat:
             raise
         return self._answer(user, question, params, prompt, request, release)
 
-    async def _store_api_path(self, conn, user: User, messages: list[dict[str, str]]) -> Message:
+    def _api_version(self, user: User, conversation_id: UUID | None, assigned: str | None) -> str:
+        """The version an API request for "default" runs on. A conversation the client continues
+        keeps its version, as over the websocket; otherwise deploy.canary chooses on a key of
+        the client (its user), not of the request: API clients re-send whole conversations and
+        often start new ones, and one client should see one policy, not a mix."""
+        if assigned is not None:
+            return self._version_for(conversation_id, assigned)
+        return self._version_for(api_client_key(user), None)
+
+    async def _store_api_path(self, conn, user: User, place: _ApiPlace, messages: list[dict[str, str]]) -> Message:
         """The stored message the answer goes under, writing what is not stored yet."""
-        prefix = await stored_prefix(conn, user, messages)
-        if len(prefix) == len(messages):
-            # The same conversation asked again: the new answer is a sibling of earlier ones.
-            return await store.get_message(conn, user, prefix[-1])
-        if prefix and len(prefix) == len(messages) - 1 and messages[-2]["role"] == "assistant":
-            # The client continues a stored conversation (it re-sent our last answer).
-            last = await store.get_message(conn, user, prefix[-1])
-            conversation_id, parent_id, new = last.conversation_id, last.id, messages[-1:]
-        else:
+        if place.question is not None:
+            return place.question  # the same conversation asked again: a sibling answer
+        conversation_id, parent_id = place.conversation_id, place.parent_id
+        if conversation_id is None:
             first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
             conversation = await store.create_conversation(
                 conn, user, _title(first_user), settings=self.settings
             )
-            conversation_id, parent_id, new = conversation.id, None, messages
+            conversation_id = conversation.id
         parent = None
-        for m in new:
+        for m in place.new:
             parent = await store.add_message(
                 conn,
                 user,
@@ -431,6 +456,34 @@ class Chat:
         if self.metrics:
             self.metrics.feedback.labels("compare").inc()
         return comparison_id
+
+
+def api_client_key(user: User) -> str:
+    """What the canary decision hashes for an API client's new conversations: its user, so the
+    same client keeps getting the same version (the same on every replica)."""
+    return f"user:{user.id}"
+
+
+@dataclass(frozen=True)
+class _ApiPlace:
+    """Where an API request's messages array lives in the user's tree (openai_api's module doc)."""
+
+    conversation_id: UUID | None  # None: a new conversation holding every message
+    parent_id: UUID | None  # the stored message the new ones continue
+    new: list[dict[str, str]]  # the messages to store under it
+    question: Message | None = None  # found whole (the same question again): the answer's parent
+
+
+async def _api_place(conn, user: User, messages: list[dict[str, str]]) -> _ApiPlace:
+    prefix = await store.find_path(conn, user, messages)
+    if len(prefix) == len(messages):
+        question = await store.get_message(conn, user, prefix[-1])
+        return _ApiPlace(question.conversation_id, question.id, [], question)
+    if prefix and len(prefix) == len(messages) - 1 and messages[-2]["role"] == "assistant":
+        # The client continues a stored conversation (it re-sent our last answer).
+        last = await store.get_message(conn, user, prefix[-1])
+        return _ApiPlace(last.conversation_id, last.id, messages[-1:])
+    return _ApiPlace(None, None, messages)
 
 
 # A conversation's version (conversations.model_version, see deploy/canary.py): the one its

@@ -12,7 +12,10 @@ caller's stored paths (same roles and contents, in order):
 The response `id` is the stored answer's id, so `POST /api/messages/{id}/feedback` and
 `/compare` work for API users too.
 
-`model` may be "default" (the serving policy) or a version from `GET /v1/models`. Sampling:
+`model` may be "default" (or omitted) or a version from `GET /v1/models`. "default" follows the
+canary like a new websocket conversation does: a continued conversation keeps its version, and
+a new one gets the canary for the canary's share of API clients, chosen on the client's user,
+so one client sees one policy (see Chat._api_version). Sampling:
 temperature, top_p and max_tokens (or max_completion_tokens) within the server's bounds.
 Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`.
 """
@@ -70,7 +73,8 @@ class ChatCompletionRequest(BaseModel):
     # OpenAI clients send many optional fields; unknown ones are ignored, unsupported ones
     # with a meaning we cannot honour (n > 1, tools) are refused.
     model_config = ConfigDict(extra="allow")
-    # "default" or a served version (GET /v1/models).
+    # "default" (the serving policy, or the canary for its share of clients) or a served
+    # version (GET /v1/models).
     model: str = "default"
     # The conversation so far; the last message must be the user's.
     messages: list[ChatMessage] = Field(min_length=1)

@@ -79,6 +79,7 @@ async def load(settings: ServerSettings) -> Engine:
         max_batch_size=settings.max_batch_size,
         context_length=settings.context_length,
         threads=settings.engine_threads,
+        merge_adapters=settings.engine_merge_adapters,
         limits=sampling_limits(settings),
     )
     engine = await start_local_engine(model_dir, config)
@@ -114,24 +115,25 @@ def pick_version(engine: Engine, asked: str | None) -> str:
 
 
 def conversation_version(
-    engine: Engine, state: ServingState | None, conversation_id: UUID | None, assigned: str | None
+    engine: Engine, state: ServingState | None, key: UUID | str | None, assigned: str | None
 ) -> str:
     """The version a conversation's next answer runs on, among those this engine serves.
 
     A conversation keeps the version it was given (`assigned`) while the registry still has it
     live (serving or canary) and this replica serves it; otherwise it gets the serving one. A
-    conversation with none yet gets deploy.canary's choice: the canary for its share of
-    conversation ids (the same choice on every replica), else the serving policy. Where this
-    replica could not load the choice, what it serves by default answers instead.
+    conversation with none yet gets deploy.canary's choice on `key` (its id; for an API client,
+    a key of the client's, so one client sees one version): the canary for its share of keys
+    (the same choice on every replica), else the serving policy. Where this replica could not
+    load the choice, what it serves by default answers instead.
     """
     default = engine.default_version
     served = engine.versions()
     if assigned is not None:
         live = state is None or assigned in state.live_versions
         return assigned if live and assigned in served else default
-    if conversation_id is None or state is None or state.serving is None or state.canary is None:
+    if key is None or state is None or state.serving is None or state.canary is None:
         return default
-    chosen = choose_version(conversation_id, state)
+    chosen = choose_version(key, state)
     return chosen if chosen in served else default
 
 

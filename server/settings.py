@@ -63,6 +63,13 @@ class ServerSettings(ModelSettings, DeploySettings):
     engine_threads: int | None = Field(
         None, gt=0, description="torch threads of the local engine. Unset: torch's default."
     )
+    engine_merge_adapters: bool = Field(
+        True,
+        description="Local engine: once a LoRA version serves (its adapter applied on the fly), fold "
+        "the adapter into private copies of the weights it touches, in the background: base decode "
+        "speed for that memory. false: keep applying it on the fly (~12% slower decode with an adapter "
+        "on every projection, no extra memory).",
+    )
 
     # Who may chat.
     allow_anonymous: bool | None = Field(

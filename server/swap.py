@@ -5,8 +5,9 @@ re-read on every (re)connect) and reconciles the engine with every state it hear
 its own so the listener never waits for weights to load:
 
 1. every live version (the serving one, then the canary) that the engine lacks is verified
-   against its manifest and loaded next to the versions already served (a LoRA adapter is
-   merged onto a copy of the base weights; the base itself is shared);
+   against its manifest and loaded next to the versions already served (the local engine
+   applies a LoRA adapter to the one base weight set it holds, so this costs the adapter's
+   file, not the model: see server/engine/local.py);
 2. the serving version becomes the engine's default: new requests get it, requests in flight
    finish on the weights they started with;
 3. versions no longer live get no new conversations and are unloaded once their streams have
@@ -215,8 +216,10 @@ class SwapController:
             # Past its drain and being unloaded right now: the engine frees it, then it reloads.
             await asyncio.wait({draining})
         started = time.monotonic()
+        log.info("replica %s loading %s (%s) from %s", self.replica, ref.id, ref.kind, ref.path)
         try:
-            await asyncio.to_thread(verify_policy_files, ref)
+            if not self.engine.verifies_checkpoints:  # else it does, as it reads them: hash once
+                await asyncio.to_thread(verify_policy_files, ref)
             await self.engine.load_version(ref.id, ref.path)
         except asyncio.CancelledError:
             raise

@@ -232,6 +232,10 @@ class EngineStats:
 class Engine(ABC):
     """What the server uses to generate. All methods are called on the event loop."""
 
+    # Whether load_version verifies a checkpoint's files itself (it reads them); when not, the
+    # caller verifies them first (server/swap.py).
+    verifies_checkpoints: bool = False
+
     @property
     @abstractmethod
     def ready(self) -> bool:

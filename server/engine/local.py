@@ -22,11 +22,15 @@ How a step works (one worker thread, off the event loop):
    and its row reused (the batch stays dense: the last row moves into the hole).
 4. Events are handed to the loop in one `call_soon_threadsafe` per step.
 
-Versions: each holds its own weights and KV cache. A LoRA adapter is merged into a copy of the
-base that shares every tensor the adapter does not change (merged weights are fastest to
-serve); loading and packing happen off the loop and off the worker. A request keeps the
-version it was submitted on, so during a swap both versions decode side by side until the old
-one drains.
+Versions: each has its own runner and KV cache. One base weight set is loaded (and packed)
+once; a LoRA version is that runner plus the adapter's A/B matrices, applied on the fly
+(runner.py `with_adapter`), so loading one costs reading and hashing its file - tens of ms,
+whatever the model's size - and a swap waits for nothing else. With `merge_adapters` the
+adapter is then folded into private copies of the weights it touches, in the background once
+the version serves (an adapter on every projection costs ~12% per decode step unmerged on
+SmolLM2). Everything a version needs, its KV cache included, is built off the loop and off the
+worker. A request keeps the version it was submitted on, so during a swap both versions decode
+side by side until the old one drains.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from typing import Any
 
 import torch
 
-from deploy.checkpoint import Policy, load_base_policy, load_policy, read_manifest
+from deploy.base_model import is_model_dir
+from deploy.checkpoint import MANIFEST_NAME, Policy, load_adapter, load_base_policy, load_policy, read_manifest
 
 from ..prompt import Prompt, PromptTooLong
 from .base import (
@@ -85,6 +90,9 @@ class LocalEngineConfig:
     context_length: int = 2048  # prompt + answer per sequence (capped by the model's own)
     threads: int | None = None  # torch intra-op threads; None leaves torch's default
     fast_path: bool = True  # the lean Llama forward (runner.py) when the model is a Llama
+    # Fold a LoRA version's adapter into private copies of the weights it touches, in the
+    # background once it serves: base decode speed, for that memory and seconds of CPU per swap.
+    merge_adapters: bool = True
     seed: int | None = None  # sampling seed, for reproducible runs
     limits: SamplingLimits = SamplingLimits()
 
@@ -94,7 +102,8 @@ class _Version:
     """Loop-side record of a loaded version."""
 
     name: str
-    policy: Policy
+    tokenizer: Any
+    context_length: int
     accepting: bool = True
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,9 +137,10 @@ class _Batch:
     def __init__(self, name: str, model: Any, runner: Any, tokenizer: Any, stop_ids: frozenset[int],
                  config: LocalEngineConfig, context_length: int):
         self.name = name
-        self.model = model
+        self.model = model  # its config, dtype and device (a LoRA version's: the base model)
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
+        self.context_length = context_length
         self.waiting: deque[_Sequence] = deque()
         self.prefilling: list[_Sequence] = []
         self.decoding: list[_Sequence] = []  # decoding[i].row == i, always
@@ -164,12 +174,16 @@ class _Batch:
 class LocalEngine(VersionedEngine):
     """See the module docstring. Construct, `await start()`, then `await load_base(path)`."""
 
+    verifies_checkpoints = True  # load_version hashes every file it reads
+
     def __init__(self, config: LocalEngineConfig = LocalEngineConfig()):
         self.config = config
         self._versions: dict[str, _Version] = {}
         self._default: str | None = None
-        self._base: Policy | None = None  # pristine base weights LoRA versions are merged onto
-        self._base_runner: Any = None  # its packed weights, shared by LoRA versions where unchanged
+        self._base: Policy | None = None  # the one base weight set LoRA versions are applied to
+        self._base_runner: Any = None  # its packed weights, shared by every LoRA version
+        self._base_stops: frozenset[int] = frozenset()  # its stop ids (reading the vocabulary takes ~50 ms)
+        self._merging: dict[str, asyncio.Task] = {}  # version -> folding its adapter in (merge_adapters)
         self._generations: dict[str, Generation] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -206,6 +220,9 @@ class LocalEngine(VersionedEngine):
         self._closed = True
         for generation in list(self._generations.values()):
             generation.cancel()
+        for task in self._merging.values():
+            task.cancel()
+        await asyncio.gather(*self._merging.values(), return_exceptions=True)
         if self._thread is not None:
             self._commands.put(("stop",))
             await asyncio.to_thread(self._thread.join)
@@ -226,12 +243,11 @@ class LocalEngine(VersionedEngine):
 
     @property
     def tokenizer(self) -> Any:
-        return self._require_default().policy.tokenizer
+        return self._require_default().tokenizer
 
     @property
     def context_length(self) -> int:
-        policy = self._require_default().policy
-        return _context_length(policy.model, self.config.context_length)
+        return self._require_default().context_length
 
     @property
     def default_version(self) -> str:
@@ -242,60 +258,104 @@ class LocalEngine(VersionedEngine):
 
     async def load_base(self, path: str | Path, *, make_default: bool = True) -> str:
         """Load the base model directory (verified if it is a checkpoint); LoRA versions are
-        merged onto it. Returns its version name."""
+        applied to its weights. Returns its version name."""
+        started = time.perf_counter()
         policy = await asyncio.to_thread(load_base_policy, Path(path))
-        runner = await asyncio.to_thread(self._make_runner, policy.model)
-        self._base, self._base_runner = policy, runner
-        return self.add_policy(policy, make_default=make_default or self._default is None, runner=runner)
+        batch = await asyncio.to_thread(self._base_batch, policy)
+        self._base, self._base_runner, self._base_stops = policy, batch.runner, batch.stop_ids
+        self._add(batch, make_default=make_default or self._default is None)
+        log.info("loaded the base %s in %.2f s", batch.name, time.perf_counter() - started)
+        return batch.name
 
     async def load_version(self, version: str, path: str | Path, *, make_default: bool = False) -> None:
+        """Verify and load checkpoint `path` as `version` (see the module docstring for what
+        that costs); nothing changes when it fails."""
         if version in self._versions:
             raise ValueError(f"version {version!r} is already loaded; unload it first or use another id")
-        # Loading, merging and packing weights take a while: off the loop, and off the worker
-        # (which keeps decoding the versions already served meanwhile).
-        policy = await asyncio.to_thread(self._load_policy, Path(path))
-        runner = await asyncio.to_thread(self._make_runner, policy.model)
-        self.add_policy(policy, version=version, make_default=make_default, runner=runner)
+        started = time.perf_counter()
+        # Off the loop, and off the worker (which keeps decoding the versions already served).
+        batch = await asyncio.to_thread(self._prepare_version, version, Path(path))
+        if self._closed:
+            raise EngineNotReady("the engine was closed while the version loaded")
+        if version in self._versions:
+            raise ValueError(f"version {version!r} was loaded meanwhile")
+        self._add(batch, make_default=make_default)
+        log.info("loaded %s in %.3f s (%s)", version, time.perf_counter() - started, _runner_kind(batch.runner))
+        if self.config.merge_adapters and getattr(batch.runner, "adapted", False):
+            self._merging[version] = asyncio.create_task(self._merge(version, batch.runner), name=f"merge-{version}")
 
-    def _make_runner(self, model: Any) -> Any:
+    def _base_batch(self, policy: Policy) -> _Batch:
+        return self._batch(policy.version, policy.model, self._make_runner(policy.model), policy.tokenizer)
+
+    def _make_runner(self, model: Any, reuse: Any = None) -> Any:
         _prefer_sdpa(model)
         return make_runner(model, fast=self.config.fast_path, batch_hint=min(self.config.max_batch_size, 16),
-                           reuse=self._base_runner)
+                           reuse=reuse)
 
-    def _load_policy(self, path: Path) -> Policy:
-        started = time.monotonic()
-        if read_manifest(path).kind == "lora":
-            if self._base is None:
+    def _batch(self, name: str, model: Any, runner: Any, tokenizer: Any) -> _Batch:
+        """Everything the worker needs to serve a version, its KV cache allocated, built here so
+        the worker only adds it to its table."""
+        base = self._base
+        shares_base = base is not None and model is base.model and tokenizer is base.tokenizer
+        stop_ids = self._base_stops if shares_base else _stop_token_ids(model, tokenizer)
+        context_length = _context_length(model, self.config.context_length)
+        return _Batch(name, model, runner, tokenizer, stop_ids, self.config, context_length)
+
+    def _prepare_version(self, name: str, path: Path) -> _Batch:
+        base, base_runner = self._base, self._base_runner
+        if base is not None and path.resolve() == base.path.resolve():
+            # The base again (a rollback to it after it drained): its weights never left.
+            return self._batch(name, base.model, base_runner, base.tokenizer)
+        if not (path / MANIFEST_NAME).exists() and is_model_dir(path):
+            policy = load_base_policy(path)  # a plain model directory (MODEL), no manifest to verify
+        elif read_manifest(path).kind == "lora":
+            if base is None:
                 raise EngineNotReady("a LoRA version needs the base model: call load_base first")
-            policy = load_policy(
-                path, base_model=self._base.model, base_model_dir=self._base.path, tokenizer=self._base.tokenizer
-            )
+            adapter = load_adapter(path, base_model_dir=base.path, tokenizer=base.tokenizer)
+            with_adapter = getattr(base_runner, "with_adapter", None)
+            runner = with_adapter(adapter.lora.factors, adapter.lora.scaling) if adapter.lora and with_adapter else None
+            if runner is not None:
+                return self._batch(name, base.model, runner, adapter.tokenizer)
+            # Another kind of adapter (or the generic runner): merged into a copy of the layers it
+            # touches, the base's other tensors shared.
+            policy = load_policy(path, base_model=base.model, base_model_dir=base.path, tokenizer=base.tokenizer)
         else:
             policy = load_policy(path)
-        log.info("loaded %s (%s) in %.2f s", policy.version, policy.manifest.kind, time.monotonic() - started)
-        return policy
+        return self._batch(name, policy.model, self._make_runner(policy.model, reuse=base_runner), policy.tokenizer)
 
-    def add_policy(self, policy: Policy, *, version: str | None = None, make_default: bool = False,
-                   runner: Any = None) -> str:
-        """Serve an already loaded policy as `version` (default: its checkpoint id)."""
-        name = version or policy.version
-        if name in self._versions:
-            raise ValueError(f"version {name!r} is already loaded")
-        runner = runner or self._make_runner(policy.model)
-        self._versions[name] = _Version(name, policy)
-        stop_ids = _stop_token_ids(policy.model, policy.tokenizer)
-        context_length = _context_length(policy.model, self.config.context_length)
-        self._commands.put(("add_version", name, policy.model, runner, policy.tokenizer, stop_ids, context_length))
+    async def _merge(self, version: str, runner: Any) -> None:
+        """Fold `version`'s adapter into its weights off the loop and the worker, then have the
+        worker use the merged runner from its next step (same results, base speed)."""
+        started = time.perf_counter()
+        try:
+            merged = await asyncio.to_thread(runner.merged)
+            if version in self._versions and not self._closed:
+                self._commands.put(("set_runner", version, runner, merged))
+                log.info("merged the adapter of %s in %.2f s", version, time.perf_counter() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # it keeps serving unmerged: slower, not wrong
+            log.exception("could not merge the adapter of %s; it keeps serving unmerged", version)
+        finally:
+            if self._merging.get(version) is asyncio.current_task():
+                del self._merging[version]
+
+    def _add(self, batch: _Batch, *, make_default: bool) -> None:
+        name = batch.name
+        self._versions[name] = _Version(name, batch.tokenizer, batch.context_length)
+        self._commands.put(("add_version", batch))
         if make_default or self._default is None:
             self._default = name
         log.info("serving version %s%s", name, " (default)" if self._default == name else "")
-        return name
 
     def _live_generations(self) -> list[Generation]:
         return list(self._generations.values())
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
         await self._drain_and_forget(version, timeout)
+        merging = self._merging.pop(version, None)
+        if merging is not None:
+            merging.cancel()
         self._commands.put(("drop_version", version))
         log.info("unloaded version %s", version)
 
@@ -332,7 +392,7 @@ class LocalEngine(VersionedEngine):
         if record is None or not record.accepting:
             raise UnknownModelVersion(name, self.versions())
         prompt_ids = [int(t) for t in prompt.token_ids]
-        context_length = _context_length(record.policy.model, self.config.context_length)
+        context_length = record.context_length
         if not prompt_ids or len(prompt_ids) >= context_length:
             raise PromptTooLong(len(prompt_ids), context_length - 1, context_length, params.max_new_tokens)
         if len(self._generations) >= self.config.max_batch_size + self.config.max_waiting:
@@ -353,7 +413,7 @@ class LocalEngine(VersionedEngine):
             temperature=params.temperature,
             top_p=params.top_p,
             max_new_tokens=min(params.max_new_tokens, context_length - len(prompt_ids)),
-            detokenizer=IncrementalDetokenizer(record.policy.tokenizer),
+            detokenizer=IncrementalDetokenizer(record.tokenizer),
         )
         self._commands.put(("submit", sequence))
         return generation
@@ -427,8 +487,13 @@ class LocalEngine(VersionedEngine):
                     self._remove(sequence)
                     self._finish(sequence, "cancelled")
             elif kind == "add_version":
-                _, name, model, runner, tokenizer, stop_ids, context_length = command
-                self._batches[name] = _Batch(name, model, runner, tokenizer, stop_ids, self.config, context_length)
+                batch = command[1]
+                self._batches[batch.name] = batch
+            elif kind == "set_runner":
+                _, name, old, new = command
+                batch = self._batches.get(name)
+                if batch is not None and batch.runner is old:
+                    batch.runner = new
             elif kind == "drop_version":
                 batch = self._batches.pop(command[1], None)
                 for sequence in [*batch.waiting, *batch.prefilling, *batch.decoding] if batch else []:
@@ -658,6 +723,12 @@ def _context_length(model: Any, configured: int) -> int:
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     native = getattr(config, "max_position_embeddings", None) or configured
     return min(configured, native)
+
+
+def _runner_kind(runner: Any) -> str:
+    if getattr(runner, "adapted", False):
+        return "adapter applied on the fly to the shared base weights"
+    return f"{runner.name} runner"
 
 
 def _prefer_sdpa(model: Any) -> None:

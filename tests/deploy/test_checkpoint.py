@@ -14,6 +14,7 @@ from deploy.checkpoint import (
     CheckpointCorrupt,
     CheckpointExists,
     CheckpointNotFound,
+    load_adapter,
     load_base_policy,
     load_policy,
     new_checkpoint_id,
@@ -158,6 +159,37 @@ def test_an_adapter_refuses_another_base(base, tiny_model_dir, tmp_path):  # noq
         load_policy(target, base_model_dir=tiny_model_dir)
 
 
+def test_an_adapter_is_read_as_its_factors_without_a_model(base, tiny_model_dir, tmp_path):  # noqa: F811
+    """What a server applying adapters itself reads: verified, base checked, A/B per layer."""
+    adapter = lora_adapter(base.model, seed=7)
+    target = tmp_path / "ck"
+    save_checkpoint(target, adapter, base_model="TinySmolLM2")
+    read = load_adapter(target, base_model_dir=tiny_model_dir, tokenizer=base.tokenizer)
+    assert read.manifest.id == "ck" and read.tokenizer is base.tokenizer
+    assert read.lora.scaling == 16 / 4  # lora_alpha / r
+    assert set(read.lora.factors) == {
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in ("q", "v")
+    }
+    a, b = read.lora.factors["model.layers.1.self_attn.v_proj"]
+    v_proj = adapter.base_model.model.model.layers[1].self_attn.v_proj
+    torch.testing.assert_close(a, v_proj.lora_A["default"].weight.detach())
+    torch.testing.assert_close(b, v_proj.lora_B["default"].weight.detach())
+    # W + scaling * B @ A is what peft serves.
+    q_proj = base.model.model.layers[0].self_attn.q_proj
+    a, b = read.lora.factors["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(3, q_proj.in_features)
+    with torch.inference_mode():
+        expected = adapter.base_model.model.model.layers[0].self_attn.q_proj.eval()(x)
+        torch.testing.assert_close(q_proj(x) + read.lora.scaling * (x @ a.T) @ b.T, expected, rtol=1e-4, atol=1e-4)
+
+    save_checkpoint(tmp_path / "other", lora_adapter(base.model), base_model="SomeOtherBase")
+    with pytest.raises(BaseModelMismatch):
+        load_adapter(tmp_path / "other", base_model_dir=tiny_model_dir)
+    (target / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointCorrupt):
+        load_adapter(target, base_model_dir=tiny_model_dir)
+
+
 def test_ids_are_validated_and_generated_unique(tmp_path):
     with pytest.raises(ValueError):
         write_files(tmp_path / "x", {"a": b"b"}, checkpoint_id="../escape", base_model="B", kind="lora")
@@ -176,6 +208,7 @@ def test_other_adapter_kinds_merge_through_peft(base, tmp_path):
                         init_lora_weights=False)
     adapter = get_peft_model(copy.deepcopy(base.model), config).eval()
     save_checkpoint(tmp_path / "dora", adapter, base_model="TinySmolLM2")
+    assert load_adapter(tmp_path / "dora", base_model_dir=base.path).lora is None, "not plain: no factors"
     before = logits(base.model)
     policy = load_policy(tmp_path / "dora", base_model=base.model, tokenizer=base.tokenizer)
     torch.testing.assert_close(logits(policy.model), logits(adapter), rtol=1e-4, atol=1e-4)

@@ -94,6 +94,35 @@ async def test_path_to_root_runs_root_first_along_one_branch(aconn, new_user):
     assert [m.id for m in await store.path_to_root(aconn, alice, system.id)] == [system.id]
 
 
+async def test_find_path_finds_the_longest_stored_prefix_of_the_users_own(aconn, new_user):
+    """How the OpenAI API finds where a re-sent messages array lives in the tree."""
+    alice, bob = await new_user(), await new_user()
+    chat = await store.create_conversation(aconn, alice)
+    system = await store.add_message(aconn, alice, chat.id, None, "system", "Be brief.")
+    q1 = await store.add_message(aconn, alice, chat.id, system.id, "user", "hi")
+    a1 = await answer(aconn, alice, chat, q1, "hello")
+    await answer(aconn, alice, chat, q1, "hey there")  # a sibling: another path
+    q2 = await store.add_message(aconn, alice, chat.id, a1.id, "user", "how are you?")
+
+    def turns(*pairs):
+        return [{"role": role, "content": content} for role, content in pairs]
+
+    asked = turns(("system", "Be brief."), ("user", "hi"), ("assistant", "hello"), ("user", "how are you?"))
+    assert await store.find_path(aconn, alice, asked) == [system.id, q1.id, a1.id, q2.id]
+    assert await store.find_path(aconn, alice, asked[:3] + turns(("user", "bye"))) == [system.id, q1.id, a1.id]
+    branch = asked[:2] + turns(("assistant", "hey there"))
+    assert (await store.find_path(aconn, alice, branch))[-1] != a1.id
+    assert await store.find_path(aconn, alice, turns(("user", "hi"))) == [], "a path starts at a root"
+    assert await store.find_path(aconn, bob, asked) == [], "another user's conversations are never found"
+    assert await store.find_path(aconn, alice, []) == []
+
+    # The same opening in two conversations: the most recently active one's path.
+    later = await store.create_conversation(aconn, alice)
+    root = await store.add_message(aconn, alice, later.id, None, "system", "Be brief.")
+    assert await store.find_path(aconn, alice, asked[:1]) == [root.id]
+    assert await store.find_path(aconn, alice, asked[:2]) == [system.id, q1.id], "only the first goes on"
+
+
 async def test_newest_message_is_where_a_turn_without_parent_continues(aconn, new_user):
     alice = await new_user()
     chat = await store.create_conversation(aconn, alice)

@@ -11,7 +11,8 @@ import pytest
 
 from deploy import registry
 from deploy.canary import choose_version
-from server_testkit import connect, new_token
+from feedback.store import hash_token
+from server_testkit import connect, http, new_token
 from swap_testkit import (
     ACTOR,
     BASE_ID,
@@ -148,6 +149,70 @@ async def test_promoting_the_canary_swaps_without_loading_and_moves_every_conver
         # The base is retired: its conversations continue on the serving policy.
         assert await _follow_up(url, token, base_conversation) == "lora-p"
         await wait_for(lambda: _served(url, ["lora-p"]), "the base version to be unloaded")
+
+
+async def _api_answer(url: str, token: str, messages: list[dict], **fields) -> dict:
+    async with http(url, token) as client:
+        response = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+async def _user_id(db_url: str, token: str) -> int:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute("SELECT id FROM users WHERE token_hash = %s", (hash_token(token),))
+        (user_id,) = await cur.fetchone()
+        return user_id
+
+
+async def test_api_clients_follow_the_canary_and_each_sticks_to_one_version(
+    swap_db, swap_engine, tiny_model_dir, tmp_path
+):
+    """`model: "default"` (or none) is the canary decision, made on the API client's user: one
+    client gets one version for all its conversations; a named version is what runs."""
+    async with swap_server(swap_db, tmp_path, swap_engine, tiny_model_dir) as (url, _):
+        await _start_canary(url, swap_db, tiny_model_dir, tmp_path, "lora-api")
+        state = await in_registry(swap_db, registry.read_state)
+
+        clients: dict[str, str] = {}  # token -> the version its answers ran on
+        for i in range(16):
+            token = new_token()
+            runs = set()
+            for j, fields in enumerate(({"model": "default"}, {}, {"model": "default"})):
+                answer = await _api_answer(url, token, [{"role": "user", "content": f"Client {i}, question {j}"}],
+                                           **fields)
+                runs.add(answer["model"])
+            assert len(runs) == 1, f"client {i} saw {runs}"
+            clients[token] = runs.pop()
+            assert clients[token] == choose_version(f"user:{await _user_id(swap_db, token)}", state)
+        assert set(clients.values()) == {BASE_ID, "lora-api"}, Counter(clients.values())
+
+        # A conversation keeps its version: continued over the API and over the websocket.
+        token, version = next(iter(clients.items()))
+        question = {"role": "user", "content": "Client 0, question 0"}
+        first = await _api_answer(url, token, [question])
+        conversation_id = await _conversation_of(swap_db, first["id"])
+        assert (await _assigned(swap_db, [conversation_id]))[conversation_id] == version
+        reply = {"role": "assistant", "content": first["choices"][0]["message"]["content"]}
+        second = await _api_answer(url, token, [question, reply, {"role": "user", "content": "And then?"}])
+        assert second["model"] == version and await _conversation_of(swap_db, second["id"]) == conversation_id
+        assert await _follow_up(url, token, conversation_id) == version
+
+        # A named version runs as asked, whatever the client's share.
+        other = BASE_ID if version == "lora-api" else "lora-api"
+        named = await _api_answer(url, token, [{"role": "user", "content": "Pinned"}], model=other)
+        assert named["model"] == other
+        async with http(url, token) as client:
+            response = await client.post("/v1/chat/completions", json={
+                "model": "no-such-version", "messages": [{"role": "user", "content": "?"}]})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+async def _conversation_of(db_url: str, message_id: str) -> str:
+    async with await psycopg.AsyncConnection.connect(db_url) as conn:
+        cur = await conn.execute("SELECT conversation_id::text FROM messages WHERE id = %s", (message_id,))
+        (conversation_id,) = await cur.fetchone()
+        return conversation_id
 
 
 async def _canary_percent(url: str, percent: float) -> bool:

@@ -7,6 +7,7 @@ batched KV cache, masks, positions, padding and chunked prefill are all held to 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -218,16 +219,15 @@ async def test_overload_is_refused_at_submit(tiny_model_dir):  # noqa: F811
         await engine.close()
 
 
-def make_lora_checkpoint(base_dir, target):
+def make_lora_checkpoint(base_dir, target, targets=("q_proj", "v_proj", "down_proj"), seed=1):
     """A LoRA adapter with random (non-zero) weights, so it visibly changes the answers."""
     from peft import LoraConfig, get_peft_model
 
     base = load_base_policy(base_dir)
-    torch.manual_seed(1)
-    config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=False)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=64, target_modules=list(targets), init_lora_weights=False)
     adapter = get_peft_model(base.model, config)
-    save_checkpoint(target, adapter, checkpoint_id="tiny-lora-1", parent_id="TinySmolLM2",
+    save_checkpoint(target, adapter, checkpoint_id=target.name, parent_id="TinySmolLM2",
                     base_model="TinySmolLM2", config={"lora_rank": 8})
     return target
 
@@ -351,3 +351,126 @@ async def test_generic_forward_serves_the_same_answers(tiny_model_dir, tiny_engi
         assert [text for text, _ in generic] == [text for text, _ in fast]
     finally:
         await engine.close()
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_forward(runner, config):
+    """One padded prefill and one decode step through `runner` (fixed inputs)."""
+    from server.engine.kv_cache import SlotKVCache
+
+    cache = SlotKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, torch.float32,
+                        max_rows=4, max_tokens=64)
+    ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(6).expand(2, 6)
+    mask = (torch.arange(6)[None, None, :] <= positions[:, :, None])[:, None]
+    with torch.inference_mode():
+        prefill = runner.forward(ids, positions, mask, cache.prefill_view(torch.arange(2), positions, 6))
+        step = torch.tensor([6, 6])
+        decode_mask = (torch.arange(7)[None, :] <= step[:, None])[:, None, None]
+        decode = runner.forward(prefill.argmax(-1)[:, None], step[:, None], decode_mask, cache.decode_view(2, step, 7))
+    return prefill, decode
+
+
+def test_an_adapter_applied_on_the_fly_matches_merged_weights(tiny_model_dir, tmp_path):  # noqa: F811
+    """The LoRA runner shares every base weight and adds x A^T B^T: the same logits as the
+    merged model, and the same again once merged into the runner's own weights."""
+    from deploy.checkpoint import load_adapter, load_policy
+    from server.engine.runner import LlamaRunner
+
+    base = load_base_policy(tiny_model_dir)
+    base_runner = LlamaRunner(base.model)
+    for targets in (("q_proj", "v_proj", "down_proj"), ALL_PROJECTIONS):
+        path = make_lora_checkpoint(tiny_model_dir, tmp_path / f"lora-{len(targets)}", targets)
+        lora = load_adapter(path, base_model_dir=tiny_model_dir).lora
+        adapted = base_runner.with_adapter(lora.factors, lora.scaling)
+        assert adapted.adapted and adapted.head is base_runner.head
+        assert adapted.layers[0].qkv.base is base_runner.layers[0].qkv, "the base's packed weights, shared"
+        reference = LlamaRunner(load_policy(path, base_model_dir=tiny_model_dir).model)
+        expected = run_forward(reference, base.model.config)
+        for runner in (adapted, adapted.merged()):
+            for got, want in zip(run_forward(runner, base.model.config), expected):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert not adapted.merged().adapted
+    base_logits = run_forward(base_runner, base.model.config)
+    assert not torch.allclose(base_logits[0], expected[0]), "the adapter matters"
+    # The base runner is untouched by the versions built on it.
+    fresh = run_forward(LlamaRunner(base.model), base.model.config)
+    for got, want in zip(base_logits, fresh):
+        torch.testing.assert_close(got, want)
+    # An adapter on the output head is not the runner's to apply: the engine merges those.
+    a, b = torch.zeros(8, 64), torch.zeros(49152, 8)
+    assert base_runner.with_adapter({"lm_head": (a, b)}, 1.0) is None
+
+
+async def test_a_lora_version_loads_without_copying_the_model(tiny_model_dir, reference_model, tmp_path):  # noqa: F811
+    """A LoRA version is the base runner plus its adapter (no weight copied), serving at once;
+    with merge_adapters it is folded in afterwards, in the background, with the same answers."""
+    from deploy.checkpoint import load_policy
+
+    path = make_lora_checkpoint(tiny_model_dir, tmp_path / "lora-all", ALL_PROJECTIONS, seed=3)
+    adapted = load_policy(path, base_model_dir=tiny_model_dir).model
+    for merge in (False, True):
+        engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(merge_adapters=merge))
+        try:
+            base_runner = engine._base_runner
+            await engine.load_version("lora-all", path, make_default=True)
+            prompt = chat_prompt(engine.tokenizer, "Which version are you?")
+            expected = engine.tokenizer.decode(reference_greedy(adapted, prompt, 12), skip_special_tokens=True)
+            text, _ = await engine.submit(prompt, GREEDY).collect()
+            assert text == expected
+            runner = engine._batches["lora-all"].runner  # the worker has it: it answered
+            assert runner.embed is base_runner.embed and runner.head is base_runner.head
+            if merge:
+                for _ in range(200):
+                    if not engine._merging and not engine._batches["lora-all"].runner.adapted:
+                        break
+                    await asyncio.sleep(0.05)
+                merged = engine._batches["lora-all"].runner
+                assert not merged.adapted and merged.layers[0].qkv.packed is not base_runner.layers[0].qkv.packed
+                assert (await engine.submit(prompt, GREEDY).collect())[0] == expected
+            else:
+                assert runner.adapted and not engine._merging
+        finally:
+            await engine.close()
+
+
+async def test_a_rollback_to_the_base_reuses_its_weights(tiny_model_dir, tmp_path):  # noqa: F811
+    path = make_lora_checkpoint(tiny_model_dir, tmp_path / "lora-1")
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig())
+    try:
+        base_runner = engine._base_runner
+        await engine.load_version("lora-1", path, make_default=True)
+        await engine.unload_version("TinySmolLM2")
+        assert engine.versions() == ["lora-1"]
+        await engine.load_version("TinySmolLM2", engine._base.path, make_default=True)
+        prompt = chat_prompt(engine.tokenizer, "Back to the base?")
+        _, final = await engine.submit(prompt, GREEDY).collect()
+        assert final.finish_reason == "length"
+        assert engine._batches["TinySmolLM2"].runner is base_runner, "nothing was read again"
+    finally:
+        await engine.close()
+
+
+async def test_an_adapter_that_does_not_fit_is_refused(tiny_engine, tmp_path):  # noqa: F811
+    """An adapter whose matrices do not fit the base's layers fails to load; what served serves."""
+    import io
+
+    from safetensors.torch import save
+
+    from deploy.checkpoint import write_files
+
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
+    weights = {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 100),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 4),
+    }
+    path = write_files(tmp_path / "misfit", {"adapter_config.json": json.dumps(config).encode(),
+                                              "adapter_model.safetensors": save(weights)},
+                       base_model="TinySmolLM2", kind="lora")
+    with pytest.raises(ValueError, match="do not fit"):
+        await tiny_engine.load_version("misfit", path)
+    assert "misfit" not in tiny_engine.versions()
+    _, final = await tiny_engine.submit(chat_prompt(tiny_engine.tokenizer, "Still there?"), GREEDY).collect()
+    assert final.finish_reason == "length"

@@ -1,0 +1,64 @@
+"""One chat turn's answer (server/chat.py) against real PostgreSQL, with a scripted engine
+request: how an answer longer than the store takes for answers ends."""
+
+from __future__ import annotations
+
+import uuid
+from types import SimpleNamespace
+
+from psycopg_pool import AsyncConnectionPool
+
+from feedback import store
+from server.chat import Answer, Chat
+from server.engine.base import FinalEvent, TokenEvent, Usage
+from server.quotas import Quotas
+from server_testkit import make_settings
+
+
+class ScriptedRequest:
+    """An engine request that streams `pieces` (never minding any limit), like an engine that
+    ignores max_new_tokens."""
+
+    model_version = "scripted-v1"
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+        self.cancelled = False
+
+    async def __aiter__(self):
+        for i, piece in enumerate(self.pieces, 1):
+            if self.cancelled:
+                break
+            yield TokenEvent(piece, i)
+        yield FinalEvent("cancelled" if self.cancelled else "stop", Usage(3, len(self.pieces)))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, tmp_path):
+    settings = make_settings(db_url, tmp_path, max_message_chars=100, max_new_tokens_limit=1,
+                             default_max_new_tokens=1)
+    async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
+        chat = Chat(pool, None, settings, Quotas(1000, 10))
+        limit = chat.answer_settings.max_message_chars
+        assert limit == 100, "answers get max(MAX_MESSAGE_CHARS, max_new_tokens_limit x 64 characters)"
+        async with pool.connection() as conn:
+            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
+            conversation = await store.create_conversation(conn, user, "long")
+            question = await store.add_message(conn, user, conversation.id, None, "user", "Talk forever.")
+        request = ScriptedRequest(["word " * 7] * 10)  # 350 characters
+        released = []
+        answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
+                        message_id=uuid.uuid4(), params={}, prompt=SimpleNamespace(n_tokens=3), request=request,
+                        release=lambda: released.append(True))
+        pieces = [piece async for piece in answer.stream()]
+
+        assert "".join(pieces) == ("word " * 20)[:100] and len(answer.text) == limit
+        assert answer.finish_reason == "length" and answer.error is None
+        assert request.cancelled, "the engine stops generating"
+        assert released
+        async with pool.connection() as conn:
+            stored = await store.get_message(conn, user, answer.message_id)
+        assert stored.content == answer.text and stored.finish_reason == "length"
+        assert stored.model_version == "scripted-v1"
