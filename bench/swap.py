@@ -33,21 +33,22 @@ import json
 import logging
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import (  # noqa: E402  (after the path)
+    admin_url, free_port, scratch_database, start_process, stop_process, version_info, wait_ready,
+)
 
 log = logging.getLogger("bench.swap")
 
@@ -114,33 +115,6 @@ class Report:
 # -- the database and the adapters ----------------------------------------------------------------
 
 
-@contextmanager
-def scratch_database(admin_url: str):
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    from feedback.migrate import migrate
-
-    name = f"flywheel_bench_swap_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def admin_url(args, workdir: Path) -> str:
-    if args.database_url:
-        return args.database_url
-    from feedback.db import embedded_url
-
-    return embedded_url(workdir)  # a private PostgreSQL, stopped when this process exits
-
-
 def make_adapters(model_dir: Path, root: Path, count: int, rank: int, targets: str) -> list[Path]:
     """`count` LoRA checkpoints on the base, with random non-zero weights (seeded)."""
     import torch
@@ -205,15 +179,8 @@ def registry_change(url: str, action: str, checkpoint_id: str | None) -> float:
 # -- the server ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(args, database_url: str, model_dir: Path, workdir: Path, port: int) -> subprocess.Popen:
     env = {
-        **os.environ,
         "DATABASE_URL": database_url,
         "MODEL": str(model_dir),
         "DATA_DIR": str(workdir / "data"),
@@ -228,32 +195,7 @@ def start_server(args, database_url: str, model_dir: Path, workdir: Path, port: 
     }
     if args.engine_threads:
         env["ENGINE_THREADS"] = str(args.engine_threads)
-    log_file = open(workdir / "server.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=env, stdout=log_file,
-                            stderr=subprocess.STDOUT)
-
-
-async def version_info(client) -> dict:
-    response = await client.get("/api/version")
-    response.raise_for_status()
-    return response.json()
-
-
-async def wait_ready(client, process: subprocess.Popen, timeout: float) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with {process.returncode}; see its log")
-        try:
-            info = await version_info(client)
-            if info["model_version"] and info["in_sync"] and info["listening"]:
-                return info
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.25)
-    raise SystemExit(f"the server was not ready after {timeout:g} s")
+    return start_process("server", [], env, workdir / "server.log")
 
 
 # -- the load -----------------------------------------------------------------------------------
@@ -431,7 +373,7 @@ async def run(args) -> Report:
     )
     workdir = Path(tempfile.mkdtemp(prefix="bench-swap-"))
     log.info("work directory %s (adapters, server log)", workdir)
-    with scratch_database(admin_url(args, workdir)) as database_url:
+    with scratch_database(admin_url(args.database_url, workdir), "flywheel_bench_swap") as database_url:
         log.info("writing %d LoRA adapters on %s", args.swaps, base_id)
         paths = await asyncio.to_thread(make_adapters, model_dir, workdir / "checkpoints", args.swaps, args.rank,
                                         args.target_modules)
@@ -470,11 +412,7 @@ async def run(args) -> Report:
                 for result, serving_at in zip(report.swaps, moments):
                     count_drained(load, result, serving_at)
         finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_process(process)
     report.requests = len(load.requests)
     failed = [r for r in load.requests if r.failed]
     report.failed_streams = len(failed)
