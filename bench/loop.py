@@ -275,6 +275,16 @@ def summarise(round_no: int, preference: Preference, prompts: list[str], answers
     )
 
 
+def effective_round_config(retrain_env: dict[str, str], model_dir: Path) -> dict:
+    """The full config every round of this run uses (what `python -m retrain config` prints
+    under the same environment), so the report says exactly how the policy was trained."""
+    from retrain.settings import RetrainSettings
+
+    names = {name.upper(): name for name in RetrainSettings.model_fields}
+    settings = RetrainSettings(**{names[k]: v for k, v in retrain_env.items()}, model=str(model_dir))
+    return settings.retrain_config(model_dir).to_json()
+
+
 # -- the round, the swap --------------------------------------------------------------------------
 
 
@@ -463,6 +473,13 @@ async def run(args) -> Report:
 
     config_file = workdir / "retrain-config.json"
     config_file.write_text(json.dumps(config_overrides))
+    retrain_env = {
+        **profile["retrain"],
+        "RETRAIN_MIN_NEW_FEEDBACK": str(conversations * FEEDBACK_PER_CONVERSATION),
+        "RETRAIN_FEEDBACK_CHECK_SECONDS": "5", "RETRAIN_MAX_NEW_TOKENS": str(max_new_tokens),
+        "RETRAIN_THREADS": str(args.threads), "RETRAIN_CONFIG_FILE": str(config_file), "AUTO_PROMOTE": "true",
+    }
+    report.settings["round_config"] = effective_round_config(retrain_env, model_dir)
     say(f"work directory {workdir}; preference '{preference.name}' ({preference.description}), "
         f"noise {args.noise:.0%}; {len(training)} training prompts, {len(held_out)} held out")
     with scratch_database(admin_url(args.database_url, workdir), "flywheel_bench_loop") as url:
@@ -473,12 +490,7 @@ async def run(args) -> Report:
             **common, "HOST": "127.0.0.1", "PORT": str(port), "ALLOW_ANONYMOUS": "true",
             "RATE_LIMIT_PER_MINUTE": "100000", "MAX_NEW_TOKENS_LIMIT": str(max(max_new_tokens, 256)),
         }, workdir / "server.log")
-        retrain = start_process("retrain", ["serve"], {
-            **common, **profile["retrain"],
-            "RETRAIN_MIN_NEW_FEEDBACK": str(conversations * FEEDBACK_PER_CONVERSATION),
-            "RETRAIN_FEEDBACK_CHECK_SECONDS": "5", "RETRAIN_MAX_NEW_TOKENS": str(max_new_tokens),
-            "RETRAIN_THREADS": str(args.threads), "RETRAIN_CONFIG_FILE": str(config_file), "AUTO_PROMOTE": "true",
-        }, workdir / "retrain.log")
+        retrain = start_process("retrain", ["serve"], {**common, **retrain_env}, workdir / "retrain.log")
         base_url = f"http://127.0.0.1:{port}"
         ws_url = base_url.replace("http://", "ws://") + "/ws"
         tokens = [f"loop-user-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]

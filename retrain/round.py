@@ -57,6 +57,7 @@ from feedback.db import database_url
 from .data import RoundData, read_round_data, too_little
 from .gate import decide, degeneration
 from .ppo import (
+    adapter_merged,
     answer_logits_and_hidden,
     eos_token_ids,
     left_pad,
@@ -384,7 +385,8 @@ def greedy_answers(model, tokenizer, prompt_tokens: Sequence[Sequence[int]], con
     quiet = not this_process().is_local_main_process  # one progress bar per machine
     for start in tqdm(range(0, len(prompt_tokens), size), desc=desc, unit="batch", dynamic_ncols=True, disable=quiet):
         query_ids, query_mask = left_pad(prompt_tokens[start : start + size], pad_id, device)
-        out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation)
+        with adapter_merged(model):
+            out = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=generation)
         response_ids, mask, has_eos = mask_after_eos(out[:, query_ids.shape[1] :], eos_ids, pad_id)
         answers.batches.append((query_ids, query_mask, response_ids, mask))
         answers.texts += [
