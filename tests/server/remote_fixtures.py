@@ -26,8 +26,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,24 @@ class ServeLaunch:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+@contextmanager
+def blue_and_green(tiny_model_dir: Path, tmp_path_factory) -> Iterator[dict[str, ServeLaunch]]:
+    """Two `transformers serve` processes ("blue", "green") over one hub cache, for blue/green.
+    Both start together and the models they serve are written while they boot (they read them
+    on first use); callers `wait_ready()` for the ones they use. Both are stopped at the end."""
+    hub_cache = tmp_path_factory.mktemp("hub")
+    launches = {
+        color: launch_transformers_serve(hub_cache, tmp_path_factory.mktemp(color) / "serve.log")
+        for color in ("blue", "green")
+    }
+    try:
+        build_hub_cache(hub_cache, tiny_model_dir)
+        yield launches
+    finally:
+        for launch in launches.values():
+            launch.stop()
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
@@ -258,11 +276,11 @@ def _tgi_error(message: str):
 
 
 @asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """`app` on uvicorn in this event loop, on a free port; yields its base URL."""
+async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """`app` on uvicorn in this event loop, on `port` (0: a free one); yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,35 @@ async def test_promotion_loads_the_adapter_first_a_refused_load_keeps_the_old_ve
         await wait_serving(base_url, "ckpt-a")
         assert engine.routes_called().count(("load", "ckpt-a")) == 2
         assert (await ask(base_url))["text"].startswith("ckpt-a says")
+
+
+async def test_a_promotion_heard_while_the_engine_is_down_is_applied_once_it_answers(swap_db, tiny_model_dir, tmp_path):
+    """No second notification comes: the replica applies the state it heard when its engine is
+    back (here: started late on the port ENGINE_URL names)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    engine = FakeVllm(BASE_SERVED, seen_as=mounted(tmp_path))
+    async with swap_server(
+        swap_db, tmp_path / "server", None, tiny_model_dir,
+        engine="remote", engine_url=f"http://127.0.0.1:{port}", engine_model=BASE_SERVED,
+        engine_health_interval=0.2, engine_lora_loading="vllm", engine_lora_path_map=f"{tmp_path}={ENGINE_MOUNT}",
+    ) as (base_url, _app):
+
+        async def heard(version: str):
+            info = await version_info(base_url)
+            return info if info["registry_serving"] == version else None
+
+        info = await wait_for(lambda: heard(BASE_ID), "the replica to read the registry")
+        assert info["model_version"] is None and not info["in_sync"]  # its engine does not answer
+        path = write_adapter(tmp_path, "ckpt-a")
+        await in_registry(swap_db, lambda conn: registry.register(conn, path, actor=ACTOR))
+        await in_registry(swap_db, lambda conn: registry.promote(conn, "ckpt-a", actor=ACTOR))
+        await wait_for(lambda: heard("ckpt-a"), "the replica to hear the promotion")
+
+        async with serve_app(engine.app, port=port):
+            await wait_serving(base_url, "ckpt-a")
+            assert engine.routes_called()[0] == ("load", "ckpt-a")
 
 
 def engine_config(url: str, root: Path, **overrides) -> RemoteEngineConfig:
