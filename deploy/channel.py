@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "flywheel_deploy"
 
-# Events a payload's "event" may carry.
-EVENTS = ("promote", "rollback", "canary", "canary_abort", "retire", "reject", "pin", "unpin")
+# Events a payload's "event" may carry. engine_url: a remote engine endpoint was asked for
+# (deploy.endpoints); its payload also carries "engine_url" and "replica".
+EVENTS = ("promote", "rollback", "canary", "canary_abort", "retire", "reject", "pin", "unpin",
+          "engine_url")
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,10 @@ class Notice:
         return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
 
 
-def payload(event: str, checkpoint_id: str, actor: str, state: ServingState) -> str:
+def payload(event: str, checkpoint_id: str, actor: str, state: ServingState,
+            extra: dict[str, Any] | None = None) -> str:
     body: dict[str, Any] = {
+        **(extra or {}),
         "event": event,
         "checkpoint_id": checkpoint_id,
         "actor": actor,
@@ -72,12 +76,15 @@ def payload(event: str, checkpoint_id: str, actor: str, state: ServingState) -> 
 
 
 def notify(
-    conn: psycopg.Connection, event: str, checkpoint_id: str, actor: str, state: ServingState
+    conn: psycopg.Connection, event: str, checkpoint_id: str, actor: str, state: ServingState,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Queue the notification in the caller's transaction; it is sent when that commits."""
+    """Queue the notification in the caller's transaction; it is sent when that commits.
+    `extra` adds fields to the payload (for logs: listeners re-read the state)."""
     if event not in EVENTS:
         raise ValueError(f"unknown deploy event {event!r}; expected one of {EVENTS}")
-    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload(event, checkpoint_id, actor, state)))
+    conn.execute("SELECT pg_notify(%s, %s)",
+                 (CHANNEL, payload(event, checkpoint_id, actor, state, extra)))
 
 
 # TCP keepalives notice a dead peer while we sit in LISTEN, where no query would.
@@ -240,4 +247,6 @@ def _describe(state: ServingState | None) -> str:
     text = state.serving.id
     if state.canary is not None:
         text += f" (canary {state.canary.id} at {state.canary_percent:g}%)"
+    for endpoint in state.engine_endpoints:
+        text += f"; engine {endpoint.url}" + (f" for {endpoint.replica}" if endpoint.replica else "")
     return text

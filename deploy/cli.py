@@ -24,7 +24,7 @@ from feedback.logs import configure_logging
 from feedback.migrate import migrate
 
 from . import canary as canary_module
-from . import registry
+from . import endpoints, registry
 from .registry import Checkpoint, CheckpointEvent, RegistryError, Transition
 from .settings import DeploySettings
 
@@ -79,7 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="promote or abort when decisive (also when CANARY_AUTO=true)")
     command("retire", "take a candidate or the canary out of consideration").add_argument("id")
     command("reject", "mark ID as never to be served (needs --reason)").add_argument("id")
+    engine = command("engine-url", "send the remote engines' new requests to URL (blue/green); "
+                                   "no URL: where they are asked to go and where they went")
+    engine.add_argument("url", nargs="?", type=_engine_url,
+                        help="the engine's base URL as the servers reach it, e.g. http://engine-green:8000")
+    engine.add_argument("--replica", help="only this replica (its name in /api/version: "
+                                          "REPLICA_NAME, else hostname:port); default every one")
     return parser
+
+
+def _engine_url(text: str) -> str:
+    try:
+        return endpoints.check_url(text)
+    except endpoints.InvalidEngineUrl as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _percent(text: str) -> float:
@@ -95,6 +108,8 @@ def _percent(text: str) -> float:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on usage errors
+    if args.command == "engine-url" and getattr(args, "replica", None) and not args.url:
+        parser.error("engine-url --replica needs the URL to send that replica to")
     as_json = getattr(args, "json", False)
     actor = getattr(args, "actor", None) or registry.default_actor()
     reason = getattr(args, "reason", None)
@@ -159,6 +174,7 @@ class Result:
 
 def cmd_status(conn, args, actor, reason, settings) -> Result:
     st = registry.status(conn)
+    switch_failures = [e for e in endpoints.outcomes(conn, st.state) if e.action == endpoints.FAILED]
 
     def render(out: Console) -> None:
         grid = Table.grid(padding=(0, 2))
@@ -171,13 +187,18 @@ def cmd_status(conn, args, actor, reason, settings) -> Result:
                      f"at {_when(st.pinned_at)}" + (f" ({st.pin_reason})" if st.pin_reason else "")
                      if st.state.pinned_id else "no")
         grid.add_row("candidates", str(st.candidates))
+        grid.add_row("engine url", _endpoints_line(st.state))
         out.print(grid)
         if st.load_failures:
             out.print(_events_table(st.load_failures, "replicas that failed to load a live version"))
+        if switch_failures:
+            out.print(_endpoint_table(switch_failures, "replicas that failed to switch engine url"))
         if st.recent_events:
             out.print(_events_table(st.recent_events, "recent changes"))
 
-    return Result(st.to_json(), render)
+    doc = {**st.to_json(), "engine_endpoints": [e.to_json() for e in st.state.engine_endpoints],
+           "engine_switch_failures": [e.to_json() for e in switch_failures]}
+    return Result(doc, render)
 
 
 def cmd_list(conn, args, actor, reason, settings) -> Result:
@@ -320,11 +341,43 @@ def cmd_reject(conn, args, actor, reason, settings) -> Result:
                        f"{tr.checkpoint_id} is already rejected")
 
 
+def cmd_engine_url(conn, args, actor, reason, settings) -> Result:
+    if args.url is None:
+        return _engine_url_report(conn)
+    replica = getattr(args, "replica", None)
+    request, state = endpoints.request_switch(conn, args.url, actor=actor, reason=reason, replica=replica)
+
+    def render(out: Console) -> None:
+        who = f"replica {replica}" if replica else "every replica"
+        out.print(f"asked {who} to send new requests to [bold]{request.url}[/bold] once "
+                  f"{'it' if replica else 'each'} has checked that it answers "
+                  "(`python -m deploy engine-url` shows who switched)", highlight=False)
+
+    return Result({"request": request.to_json(), "state": state.to_json()}, render)
+
+
+def _engine_url_report(conn) -> Result:
+    state = registry.read_state(conn)
+    outcomes = endpoints.outcomes(conn, state)
+    history = endpoints.events(conn, limit=20)
+
+    def render(out: Console) -> None:
+        out.print(f"asked for: {_endpoints_line(state)}", highlight=False)
+        if outcomes:
+            out.print(_endpoint_table(outcomes, "replicas' outcomes for the requests in force"))
+        if history:
+            out.print(_endpoint_table(history, "history"))
+
+    doc = {"engine_endpoints": [e.to_json() for e in state.engine_endpoints],
+           "outcomes": [e.to_json() for e in outcomes], "events": [e.to_json() for e in history]}
+    return Result(doc, render)
+
+
 COMMANDS: dict[str, Callable[..., Result]] = {
     "status": cmd_status, "list": cmd_list, "show": cmd_show, "register": cmd_register,
     "promote": cmd_promote, "rollback": cmd_rollback, "pin": cmd_pin, "unpin": cmd_unpin,
     "canary": cmd_canary, "canary-abort": cmd_canary_abort, "canary-report": cmd_canary_report,
-    "retire": cmd_retire, "reject": cmd_reject,
+    "retire": cmd_retire, "reject": cmd_reject, "engine-url": cmd_engine_url,
 }
 
 
@@ -352,4 +405,23 @@ def _events_table(rows: list[CheckpointEvent], title: str) -> Table:
         table.add_column(name, overflow="fold")
     for e in rows:
         table.add_row(_when(e.created_at), e.checkpoint_id, e.action, e.actor, e.reason or "")
+    return table
+
+
+def _endpoints_line(state) -> str:
+    if not state.engine_endpoints:
+        return "not set (every remote engine uses its ENGINE_URL)"
+    return "; ".join(f"{e.url} for {e.replica or 'every replica'} (by {e.actor} at {_when(e.at)}"
+                     + (f": {e.reason}" if e.reason else "") + ")" for e in state.engine_endpoints)
+
+
+def _endpoint_table(rows: list[endpoints.EndpointEvent], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name in ("when", "action", "replica", "url", "actor", "reason"):
+        table.add_column(name, overflow="fold")
+    style = {endpoints.FAILED: "red", endpoints.SWITCHED: "green"}
+    for e in rows:
+        table.add_row(_when(e.created_at), f"[{style.get(e.action, 'bold')}]{e.action}[/]",
+                      e.replica or ("every replica" if e.action == endpoints.REQUEST else ""),
+                      e.url, e.actor, e.reason or "")
     return table

@@ -4,7 +4,8 @@ One registry per app (tests start many apps in one process). Answers are counted
 ended and by the model version that wrote them, so a canary's error or cancel rate shows next
 to the serving policy's; the engine's own counters (batch sizes, queue) are read at scrape time.
 Hot swaps are counted (done and failed) and the versions served are a gauge, so a replica left
-behind after a promotion stands out on a dashboard.
+behind after a promotion stands out on a dashboard. So are a remote engine's blue/green switches
+and the URLs it streams from.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ class Metrics:
         self.swap_failures = Counter(
             "flywheel_swap_failures",
             "Versions this replica failed to verify or load; the previous one kept serving.",
+            registry=self.registry,
+        )
+        self.engine_switches = Counter(
+            "flywheel_engine_switches",
+            "Times this replica's remote engine moved new requests to another URL (deploy engine-url).",
+            registry=self.registry,
+        )
+        self.engine_switch_failures = Counter(
+            "flywheel_engine_switch_failures",
+            "Engine URLs this replica refused (not answering, or lacking a served version); the "
+            "previous URL kept serving.",
             registry=self.registry,
         )
         self.version_load_seconds = Histogram(
@@ -133,6 +145,18 @@ class _ServingCollector(Collector):
                     role = "draining" if version in draining else "other"
                 served.add_metric([version, role], 1)
             yield served
+        url = getattr(engine, "url", None)
+        if url is not None:
+            endpoints = GaugeMetricFamily(
+                "flywheel_engine_endpoint",
+                "1 for each remote engine URL this replica streams from, by role (current: where "
+                "new requests go; draining: an old one finishing its streams after a switch).",
+                labels=["url", "role"],
+            )
+            endpoints.add_metric([url, "current"], 1)
+            for old in engine.draining_urls():
+                endpoints.add_metric([old, "draining"], 1)
+            yield endpoints
         if swaps is not None:
             listening = GaugeMetricFamily(
                 "flywheel_deploy_listener_connected",

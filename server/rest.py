@@ -166,6 +166,31 @@ class LoadFailureInfo(BaseModel):
     error: str
 
 
+class EngineSwitchInfo(BaseModel):
+    # The remote engine URL new requests went to before, and the one they go to since.
+    previous: str
+    url: str
+    # When new requests started going to `url` (UTC).
+    at: datetime
+    # Seconds to probe `url` and check it serves every version (loading adapters there).
+    check_s: float
+    # Requests still streaming from `previous` at that moment; they finished there.
+    draining: int
+    # The registry's request (`python -m deploy engine-url`) this carried out.
+    request_id: int
+
+
+class EngineSwitchFailureInfo(BaseModel):
+    # The URL this replica refused (the previous one kept serving).
+    url: str
+    # When (UTC).
+    at: datetime
+    # What went wrong, and how to fix it.
+    error: str
+    # The registry's request it refused; `deploy engine-url URL` again asks for a new try.
+    request_id: int
+
+
 class ReplicaServing(BaseModel):
     # This replica's name in the registry's load records (hostname:port).
     replica: str | None = None
@@ -188,6 +213,16 @@ class ReplicaServing(BaseModel):
     # The latest change of the default version, and the latest version that failed to load.
     last_swap: SwapInfo | None = None
     last_failure: LoadFailureInfo | None = None
+    # A remote engine's URL for new requests (null: the local engine), and old URLs still
+    # finishing their streams after a blue/green switch.
+    engine_url: str | None = None
+    engine_draining_urls: list[str] = []
+    # The URL the registry asks this replica's remote engine to use (null: none asked for, so
+    # ENGINE_URL serves).
+    registry_engine_url: str | None = None
+    # The latest engine URL switch, and the latest URL this replica refused.
+    last_engine_switch: EngineSwitchInfo | None = None
+    last_engine_switch_failure: EngineSwitchFailureInfo | None = None
 
 
 class HealthBody(wire.Health, ReplicaServing):
@@ -202,6 +237,7 @@ def _replica_serving(chat: Chat, swaps: SwapController | None) -> dict:
     """What this replica serves, for /health and /api/version."""
     found: dict = {}
     engine = chat.engine
+    found["engine_url"], found["engine_draining_urls"] = serving.engine_urls(engine)
     if serving.is_ready(engine):
         default = serving.default_version(engine)
         found["versions"] = [default, *(v for v in serving.versions(engine) if v != default)]
@@ -219,6 +255,12 @@ def _replica_serving(chat: Chat, swaps: SwapController | None) -> dict:
         found["last_swap"] = SwapInfo(**asdict(swaps.last_swap))
     if swaps.last_failure is not None:
         found["last_failure"] = LoadFailureInfo(**asdict(swaps.last_failure))
+    wanted = swaps.engine_url_wanted
+    found["registry_engine_url"] = wanted.url if wanted is not None else None
+    if swaps.last_engine_switch is not None:
+        found["last_engine_switch"] = EngineSwitchInfo(**asdict(swaps.last_engine_switch))
+    if swaps.last_engine_failure is not None:
+        found["last_engine_switch_failure"] = EngineSwitchFailureInfo(**asdict(swaps.last_engine_failure))
     return found
 
 
@@ -243,7 +285,8 @@ def _package_version() -> str:
 @router.get("/api/version", response_model=VersionBody)
 async def server_version(chat: ChatDep, swaps: SwapsDep):
     """This server's version, the engine kind, and what this replica serves: the default
-    version, every live version, the canary, the last swap and the last failed load."""
+    version, every live version, the canary, the last swap and the last failed load; with a
+    remote engine its URL, the URL the registry asks for, and the last switch and refusal."""
     ready = chat.engine is not None and serving.is_ready(chat.engine)
     return VersionBody(
         server=_package_version(),

@@ -42,7 +42,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineRequest", "Prompt", "load", "close", "is_ready", "default_version", "versions",
+__all__ = ["EngineRequest", "Prompt", "load", "close", "is_ready", "default_version", "versions", "engine_urls",
            "base_model_dir", "pick_version", "conversation_version", "prompt_for", "submit"]
 
 
@@ -102,6 +102,13 @@ def default_version(engine: Engine) -> str:
 
 def versions(engine: Engine) -> list[str]:
     return list(engine.versions())
+
+
+def engine_urls(engine: Engine | None) -> tuple[str | None, list[str]]:
+    """A remote engine's URL for new requests and its old ones still draining after a
+    blue/green switch; (None, []) for the local engine."""
+    url = getattr(engine, "url", None)
+    return (url, list(engine.draining_urls())) if url is not None else (None, [])
 
 
 def pick_version(engine: Engine, asked: str | None) -> str:

@@ -20,7 +20,8 @@ class ServerSettings(ModelSettings, DeploySettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port of the web page, /ws and the API.")
     replica_name: str | None = Field(
         None,
-        description="How this replica is named in the registry's load records. Unset: hostname:port.",
+        description="How this replica is named in the registry (load records, `deploy engine-url "
+        "--replica`). Unset: hostname:port.",
     )
 
     # Which model (MODEL, from ModelSettings), served by what.
@@ -56,6 +57,23 @@ class ServerSettings(ModelSettings, DeploySettings):
         600.0,
         description="After a blue/green switch or a promotion, seconds streams may finish on the "
         "version they started on before they are cancelled.",
+    )
+    engine_lora_loading: Literal["none", "vllm"] = Field(
+        "none",
+        description="none: the remote engine must already serve a checkpoint before it is "
+        "promoted; vllm: the server loads a LoRA checkpoint into vLLM first (POST "
+        "/v1/load_lora_adapter; vLLM needs VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, --enable-lora).",
+    )
+    engine_lora_path_map: str | None = Field(
+        None,
+        description="Where the engine sees checkpoint directories, when it mounts them elsewhere: "
+        "SERVER_PREFIX=ENGINE_PREFIX[,...], e.g. /data=/flywheel. Unset: the same paths.",
+    )
+    engine_lora_unload: bool = Field(
+        False,
+        description="With ENGINE_LORA_LOADING=vllm, unload an adapter from vLLM once its version "
+        "has drained here (POST /v1/unload_lora_adapter). Only with one replica per engine: "
+        "another replica may still stream from it.",
     )
     max_batch_size: int = Field(
         32, gt=0, description="Most requests the local engine decodes in one batched step."
@@ -129,7 +147,26 @@ class ServerSettings(ModelSettings, DeploySettings):
             raise ValueError("MAX_NEW_TOKENS_LIMIT must leave room for a prompt in CONTEXT_LENGTH")
         if self.engine == "remote" and not self.engine_url:
             raise ValueError("ENGINE=remote needs ENGINE_URL (e.g. http://127.0.0.1:8080)")
+        if self.engine_lora_loading == "vllm" and self.engine_api != "openai":
+            raise ValueError("ENGINE_LORA_LOADING=vllm needs ENGINE_API=openai (vLLM's API)")
+        self.engine_lora_path_pairs  # noqa: B018 - refuses a malformed ENGINE_LORA_PATH_MAP now
         return self
+
+    @property
+    def engine_lora_path_pairs(self) -> tuple[tuple[str, str], ...]:
+        """ENGINE_LORA_PATH_MAP as (server prefix, engine prefix) pairs."""
+        pairs = []
+        for item in (self.engine_lora_path_map or "").split(","):
+            if not item.strip():
+                continue
+            local, sep, remote = (part.strip() for part in item.partition("="))
+            if not sep or not local.startswith("/") or not remote.startswith("/"):
+                raise ValueError(
+                    f"ENGINE_LORA_PATH_MAP item {item.strip()!r} must be SERVER_PREFIX=ENGINE_PREFIX "
+                    "with absolute paths, e.g. /data=/flywheel"
+                )
+            pairs.append((local, remote))
+        return tuple(pairs)
 
     @property
     def anonymous_allowed(self) -> bool:

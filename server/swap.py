@@ -18,11 +18,20 @@ is logged, counted in /metrics, shown by /health and /api/version, and recorded 
 (`python -m deploy status` lists it). A failed version is not retried for the same directory
 until `retry_after_s` has passed, so a state heard twice (the watcher may deliver the same one
 again after a reconnect) neither reloads nor records twice.
+
+A remote engine also follows the registry's engine URL (blue/green, deploy/endpoints.py), before
+the versions, so that they are loaded and checked on the engine that will serve them: the URL
+asked for this replica is probed and checked to serve every version (RemoteEngine.
+switch_endpoint), new requests go there, streams in flight finish on the old one. A URL that
+fails the check leaves the old one serving; like a failed load it is logged, counted, shown and
+recorded, and the same request is not tried again until `retry_after_s` has passed (a new
+request, even for the same URL, is tried at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -31,10 +40,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from deploy import registry
+from deploy import endpoints, registry
 from deploy.channel import ServingWatcher
 from deploy.settings import DeploySettings
-from deploy.state import PolicyRef, ServingState
+from deploy.state import EngineEndpoint, PolicyRef, ServingState
 
 from .engine.base import Engine, UnknownModelVersion, VersionInUse
 from .metrics import Metrics
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 # a state that still wants it arrives: long enough not to flood the registry with failures.
 RETRY_AFTER_S = 60.0
 DRAIN_POLL_S = 0.2  # how often a replaced version is checked for streams still running
+ENGINE_POLL_S = 0.5  # while the engine is not ready, the registry's state is applied once it is
 RECORD_TIMEOUT_S = 5.0  # a registry record waits this long for a connection, then is dropped
 
 
@@ -68,6 +78,28 @@ class LoadFailure:
     path: str
     at: datetime  # UTC
     error: str
+
+
+@dataclass(frozen=True)
+class EngineSwitch:
+    """A change of the remote engine URL new requests go to."""
+
+    previous: str
+    url: str
+    at: datetime  # UTC, when new requests started going to `url`
+    check_s: float  # seconds to probe `url` and check it serves every version (adapters loaded)
+    draining: int  # requests still streaming from `previous` at that moment (they finish there)
+    request_id: int  # the registry's request (deploy engine-url) it carried out
+
+
+@dataclass(frozen=True)
+class EngineSwitchFailure:
+    """An engine URL this replica refused; the previous one kept serving."""
+
+    url: str
+    at: datetime  # UTC
+    error: str
+    request_id: int
 
 
 def replica_name(host: str, port: int) -> str:
@@ -126,9 +158,14 @@ class SwapController:
         self.state: ServingState | None = None  # the registry's state as last heard
         self.last_swap: Swap | None = None
         self.last_failure: LoadFailure | None = None
+        self.last_engine_switch: EngineSwitch | None = None
+        self.last_engine_failure: EngineSwitchFailure | None = None
+        self._engine_request_done: int | None = None  # the engine URL request carried out
+        self._engine_failed: tuple[int, float] | None = None  # (request id, monotonic time)
         self._failed: dict[str, tuple[str, float]] = {}  # version -> (path, monotonic time)
         self._draining: dict[str, asyncio.Task] = {}  # replaced version -> its drain-and-unload
         self._wake = asyncio.Event()
+        self._engine_not_ready = False  # the last state waits for the engine to become ready
         self._heard_at = 0.0  # time.monotonic() of the newest state
         self._reconciler: asyncio.Task | None = None
 
@@ -158,8 +195,20 @@ class SwapController:
         state, engine = self.state, self.engine
         if state is None or state.serving is None or not engine.ready:
             return False
+        if self.engine_url_wanted is not None and self._engine_request_done != self.engine_url_wanted.id:
+            return False  # a remote engine not (yet) on the URL asked for
         served = engine.versions()
         return engine.default_version == state.serving.id and all(v in served for v in state.live_versions)
+
+    @property
+    def engine_url_wanted(self) -> EngineEndpoint | None:
+        """The registry's engine URL request for this replica, when its engine is remote."""
+        return self._engine_url_in(self.state)
+
+    def _engine_url_in(self, state: ServingState | None) -> EngineEndpoint | None:
+        if state is None or not hasattr(self.engine, "switch_endpoint"):
+            return None  # nothing heard yet, or a local engine
+        return state.engine_endpoint(self.replica)
 
     # -- what the watcher reports ---------------------------------------------------------------
 
@@ -171,7 +220,15 @@ class SwapController:
 
     async def _reconcile_forever(self) -> None:
         while True:
-            await self._wake.wait()
+            if self._engine_not_ready:
+                # A remote engine that is down: apply the state once it answers, not at the
+                # next notification (there may be none for a long while).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), ENGINE_POLL_S)
+                if not self._wake.is_set() and not self.engine.ready:
+                    continue
+            else:
+                await self._wake.wait()
             self._wake.clear()
             state, heard_at = self.state, self._heard_at
             try:
@@ -183,7 +240,11 @@ class SwapController:
 
     async def _reconcile(self, state: ServingState | None, heard_at: float) -> None:
         engine = self.engine
-        if state is None or state.serving is None or not engine.ready:
+        if state is None:
+            return
+        await self._follow_engine_url(state)
+        self._engine_not_ready = not engine.ready
+        if state.serving is None or not engine.ready:
             return
         outcomes: list[tuple[str, float, str | None]] = []  # (version, seconds, error)
         # The serving version first: a canary that loads slowly must not delay a promotion.
@@ -301,6 +362,55 @@ class SwapController:
     def draining(self) -> list[str]:
         """Versions no longer live whose last streams are finishing here."""
         return sorted(self._draining)
+
+    # -- blue/green: the remote engine's URL -----------------------------------------------------
+
+    async def _follow_engine_url(self, state: ServingState) -> None:
+        """Switch a remote engine to the URL the registry asks this replica to use."""
+        request = self._engine_url_in(state)
+        if request is None or request.id == self._engine_request_done:
+            return
+        failed = self._engine_failed
+        if failed is not None and failed[0] == request.id and time.monotonic() - failed[1] < self.retry_after_s:
+            return
+        engine = self.engine
+        previous, draining = engine.url, engine.in_flight()
+        started = time.monotonic()
+        try:
+            switched = await engine.switch_endpoint(request.url)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            self._engine_failed = (request.id, time.monotonic())
+            self.last_engine_failure = EngineSwitchFailure(request.url, datetime.now(UTC), error, request.id)
+            if self.metrics:
+                self.metrics.engine_switch_failures.inc()
+            log.error("replica %s will not send requests to the engine at %s (asked by %s); %s keeps "
+                      "serving: %s", self.replica, request.url, request.actor, previous, error)
+            await self._record_engine_url(request, ok=False, error=error)
+            return
+        seconds = time.monotonic() - started
+        self._engine_request_done, self._engine_failed = request.id, None
+        if switched:
+            self.last_engine_switch = EngineSwitch(previous, engine.url, datetime.now(UTC), seconds,
+                                                   draining, request.id)
+            if self.metrics:
+                self.metrics.engine_switches.inc()
+            log.info("replica %s sends new requests to the engine at %s (was %s; %d requests finish "
+                     "there), checked in %.2f s", self.replica, engine.url, previous, draining, seconds)
+        await self._record_engine_url(request, ok=True, details={
+            "previous": previous, "switched": switched, "check_s": round(seconds, 3), "draining": draining})
+
+    async def _record_engine_url(self, request: EngineEndpoint, *, ok: bool, error: str | None = None,
+                                 details: dict | None = None) -> None:
+        try:
+            async with self.pool.connection(timeout=RECORD_TIMEOUT_S) as conn:
+                await endpoints.record_outcome(conn, request, replica=self.replica, ok=ok, error=error,
+                                               details=details)
+        except Exception as exc:  # the database may be the thing that is down; serving goes on
+            log.warning("could not record in the registry that %s %s %s: %s", self.replica,
+                        "switched to" if ok else "refused", request.url, exc)
 
     # -- the registry's record ------------------------------------------------------------------
 

@@ -30,7 +30,18 @@ Cancelling (`Generation.cancel`, leaving the iteration early) ends the stream at
 
 Blue/green: `switch_endpoint(url)` probes a second engine, makes it the endpoint for new
 requests, and lets the streams in flight finish on the old one (each request holds its own
-endpoint); the old connections are closed once the last of them ends.
+endpoint); the old connections are closed once the last of them ends. The server calls it when
+the registry asks (`python -m deploy engine-url`, server/swap.py).
+
+Runtime LoRA loading (`lora_loading="vllm"`, ENGINE_LORA_LOADING): before a LoRA checkpoint
+becomes a version, the remote is asked to load it under the checkpoint id with vLLM's
+`POST /v1/load_lora_adapter` {"lora_name", "lora_path"} (the checkpoint directory as the
+remote sees it: `lora_path_map` rewrites the server's path prefixes); one it already lists, or
+answers "has already been loaded" for (another replica was first), is fine. A refused load
+refuses the version (AdapterNotLoaded) and nothing changes. A switch to another endpoint loads
+the versions' adapters there before checking it. With `unload_lora`, an adapter is unloaded
+(`POST /v1/unload_lora_adapter`) once its version is unloaded here; only safe when no other
+replica still streams from it (one replica per engine, or replicas that drain together).
 """
 
 from __future__ import annotations
@@ -83,6 +94,10 @@ class ModelNotServed(RemoteEngineError, LookupError):
     """The remote does not serve a model name a version needs."""
 
 
+class AdapterNotLoaded(RemoteEngineError):
+    """The remote would not load a LoRA checkpoint at run time (ENGINE_LORA_LOADING=vllm)."""
+
+
 @dataclass(frozen=True)
 class RemoteEngineConfig:
     url: str  # the remote's base URL, with or without a trailing /v1
@@ -96,12 +111,16 @@ class RemoteEngineConfig:
     context_length: int = 2048  # prompt + answer budget (capped by the model's and the remote's own)
     max_in_flight: int = 512  # requests streaming at once before submit says overloaded
     limits: SamplingLimits = SamplingLimits()
+    lora_loading: Literal["none", "vllm"] = "none"  # vllm: load LoRA checkpoints into the remote at run time
+    lora_path_map: tuple[tuple[str, str], ...] = ()  # (server path prefix, the remote's path for it)
+    unload_lora: bool = False  # vllm: unload an adapter from the remote once its version is unloaded here
 
 
 @dataclass
 class _Version:
     name: str  # what requests and stored messages call it (a checkpoint id)
     served_name: str | None  # openai: the `model` field; tgi: the adapter id (None: the base)
+    adapter_path: str | None = None  # where the remote loads its LoRA adapter from (lora_loading only)
     accepting: bool = True
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -213,9 +232,10 @@ class RemoteEngine(VersionedEngine):
         self._endpoint = _Endpoint(config.url, config)
         self._retired: set[_Endpoint] = set()  # old endpoints draining after a switch
         self._base_version = base_version
-        self._versions: dict[str, _Version] = {
-            base_version: _Version(base_version, config.served_model if config.api == "openai" else None)
-        }
+        # The name the remote serves the base under (learned from the listing when not given);
+        # kept here, as the base version itself may be unloaded after a promotion and come back.
+        self._base_served: str | None = config.served_model if config.api == "openai" else None
+        self._versions: dict[str, _Version] = {base_version: _Version(base_version, self._base_served)}
         self._default = base_version
         self._requests: dict[str, _Request] = {}
         self._stats = EngineStats()
@@ -318,9 +338,8 @@ class RemoteEngine(VersionedEngine):
         from the listing when ENGINE_MODEL is not set and the choice is clear."""
         if self.config.api != "openai":
             return None
-        base = self._versions[self._base_version]
         listed = endpoint.listed
-        if base.served_name is None:
+        if self._base_served is None:
             if listed is None:
                 return ("it lists no models (GET /v1/models), so the base model's served name is unknown: "
                         "set ENGINE_MODEL to the name the remote serves it under")
@@ -328,8 +347,10 @@ class RemoteEngine(VersionedEngine):
                 names = ", ".join(sorted(listed)) or "none"
                 return (f"it lists {len(listed)} models ({names}): set ENGINE_MODEL to the one that "
                         "serves the base model")
-            base.served_name = next(iter(listed))
-            log.info("remote engine at %s serves the base model as %r", endpoint.url, base.served_name)
+            self._base_served = next(iter(listed))
+            if (base := self._versions.get(self._base_version)) is not None:
+                base.served_name = self._base_served
+            log.info("remote engine at %s serves the base model as %r", endpoint.url, self._base_served)
         checked = self._versions.values() if every_version else [self._versions[self._default]]
         for version in checked:
             if listed is not None and version.accepting and version.served_name not in listed:
@@ -364,55 +385,138 @@ class RemoteEngine(VersionedEngine):
 
     async def load_version(self, version: str, path: str | Path, *, make_default: bool = False,
                            served_name: str | None = None) -> None:
-        """Serve `version`, which the remote serves as `served_name` (default: `version`).
+        """Serve `version`, which the remote serves as `served_name` (default: `version`; the
+        base version: its served name again).
 
-        Nothing is loaded here: the remote must already serve it (vLLM: `--lora-modules` or its
-        runtime `POST /v1/load_lora_adapter`; TGI: `LORA_ADAPTERS`; `path` is where the
-        checkpoint is, for the log). With the OpenAI API the remote's model list must name it,
-        else ModelNotServed and nothing changes."""
+        With `lora_loading="vllm"` a LoRA checkpoint at `path` is loaded into the remote first
+        (AdapterNotLoaded if it refuses). Otherwise nothing is loaded here: the remote must
+        already serve it (vLLM: `--lora-modules`; TGI: `LORA_ADAPTERS`; `path` is for the log).
+        With the OpenAI API the remote's model list must name it, else ModelNotServed. Either
+        way a refusal changes nothing."""
         if version in self._versions:
             raise ValueError(f"version {version!r} is already registered; unload it first or use another id")
-        served = served_name or version
+        is_base = version == self._base_version
+        served = served_name or (self._base_served if is_base else version)
+        adapter_path = None if is_base else await asyncio.to_thread(self._adapter_path, path)
         endpoint = self._endpoint
         if self.config.api == "openai":
             if not await endpoint.probe():
                 raise EngineNotReady(f"cannot check version {version}: {self.problem}")
+            if adapter_path is not None:
+                await self._load_adapter(endpoint, served, adapter_path)
             if endpoint.listed is not None and served not in endpoint.listed:
                 names = ", ".join(sorted(endpoint.listed)) or "none"
                 raise ModelNotServed(
                     f"the remote engine at {endpoint.url} does not serve {served!r} (it lists: {names}): "
-                    "load the checkpoint there first (vLLM: --lora-modules NAME=PATH or POST "
-                    "/v1/load_lora_adapter), then load the version again"
+                    "load the checkpoint there first (vLLM: --lora-modules NAME=PATH, POST "
+                    "/v1/load_lora_adapter, or ENGINE_LORA_LOADING=vllm), then load the version again"
                 )
-        self._versions[version] = _Version(version, served)
+        self._versions[version] = _Version(version, served, adapter_path)
         if make_default:
             self._default = version
         log.info("serving version %s as %r on %s (checkpoint %s)%s", version, served, endpoint.url, path,
                  " (default)" if make_default else "")
 
+    # ------------------------------------------------------------------ runtime LoRA (vLLM)
+
+    def _adapter_path(self, path: str | Path) -> str | None:
+        """Where the remote should load the checkpoint at `path` from, when it is a LoRA
+        adapter to load at run time; None when there is nothing to load (no runtime loading,
+        or a full model, which no engine loads at run time)."""
+        if self.config.lora_loading != "vllm":
+            return None
+        from deploy.checkpoint import CheckpointError, read_manifest
+
+        try:
+            if read_manifest(Path(path)).kind != "lora":
+                return None
+        except CheckpointError:
+            return None  # not a checkpoint (a base model directory): the listing check decides
+        return engine_path(path, self.config.lora_path_map)
+
+    async def _load_adapter(self, endpoint: _Endpoint, name: str, path: str) -> None:
+        """Have `endpoint` serve the LoRA adapter at `path` (as it sees it) under `name`, then
+        refresh its model list. Idempotent: an adapter it lists already is left as it is."""
+        if endpoint.listed is not None and name in endpoint.listed:
+            return
+        where = f"the remote engine at {endpoint.url}"
+        try:
+            response = await endpoint.session.post(f"{endpoint.url}/v1/load_lora_adapter",
+                                                   json={"lora_name": name, "lora_path": path})
+        except httpx2.HTTPError as error:
+            raise AdapterNotLoaded(f"{where} could not be asked to load adapter {name!r} from {path}: "
+                                   f"{_describe_transport_error(error)}") from error
+        detail = _error_detail(response) if response.status_code >= 400 else ""
+        if response.status_code == 400 and "already been loaded" in detail:
+            log.info("%s had adapter %r loaded already", where, name)  # another replica was first
+        elif response.status_code == 404 and detail in ("Not Found", "(no body)"):
+            raise AdapterNotLoaded(
+                f"{where} has no POST /v1/load_lora_adapter (HTTP 404): start vLLM with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora, or set "
+                "ENGINE_LORA_LOADING=none and load adapters by hand"
+            )
+        elif response.status_code >= 400:
+            raise AdapterNotLoaded(
+                f"{where} refused to load adapter {name!r} from {path}: HTTP {response.status_code}: "
+                f"{detail} (the path must be the checkpoint directory as the engine sees it: "
+                "ENGINE_LORA_PATH_MAP; its rank must fit vLLM's --max-lora-rank)"
+            )
+        else:
+            log.info("%s loaded adapter %r from %s", where, name, path)
+        endpoint.listed = await endpoint._list_models()
+
+    async def _unload_adapter(self, endpoint: _Endpoint, name: str) -> None:
+        """Best effort: an adapter left loaded costs the remote memory, never a request."""
+        try:
+            response = await endpoint.session.post(f"{endpoint.url}/v1/unload_lora_adapter",
+                                                   json={"lora_name": name})
+        except httpx2.HTTPError as error:
+            log.warning("could not ask %s to unload adapter %r: %s", endpoint.url, name,
+                        _describe_transport_error(error))
+            return
+        if response.status_code < 400:
+            log.info("remote engine at %s unloaded adapter %r", endpoint.url, name)
+        elif response.status_code == 404:
+            log.info("remote engine at %s had no adapter %r to unload", endpoint.url, name)
+        else:
+            log.warning("remote engine at %s would not unload adapter %r: HTTP %d: %s", endpoint.url, name,
+                        response.status_code, _error_detail(response))
+
     def _live_generations(self) -> list[Generation]:
         return [request.generation for request in self._requests.values()]
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
+        record = self._versions.get(version)
         await self._drain_and_forget(version, timeout)
         log.info("unregistered version %s", version)
+        if self.config.unload_lora and record is not None and record.adapter_path is not None:
+            await self._unload_adapter(self._endpoint, record.served_name)
 
     # ------------------------------------------------------------------ blue/green
 
-    async def switch_endpoint(self, url: str, *, drain_timeout: float | None = None) -> None:
+    async def switch_endpoint(self, url: str, *, drain_timeout: float | None = None) -> bool:
         """Send new requests to the engine at `url`; streams in flight finish where they are.
+        True once switched; False when `url` is the endpoint already.
 
         The new endpoint must answer its health probe and, where it lists models, serve every
-        registered version; otherwise RemoteEngineError and nothing changes. The old endpoint's
-        connections close once its last stream ends, or after `drain_timeout` seconds (default
+        registered version (with runtime LoRA loading, their adapters are loaded there first);
+        otherwise RemoteEngineError and nothing changes. The old endpoint's connections close
+        once its last stream ends, or after `drain_timeout` seconds (default
         ENGINE_DRAIN_TIMEOUT) by cancelling what is left."""
         if self._closed:
             raise EngineNotReady("this remote engine was closed")
         new = _Endpoint(url, self.config)
         if new.url == self._endpoint.url:
             await new.close()
-            return
+            return False
         problem = None if await new.probe() else new.problem
+        if problem is None and self.config.api == "openai":
+            try:
+                for version in list(self._versions.values()):
+                    if version.accepting and version.adapter_path is not None:
+                        await self._load_adapter(new, version.served_name, version.adapter_path)
+            except AdapterNotLoaded as error:
+                problem = str(error)
         problem = problem or self._check_served(new, every_version=True)
         if problem:
             await new.close()
@@ -423,6 +527,7 @@ class RemoteEngine(VersionedEngine):
         log.info("remote engine switched from %s to %s; %d streams draining there", old.url, new.url, len(old.tasks))
         timeout = self.config.drain_timeout_s if drain_timeout is None else drain_timeout
         self._spawn(self._retire(old, timeout), name=f"remote-engine-drain {old.url}")
+        return True
 
     async def _retire(self, endpoint: _Endpoint, timeout: float | None) -> None:
         try:
@@ -688,6 +793,18 @@ def _session(config: RemoteEngineConfig, timeout: httpx2.Timeout) -> httpx2.Asyn
     )
 
 
+def engine_path(path: str | Path, path_map: tuple[tuple[str, str], ...]) -> str:
+    """`path` (a checkpoint directory as this server sees it) as the remote engine sees it: the
+    longest matching prefix of `path_map` (server prefix, remote prefix) replaced; unchanged
+    when none matches (both mount the checkpoints at the same path)."""
+    path = str(path).rstrip("/") or "/"
+    for local, remote in sorted(path_map, key=lambda pair: len(pair[0].rstrip("/")), reverse=True):
+        local = local.rstrip("/")
+        if path == local or path.startswith(local + "/"):
+            return remote.rstrip("/") + path[len(local):]
+    return path
+
+
 def _describe_transport_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
@@ -752,6 +869,9 @@ async def load_remote_engine(settings: Any) -> RemoteEngine:
         drain_timeout_s=getattr(settings, "engine_drain_timeout", 600.0),
         context_length=settings.context_length,
         limits=SamplingLimits(max_temperature=settings.max_temperature, max_new_tokens=settings.max_new_tokens_limit),
+        lora_loading=getattr(settings, "engine_lora_loading", "none"),
+        lora_path_map=getattr(settings, "engine_lora_path_pairs", ()),
+        unload_lora=getattr(settings, "engine_lora_unload", False),
     )
     return await _build(tokenizer_dir, config, None)
 

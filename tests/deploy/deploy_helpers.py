@@ -23,7 +23,7 @@ ACTOR = "tester@test"
 
 # deploy_state's FK to checkpoints empties it too; its single row is put back.
 RESET_SQL = """
-    TRUNCATE checkpoints, checkpoint_events, deploy_state, users CASCADE;
+    TRUNCATE checkpoints, checkpoint_events, deploy_state, engine_endpoint_events, users CASCADE;
     INSERT INTO deploy_state (id) VALUES (true);
 """
 

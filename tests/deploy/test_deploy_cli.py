@@ -149,6 +149,39 @@ def test_register_a_checkpoint_directory(deploy, conn, tmp_path, two_models):
     assert code == 0 and "register" in out
 
 
+def test_engine_url_asks_replicas_and_shows_where_they_are(deploy, deploy_process, conn, two_models):
+    code, out, _ = deploy("engine-url", "--json")
+    assert code == 0 and json.loads(out)["engine_endpoints"] == []
+
+    code, out, _ = deploy_process("engine-url", "http://engine-green:8000", "--reason", "new weights", "--json")
+    assert code == 0
+    request = json.loads(out)["request"]
+    assert (request["url"], request["replica"], request["reason"]) == ("http://engine-green:8000", None, "new weights")
+    assert request["actor"].startswith("alice@")
+    code, out, _ = deploy("engine-url", "http://engine-blue:8000", "--replica", "web-1:8000", "--actor", "bob")
+    assert code == 0 and "web-1:8000" in out and "http://engine-blue:8000" in out
+
+    state = registry.read_state(conn)
+    assert state.engine_endpoint("web-1:8000").url == "http://engine-blue:8000"
+    assert state.engine_endpoint("web-2:8000").url == "http://engine-green:8000"
+    code, out, _ = deploy("engine-url", "--json")
+    doc = json.loads(out)
+    assert [e["url"] for e in doc["engine_endpoints"]] == ["http://engine-green:8000", "http://engine-blue:8000"]
+    assert [e["action"] for e in doc["events"]] == ["switch", "switch"]
+    code, out, _ = deploy("engine-url")
+    assert code == 0 and "new weights" in out and "bob" in out
+    code, out, _ = deploy("status", "--json")
+    assert code == 0 and len(json.loads(out)["engine_endpoints"]) == 2
+    code, out, _ = deploy("status")
+    assert code == 0 and "engine url" in out and "http://engine-green:8000" in out
+
+    code, _, err = deploy("engine-url", "engine-green:8000")  # not a URL: usage, nothing recorded
+    assert code == 2 and "http" in err
+    code, _, _ = deploy("engine-url", "--replica", "web-1:8000")  # a replica needs the URL
+    assert code == 2
+    assert len(registry.read_state(conn).engine_endpoints) == 2
+
+
 def test_unreachable_database_is_exit_1(tmp_path):
     env = {**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2",
            "DATA_DIR": str(tmp_path)}

@@ -340,6 +340,17 @@ def test_variables_in_commented_out_configuration_are_real_too():
         assert key in known or key.startswith(FOREIGN_PREFIXES), f"commented {key}: no such setting"
 
 
+def test_the_commented_engine_lines_of_the_server_are_settings_it_accepts(monkeypatch):
+    """Uncommented, the server's ENGINE_* lines (remote engine, runtime LoRA loading) validate."""
+    text = (ROOT / "compose.yaml").read_text()
+    commented = dict(re.findall(r"^\s*#\s*(ENGINE[A-Z0-9_]*):\s*(\S+)", text, flags=re.MULTILINE))
+    assert {"ENGINE", "ENGINE_URL", "ENGINE_LORA_LOADING"} <= commented.keys()
+    for key in env_names(ServerSettings):
+        monkeypatch.delenv(key, raising=False)
+    settings = ServerSettings(_env_file=None, **{key.lower(): value for key, value in commented.items()})
+    assert (settings.engine, settings.engine_lora_loading) == ("remote", "vllm")
+
+
 def test_log_level_is_still_read_where_the_foreign_list_says():
     import feedback.logs
 

@@ -1,5 +1,5 @@
 """Fixtures for the server's tests: the app on a real uvicorn server, the tiny-model engine, the
-real PostgreSQL of this run (db_url), fresh users.
+real PostgreSQL of this run (db_url), fresh users, and two real remote engines (blue, green).
 
 Servers run inside the test session's event loop (uvicorn.Server.serve as a task), so the
 engine, the app, the websocket/HTTP clients and the browser driver share one loop and nothing
@@ -8,12 +8,13 @@ crosses threads. Tests isolate themselves by using fresh tokens: a new token is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from remote_fixtures import ServeLaunch, ServeProcess, blue_and_green
 from server.engine.local import LocalEngine, LocalEngineConfig, start_local_engine
 from server_testkit import make_settings, new_token, serve
 from support.tiny_model import tiny_model_dir  # noqa: F401 - the fixture, registered here
@@ -54,3 +55,23 @@ async def db(db_url) -> AsyncIterator[psycopg.AsyncConnection]:
     ) as conn:
         yield conn
 
+
+
+# Remote engines: two real `transformers serve` processes per test module that asks for them
+# (remote_fixtures.py), started together; each test waits for the ones it uses.
+
+
+@pytest.fixture(scope="module")
+def remote_servers(tiny_model_dir, tmp_path_factory) -> Iterator[dict[str, ServeLaunch]]:  # noqa: F811
+    with blue_and_green(tiny_model_dir, tmp_path_factory) as launches:
+        yield launches
+
+
+@pytest.fixture(scope="module")
+def blue(remote_servers) -> ServeProcess:
+    return remote_servers["blue"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def green(remote_servers) -> ServeProcess:
+    return remote_servers["green"].wait_ready()

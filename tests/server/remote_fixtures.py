@@ -26,8 +26,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,24 @@ class ServeLaunch:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
+@contextmanager
+def blue_and_green(tiny_model_dir: Path, tmp_path_factory) -> Iterator[dict[str, ServeLaunch]]:
+    """Two `transformers serve` processes ("blue", "green") over one hub cache, for blue/green.
+    Both start together and the models they serve are written while they boot (they read them
+    on first use); callers `wait_ready()` for the ones they use. Both are stopped at the end."""
+    hub_cache = tmp_path_factory.mktemp("hub")
+    launches = {
+        color: launch_transformers_serve(hub_cache, tmp_path_factory.mktemp(color) / "serve.log")
+        for color in ("blue", "green")
+    }
+    try:
+        build_hub_cache(hub_cache, tiny_model_dir)
+        yield launches
+    finally:
+        for launch in launches.values():
+            launch.stop()
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
@@ -258,11 +276,11 @@ def _tgi_error(message: str):
 
 
 @asynccontextmanager
-async def serve_app(app: Any) -> AsyncIterator[str]:
-    """`app` on uvicorn in this event loop, on a free port; yields its base URL."""
+async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
+    """`app` on uvicorn in this event loop, on `port` (0: a free one); yields its base URL."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -274,3 +292,121 @@ async def serve_app(app: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+# ---------------------------------------------------------------------- vLLM's runtime LoRA API
+
+
+class FakeVllm:
+    """An app speaking the part of vLLM's OpenAI server that runtime LoRA loading uses (vLLM
+    needs a GPU build and cannot run on these machines, so this checks the server against
+    vLLM's wire format and rules, not against vLLM itself):
+
+    - `GET /health`, `GET /v1/models` (the base model, then every loaded adapter with its path
+      as `root` and the base as `parent`);
+    - `POST /v1/load_lora_adapter` {"lora_name", "lora_path"}: 200 with a plain-text success
+      line; 400 "has already been loaded" for a name it has; 404 when no adapter_config.json
+      is at the path; loads of one name take turns, as vLLM's per-name lock makes them. Only
+      with `runtime_updating` (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING): otherwise neither
+      route exists (FastAPI's 404 "Not Found", as vLLM answers then);
+    - `POST /v1/unload_lora_adapter` {"lora_name"}: 200, or 404 for a name it does not have;
+    - `POST /v1/chat/completions` with `stream`: 404 "does not exist" for a model it does not
+      serve, else SSE chunks of "<model> says hello ..." (one word a chunk, `token_delay_s`
+      apart), the finish reason, and the usage chunk when `stream_options.include_usage`.
+
+    Errors have vLLM's shape ({"error": {"message", "type", "param", "code"}}). `calls` records
+    every POST as (route, body), in order; `refuse[name] = (status, message)` makes a load
+    fail as vLLM would (a rank over --max-lora-rank, no memory left). `seen_as(path)` maps a
+    path as the engine sees it to this machine's (the engine's mount of the checkpoints).
+    """
+
+    ANSWER = ("says", "hello", "from", "the", "fake", "engine", "and", "keeps", "talking")
+
+    def __init__(self, base_model: str, *, runtime_updating: bool = True, seen_as=lambda path: Path(path),
+                 load_delay_s: float = 0.0, token_delay_s: float = 0.0):
+        from fastapi import FastAPI
+        from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+        self.base_model = base_model
+        self.adapters: dict[str, str] = {}
+        self.calls: list[tuple[str, dict]] = []
+        self.refuse: dict[str, tuple[int, str]] = {}
+        self.token_delay_s = token_delay_s
+        self._locks: dict[str, asyncio.Lock] = {}
+        app = self.app = FastAPI()
+
+        def error(status: int, message: str, kind: str) -> JSONResponse:
+            return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                                status_code=status)
+
+        @app.get("/health")
+        def health() -> dict:
+            return {}
+
+        @app.get("/v1/models")
+        def models() -> dict:
+            cards = [{"id": base_model, "object": "model", "owned_by": "vllm", "max_model_len": 2048,
+                      "root": f"/models/{base_model}", "parent": None}]
+            cards += [{"id": name, "object": "model", "owned_by": "vllm", "root": path, "parent": base_model}
+                      for name, path in self.adapters.items()]
+            return {"object": "list", "data": cards}
+
+        if runtime_updating:
+            @app.post("/v1/load_lora_adapter")
+            async def load(body: dict):
+                self.calls.append(("load", body))
+                name, path = body.get("lora_name"), body.get("lora_path")
+                if not name or not path:
+                    return error(400, "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput")
+                async with self._locks.setdefault(name, asyncio.Lock()):
+                    if name in self.adapters:
+                        return error(400, f"The lora adapter '{name}' has already been loaded. If you want to "
+                                     "load the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+                    if name in self.refuse:
+                        status, message = self.refuse[name]
+                        return error(status, message, "BadRequestError")
+                    if not (seen_as(path) / "adapter_config.json").is_file():
+                        return error(404, f"Loading lora {name} failed: No adapter found for {path}", "NotFoundError")
+                    await asyncio.sleep(load_delay_s)  # reading the weights
+                    self.adapters[name] = path
+                return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+            @app.post("/v1/unload_lora_adapter")
+            async def unload(body: dict):
+                self.calls.append(("unload", body))
+                name = body.get("lora_name")
+                if name not in self.adapters:
+                    return error(404, f"The lora adapter '{name}' cannot be found.", "NotFoundError")
+                del self.adapters[name]
+                return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: dict):
+            self.calls.append(("chat", body))
+            model = body.get("model")
+            if model != base_model and model not in self.adapters:
+                return error(404, f"The model `{model}` does not exist.", "NotFoundError")
+            words = [model, *self.ANSWER][: body.get("max_tokens") or 16]
+            finish = "stop" if len(words) == 1 + len(self.ANSWER) else "length"
+
+            async def events():
+                def chunk(delta: dict, reason: str | None) -> str:
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                    return "data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                  "created": 0, "model": model, "choices": [choice]}) + "\n\n"
+
+                for index, word in enumerate(words):
+                    await asyncio.sleep(self.token_delay_s)
+                    yield chunk({"role": "assistant", "content": (" " if index else "") + word}, None)
+                yield chunk({}, finish)
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    usage = {"prompt_tokens": 10, "completion_tokens": len(words), "total_tokens": 10 + len(words)}
+                    yield "data: " + json.dumps({"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                                                 "created": 0, "model": model, "choices": [], "usage": usage}) + "\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+    def routes_called(self) -> list[tuple[str, str | None]]:
+        """(route, the name it was about) for every POST, in order."""
+        return [(route, body.get("lora_name") or body.get("model")) for route, body in self.calls]

@@ -97,11 +97,13 @@ async def new_engine(tiny_model_dir: Path):
 
 
 @asynccontextmanager
-async def swap_server(db_url: str, tmp_path: Path, engine, model_dir: Path, **overrides) -> AsyncIterator[tuple[str, Any]]:
+async def swap_server(db_url: str, tmp_path: Path, engine_object, model_dir: Path, **overrides) -> AsyncIterator[tuple[str, Any]]:
     """The app (MODEL = the tiny model, so it registers the base) on a real uvicorn server on a
-    free port; yields its base URL and the app (for its swap controller)."""
+    free port; yields its base URL and the app (for its swap controller). `engine_object`:
+    an engine the app uses as is; None: the app loads the one its settings (`overrides`) ask
+    for, e.g. engine="remote", engine_url=..."""
     settings = make_settings(db_url, tmp_path, model=str(model_dir), **overrides)
-    app = create_app(settings, engine=engine)
+    app = create_app(settings, engine=engine_object)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:

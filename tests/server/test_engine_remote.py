@@ -10,23 +10,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from transformers import AutoTokenizer
 
 from deploy.checkpoint import base_model_name
-from remote_fixtures import (
-    BASE_REPO,
-    TERSE_ANSWER,
-    TERSE_REPO,
-    ServeLaunch,
-    ServeProcess,
-    build_hub_cache,
-    launch_transformers_serve,
-    serve_app,
-    tgi_wire_app,
-)
+from remote_fixtures import BASE_REPO, TERSE_ANSWER, TERSE_REPO, serve_app, tgi_wire_app
 from server.engine.base import (
     EngineNotReady,
     FinalEvent,
@@ -48,33 +38,6 @@ from server.settings import ServerSettings
 from support.tiny_model import tiny_model_dir  # noqa: F401 - the fixture
 
 CONTEXT_LENGTH = 1024
-
-
-@pytest.fixture(scope="module")
-def servers(tiny_model_dir, tmp_path_factory) -> Iterator[dict[str, ServeLaunch]]:  # noqa: F811
-    """Both servers start together, and the models they serve are written while they boot (they
-    read them on first use); tests wait for the servers they use."""
-    hub_cache = tmp_path_factory.mktemp("hub")
-    launches = {
-        color: launch_transformers_serve(hub_cache, tmp_path_factory.mktemp(color) / "serve.log")
-        for color in ("blue", "green")
-    }
-    try:
-        build_hub_cache(hub_cache, tiny_model_dir)
-        yield launches
-    finally:
-        for launch in launches.values():
-            launch.stop()
-
-
-@pytest.fixture(scope="module")
-def blue(servers) -> ServeProcess:
-    return servers["blue"].wait_ready()
-
-
-@pytest.fixture(scope="module")
-def green(servers) -> ServeProcess:
-    return servers["green"].wait_ready()
 
 
 def config_for(url: str, **overrides) -> RemoteEngineConfig:
