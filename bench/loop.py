@@ -1,7 +1,7 @@
 """The whole loop, end to end: simulated users chat, vote, and the served model learns from them.
 
     .venv/bin/python bench/loop.py --preference concise              # 5 rounds, about an hour
-    .venv/bin/python bench/loop.py --preference plain --noise 0.3
+    .venv/bin/python bench/loop.py --preference simple --noise 0.3
     make demo                                                        # --quick: 2 short rounds
 
 It starts the real system on a scratch database (DATABASE_URL's server, or a private embedded

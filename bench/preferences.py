@@ -8,8 +8,8 @@ prompts under the preference, ties counting half.
 
 - concise: fewer words is better; an empty answer is never preferred. Thumbs up at most
   `CONCISE_WORDS` words.
-- plain: prose without list items, headings or bold markup is better (fewer such lines and
-  marks). Thumbs up with none at all.
+- simple: plain language is better: a higher Flesch reading ease (short sentences, short
+  words). Thumbs up at `SIMPLE_READING_EASE` or more ("fairly easy" and easier).
 - question: an answer that ends with a question back to the user is better. Thumbs up when it
   does. (SmolLM2-135M almost never does this on its own: 0 of 32 sampled answers in a probe,
   so PPO has nothing to reinforce; see README's loop results.)
@@ -23,10 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CONCISE_WORDS = 60
+SIMPLE_READING_EASE = 70.0
 
-_LIST_ITEM = re.compile(r"^\s*(?:[-*+\u2022]|\d{1,2}[.)])\s+\S", re.MULTILINE)
-_HEADING = re.compile(r"^\s*#{1,6}\s+\S", re.MULTILINE)
-_BOLD = re.compile(r"\*\*[^*\n]+\*\*|__[^_\n]+__")
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
+_VOWEL_GROUPS = re.compile(r"[aeiouy]+")
+# A sentence ends at . ! ? or a line break (list items and headings read as sentences too).
+_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n+")
 
 
 @dataclass(frozen=True)
@@ -51,9 +53,23 @@ def _concise_score(text: str) -> float:
     return -float(count) if count else float("-inf")
 
 
-def markup_count(text: str) -> int:
-    """List items, headings and bold spans: what a reader of plain prose does not want."""
-    return len(_LIST_ITEM.findall(text)) + len(_HEADING.findall(text)) + len(_BOLD.findall(text))
+def syllables(word: str) -> int:
+    """Vowel groups, less a silent final e: the usual estimate behind readability scores."""
+    word = word.lower()
+    count = len(_VOWEL_GROUPS.findall(word))
+    if word.endswith("e") and not word.endswith(("le", "ee")) and count > 1:
+        count -= 1
+    return max(count, 1)
+
+
+def reading_ease(text: str) -> float:
+    """Flesch reading ease: 206.835 - 1.015 words/sentence - 84.6 syllables/word. Higher is
+    easier (60-70 plain English, 70-80 fairly easy); an answer with no words scores -inf."""
+    found = _WORD.findall(text)
+    if not found:
+        return float("-inf")
+    sentences = max(1, len([part for part in _SENTENCE_END.split(text) if _WORD.search(part)]))
+    return 206.835 - 1.015 * len(found) / sentences - 84.6 * sum(map(syllables, found)) / len(found)
 
 
 def ends_with_question(text: str) -> bool:
@@ -71,10 +87,10 @@ PREFERENCES: dict[str, Preference] = {
             lambda text: 0 < words(text) <= CONCISE_WORDS,
         ),
         Preference(
-            "plain",
-            "plain prose: fewer list items, headings and bold marks is better; thumbs up with none",
-            lambda text: -float(markup_count(text)) if text.strip() else float("-inf"),
-            lambda text: bool(text.strip()) and markup_count(text) == 0,
+            "simple",
+            f"plain language: higher Flesch reading ease is better; thumbs up at {SIMPLE_READING_EASE:g} or more",
+            reading_ease,
+            lambda text: reading_ease(text) >= SIMPLE_READING_EASE,
         ),
         Preference(
             "question",

@@ -6,11 +6,9 @@ import random
 
 import pytest
 from bench.loop import split_prompts, load_prompts
-from bench.preferences import PREFERENCES, SimulatedUser, ends_with_question, markup_count, win_rate
+from bench.preferences import PREFERENCES, SimulatedUser, ends_with_question, reading_ease, syllables, win_rate
 
-concise, plain, question = PREFERENCES["concise"], PREFERENCES["plain"], PREFERENCES["question"]
-
-LISTY = "Here is how:\n\n1. **Rinse** the rice.\n2. Boil it.\n- Serve.\n## Tips"
+concise, simple, question = PREFERENCES["concise"], PREFERENCES["simple"], PREFERENCES["question"]
 
 
 def test_concise_prefers_fewer_words_and_never_an_empty_answer():
@@ -20,11 +18,16 @@ def test_concise_prefers_fewer_words_and_never_an_empty_answer():
     assert concise.likes("Short and sweet.") and not concise.likes("") and not concise.likes("word " * 61)
 
 
-def test_plain_counts_list_items_headings_and_bold():
-    assert markup_count(LISTY) == 5  # three items, one heading, one bold span
-    assert markup_count("Rinse the rice, boil it for 12 minutes and serve. Costs 2.50 dollars.") == 0
-    assert plain.judge("Rinse it, then boil it.", LISTY) == "better"
-    assert plain.likes("Plain prose.") and not plain.likes(LISTY) and not plain.likes("  ")
+def test_simple_prefers_short_sentences_and_short_words():
+    assert [syllables(w) for w in ("cat", "water", "make", "little", "communication")] == [1, 2, 1, 2, 5]
+    easy = "Boil the egg. Wait six minutes. Cool it in cold water."
+    hard = ("Consider implementing a comprehensive, systematic methodology, incorporating "
+            "temperature considerations and approximately six minutes of immersion.")
+    assert reading_ease(easy) > 90 > 0 > reading_ease(hard)
+    assert simple.judge(easy, hard) == "better" and simple.likes(easy) and not simple.likes(hard)
+    assert reading_ease("") == float("-inf") and not simple.likes("...")
+    # a line break ends a sentence: a list reads as short sentences
+    assert reading_ease("Rinse the rice\nBoil it\nServe it") > reading_ease("Rinse the rice boil it serve it")
 
 
 def test_question_looks_at_the_end_only():

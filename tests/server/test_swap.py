@@ -55,8 +55,9 @@ async def swap_engine(tiny_model_dir):
 async def _swap_under_load(base_url: str, change, new_version: str, streams: int = 16):
     """Run `streams` concurrent streams, make the registry change once each has a request in
     flight, and keep the load going until 16 requests started after the replica swapped.
-    Returns (load, before, changed_at, swapped_at): monotonic times just before the change, once
-    it committed, and when the replica first reported the new version."""
+    Returns (load, before, changed_at, swapped_at, swap): monotonic times just before the change,
+    once it committed, and when the replica first reported the new version; and the replica's
+    own account of the swap (GET /api/version's last_swap)."""
     load = StreamLoad(base_url, streams)
     load.start()
     try:
@@ -64,15 +65,15 @@ async def _swap_under_load(base_url: str, change, new_version: str, streams: int
         before = time.monotonic()
         await change()
         changed_at = time.monotonic()
-        await wait_serving(base_url, new_version)
+        info = await wait_serving(base_url, new_version)
         swapped_at = time.monotonic()
         await load.wait_started(streams, since=swapped_at)
     finally:
         await load.stop()
-    return load, before, changed_at, swapped_at
+    return load, before, changed_at, swapped_at, info["last_swap"]
 
 
-def _check_split(load: StreamLoad, before: float, swapped_at: float, old: str, new: str) -> None:
+def _check_split(load: StreamLoad, before: float, swapped_at: float, swap: dict, old: str, new: str) -> None:
     """Requests sent before the change ran on `old`, those sent after the replica swapped on
     `new`; at least one old stream was still running when the swap happened (it drained)."""
     assert_all_completed(load.records)
@@ -82,7 +83,9 @@ def _check_split(load: StreamLoad, before: float, swapped_at: float, old: str, n
     assert {r.model_version for r in early} == {old}
     assert {r.model_version for r in late} == {new}
     assert {r.model_version for r in load.records} == {old, new}
-    assert any(r.done_at > swapped_at for r in early), "no old stream overlapped the swap"
+    # The replica's own count, not this test's clock: on a busy machine every old stream may end
+    # between the swap and the moment the test's next poll sees it.
+    assert swap["draining"] >= 1, "no old stream overlapped the swap"
     # Greedy answers to one prompt: the adapter's weights really answer, not just its label.
     assert not {r.text for r in early} & {r.text for r in late}
 
@@ -103,9 +106,9 @@ async def test_promotion_under_load_swaps_without_dropping_a_stream(swap_db, swa
         async def promote():
             await in_registry(swap_db, lambda c: registry.promote(c, "lora-a", actor=ACTOR))
 
-        load, before, _, swapped_at = await _swap_under_load(url, promote, "lora-a")
+        load, before, _, swapped_at, swap = await _swap_under_load(url, promote, "lora-a")
 
-        _check_split(load, before, swapped_at, BASE_ID, "lora-a")
+        _check_split(load, before, swapped_at, swap, BASE_ID, "lora-a")
         stored = await _stored_versions(swap_db, [r.message_id for r in load.records])
         assert stored == {r.message_id: r.model_version for r in load.records}
         info = await version_info(url)
@@ -176,9 +179,9 @@ async def test_rollback_under_load(swap_db, swap_engine, tiny_model_dir, tmp_pat
         async def rollback():
             await in_registry(swap_db, lambda c: registry.rollback(c, actor=ACTOR, reason="test"))
 
-        load, before, _, swapped_at = await _swap_under_load(url, rollback, BASE_ID)
+        load, before, _, swapped_at, swap = await _swap_under_load(url, rollback, BASE_ID)
 
-        _check_split(load, before, swapped_at, "lora-r", BASE_ID)
+        _check_split(load, before, swapped_at, swap, "lora-r", BASE_ID)
         await wait_for(lambda: _served(swap_engine, [BASE_ID]), "the adapter to be unloaded")
         info = await version_info(url)
         assert info["last_swap"]["previous"] == "lora-r" and info["last_swap"]["version"] == BASE_ID
