@@ -454,7 +454,9 @@ async def run(args) -> Report:
     model_dir = resolve_base_model(args.model, Path(args.data_dir))
     out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-loop-"))
-    config_overrides = profile["config"]
+    config_overrides = {section: dict(fields) for section, fields in profile["config"].items()}
+    for section, fields in json.loads(args.round_config or "{}").items():
+        config_overrides.setdefault(section, {}).update(fields)
     kl_bound = config_overrides.get("gate", {}).get("max_kl", GateConfig().max_kl)
     report = Report(
         when=datetime.now(UTC).isoformat(timespec="seconds"), preference=preference.name,
@@ -567,6 +569,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads of a round (RETRAIN_THREADS)")
     parser.add_argument("--budget-minutes", type=float, default=90.0,
                         help="start no round that would end after this (the longest round so far is the guess)")
+    parser.add_argument("--round-config", default=None,
+                        help='JSON over the profile\'s round config, as RETRAIN_CONFIG_FILE takes it, e.g. '
+                             '\'{"ppo": {"no_eos_penalty_mode": "replace"}}\' (see `python -m retrain config`)')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from support.tiny_model import tiny_model_dir  # noqa: F401  (the session fixture)
 
 from bench import loop
@@ -20,6 +22,7 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
         "--held-out", "6", "--max-new-tokens", "8", "--users", "3", "--threads", "1",
         "--model", str(tiny_model_dir), "--database-url", admin_url, "--out", str(tmp_path / "out"),
         "--start-timeout-s", "120", "--round-timeout-s", "300",
+        "--round-config", '{"ppo": {"no_eos_penalty_mode": "replace"}}',
     ])
     report = await loop.run(args)
 
@@ -42,3 +45,13 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
     assert written["preference"] == "concise" and len(written["rounds"]) == 2
     assert (tmp_path / "out" / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.stopped_because == "1 rounds done"
+    ppo = report.settings["round_config"]["ppo"]  # the profile's config with --round-config over it
+    assert ppo["no_eos_penalty_mode"] == "replace" and ppo["learning_rate"] == 2e-4
+
+
+async def test_a_bad_round_config_is_refused_before_anything_starts(tiny_model_dir, tmp_path):
+    args = loop.parse_args(["--quick", "--round-config", '{"ppo": {"kl_coeff": 0.1}}', "--out", str(tmp_path),
+                            "--model", str(tiny_model_dir)])
+    with pytest.raises(ValueError, match="kl_coeff"):
+        await loop.run(args)
+    assert not (tmp_path / "loop.json").exists()
