@@ -33,6 +33,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -241,7 +242,10 @@ class RoundRow:
     round: int
     model_version: str
     minutes: float  # since the start, when the measurement ended
-    score: float  # the preference's mean score on the held-out prompts
+    # The preference's mean score on the held-out prompts, over the answers that are not empty
+    # (an empty answer scores -inf: it counts in the win rate and thumbs, as a loss).
+    score: float | None
+    empty_answers: int
     thumbs_up_rate: float
     win_rate_vs_round_0: float
     kl_to_base: float
@@ -262,7 +266,8 @@ def summarise(round_no: int, preference: Preference, prompts: list[str], answers
         round=round_no,
         model_version=versions.pop(),
         minutes=round((time.monotonic() - started) / 60, 2),
-        score=statistics.fmean(preference.score(t) for t in texts),
+        score=_finite_mean(preference.score(t) for t in texts),
+        empty_answers=sum(not t.strip() for t in texts),
         thumbs_up_rate=sum(preference.likes(t) for t in texts) / len(texts),
         win_rate_vs_round_0=win_rate(preference, texts, [b.text for b in baseline]) if baseline else 0.5,
         kl_to_base=kl,
@@ -377,7 +382,7 @@ class Report:
 
     def write(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str))
+        (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str, allow_nan=False))
         plot(self, out / "loop.png")
 
 
@@ -398,7 +403,8 @@ def plot(report: Report, path: Path) -> None:
     ]
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     for ax, (key, title, line) in zip(axes.flat, panels):
-        ax.plot(rounds, [getattr(r, key) for r in report.rounds], marker="o")
+        ax.plot(rounds, [getattr(r, key) if getattr(r, key) is not None else float("nan") for r in report.rounds],
+                marker="o")
         if line is not None:
             ax.axhline(line, color="grey", linestyle="--", linewidth=1)
         if key in ("win_rate_vs_round_0", "thumbs_up_rate", "eos_rate"):
@@ -421,7 +427,7 @@ def print_table(report: Report) -> None:
     for column in ("round", "serving", "min", "score", "thumbs up", "win vs 0", "KL", "words", "EOS", "the round"):
         table.add_column(column, justify="left" if column == "serving" else "right")
     for r in report.rounds:
-        table.add_row(str(r.round), r.model_version, f"{r.minutes:.1f}", f"{r.score:.2f}", f"{r.thumbs_up_rate:.2f}",
+        table.add_row(str(r.round), r.model_version, f"{r.minutes:.1f}", _number(r.score), f"{r.thumbs_up_rate:.2f}",
                       f"{r.win_rate_vs_round_0:.2f}", f"{r.kl_to_base:.2f}", f"{r.mean_words:.1f}",
                       f"{r.eos_rate:.2f}", _outcome(r.run))
     Console(width=160).print(table)
@@ -548,8 +554,17 @@ async def run(args) -> Report:
     return report
 
 
+def _finite_mean(values) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else None
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _row_line(r: RoundRow) -> str:
-    return (f"round {r.round} ({r.model_version}): score {r.score:.2f}, thumbs up {r.thumbs_up_rate:.2f}, "
+    return (f"round {r.round} ({r.model_version}): score {_number(r.score)}, thumbs up {r.thumbs_up_rate:.2f}, "
             f"win vs round 0 {r.win_rate_vs_round_0:.2f}, KL {r.kl_to_base:.2f}, {r.mean_words:.0f} words, "
             f"EOS {r.eos_rate:.2f}")
 
