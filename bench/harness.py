@@ -1,5 +1,6 @@
-"""What the end-to-end benchmarks share: a scratch database, a free port, the real processes
-(`python -m server`, `python -m retrain serve`) and waiting for a server to be ready."""
+"""What the end-to-end benchmarks share: the database server to work on, a free port, the real
+processes (`python -m server`, `python -m retrain serve`) and waiting for a server to be ready.
+Each benchmark works in a database of its own: `feedback.migrate.scratch_database`."""
 
 from __future__ import annotations
 
@@ -10,31 +11,9 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextmanager
-def scratch_database(admin_url: str, prefix: str):
-    """A migrated database of its own on `admin_url`'s server, dropped afterwards."""
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    from feedback.migrate import migrate
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def admin_url(database_url: str | None, workdir: Path) -> str:

@@ -50,8 +50,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import (  # noqa: E402  (after the path)
-    admin_url, free_port, scratch_database, start_process, stop_process, version_info, wait_ready,
+    admin_url, free_port, start_process, stop_process, version_info, wait_ready,
 )
+from feedback.migrate import scratch_database  # noqa: E402
 from bench.preferences import PREFERENCES, Preference, SimulatedUser, win_rate, words  # noqa: E402
 
 log = logging.getLogger("bench.loop")

@@ -8,15 +8,11 @@ directory. Never a mock, never SQLite, never a skip.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 
-import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from feedback.migrate import migrate
+from feedback.migrate import scratch_database
 
 
 def _admin_url(tmp_path_factory) -> str:
@@ -28,21 +24,6 @@ def _admin_url(tmp_path_factory) -> str:
     return embedded_url(tmp_path_factory.mktemp("embedded-pg"))
 
 
-@contextmanager
-def scratch_database(admin_url: str, prefix: str = "flywheel_test") -> Iterator[str]:
-    """Create an empty database on the server of `admin_url`, yield its URL, drop it."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    params = conninfo_to_dict(admin_url)
-    params["dbname"] = name
-    try:
-        yield make_conninfo(**params)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def admin_url(tmp_path_factory) -> str:
     """A URL on which databases can be created (the server the tests use)."""
@@ -52,13 +33,12 @@ def admin_url(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def db_url(admin_url) -> Iterator[str]:
     """This run's database, migrated. Tests isolate themselves by creating their own users."""
-    with scratch_database(admin_url) as url:
-        migrate(url)
+    with scratch_database(admin_url, "flywheel_test") as url:
         yield url
 
 
 @pytest.fixture
 def empty_db_url(admin_url) -> Iterator[str]:
     """A database of its own with no tables, for tests of migrations themselves."""
-    with scratch_database(admin_url, prefix="flywheel_empty") as url:
+    with scratch_database(admin_url, "flywheel_empty", migrated=False) as url:
         yield url

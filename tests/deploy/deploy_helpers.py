@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from deploy import registry
-from feedback.migrate import migrate
+from feedback.migrate import scratch_database
 
 ACTOR = "tester@test"
 
@@ -28,18 +25,7 @@ RESET_SQL = """
 """
 
 
-@contextmanager
-def own_database(admin_url: str, prefix: str) -> Iterator[str]:
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+own_database = scratch_database  # (admin_url, prefix): a migrated database of a test's own
 
 
 def fake_model_dir(root: Path, name: str = "TinyBase") -> Path:

@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from feedback import store
-from feedback.migrate import migrate
+from feedback.migrate import scratch_database
 
 # The tables a refused request must leave untouched, with what would change if one did.
 _FINGERPRINT = """
@@ -58,13 +57,5 @@ def new_user(aconn) -> Callable[[], Awaitable[store.User]]:
 def own_db_url(admin_url) -> Iterator[str]:
     """A migrated database for this module alone, for reads that see every row (training
     data, export) and so must not see other tests' rows."""
-    name = f"flywheel_mod_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
+    with scratch_database(admin_url, "flywheel_mod") as url:
         yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

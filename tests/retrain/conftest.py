@@ -4,17 +4,15 @@ that make a round on the tiny model take seconds."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support.tiny_model import tiny_model_dir  # noqa: F401  (the session fixture)
 
 from feedback import store
-from feedback.migrate import migrate
+from feedback.migrate import scratch_database
 from retrain.settings import RetrainSettings
 
 SERVING = "base-tiny"  # the model_version the seeded answers record
@@ -23,16 +21,8 @@ SERVING = "base-tiny"  # the model_version the seeded answers record
 @pytest.fixture
 def round_db(admin_url) -> Iterator[str]:
     """A migrated database for one test: a round reads every row, and registers checkpoints."""
-    name = f"flywheel_round_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
+    with scratch_database(admin_url, "flywheel_round") as url:
         yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass

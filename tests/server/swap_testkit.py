@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,9 @@ from typing import Any
 import httpx
 import psycopg
 import uvicorn
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from deploy import registry
-from feedback.migrate import migrate
+from feedback.migrate import scratch_database
 from server.app import create_app
 from server.engine.local import LocalEngineConfig, start_local_engine
 from server_testkit import connect, make_settings, new_token
@@ -33,19 +31,9 @@ ACTOR = "tester@test"
 WAIT_S = 60  # a loaded machine can be slow; a healthy swap takes well under a second here
 
 
-@contextmanager
-def own_database(admin_url: str, prefix: str = "flywheel_swap") -> Iterator[str]:
+def own_database(admin_url: str, prefix: str = "flywheel_swap"):
     """A fresh, migrated database (the registry's global state is the test's alone)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return scratch_database(admin_url, prefix)
 
 
 def make_adapter(base_dir: Path, root: Path, checkpoint_id: str, seed: int) -> Path:
