@@ -14,7 +14,6 @@ from typing import Any
 import psycopg
 
 from deploy import registry
-from feedback.migrate import scratch_database
 
 ACTOR = "tester@test"
 
@@ -23,9 +22,6 @@ RESET_SQL = """
     TRUNCATE checkpoints, checkpoint_events, deploy_state, engine_endpoint_events, users CASCADE;
     INSERT INTO deploy_state (id) VALUES (true);
 """
-
-
-own_database = scratch_database  # (admin_url, prefix): a migrated database of a test's own
 
 
 def fake_model_dir(root: Path, name: str = "TinyBase") -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import psycopg
@@ -14,7 +13,7 @@ import pytest
 from deploy import canary, registry
 from deploy.state import PolicyRef, ServingState
 
-from deploy_helpers import ACTOR, RESET_SQL, fake_model_dir, own_database
+from deploy_helpers import ACTOR, fake_model_dir
 
 
 def _ref(checkpoint_id: str) -> PolicyRef:
@@ -94,19 +93,6 @@ def test_wilson_interval_edges():
 
 # ---------------------------------------------------------------------------------------------
 # The report, on ratings in a real database.
-
-
-@pytest.fixture(scope="module")
-def canary_url(admin_url) -> Iterator[str]:
-    with own_database(admin_url, "flywheel_canary") as url:
-        yield url
-
-
-@pytest.fixture
-def conn(canary_url) -> Iterator[psycopg.Connection]:
-    with registry.connect(canary_url) as c:
-        c.execute(RESET_SQL)
-        yield c
 
 
 @pytest.fixture
@@ -200,7 +186,7 @@ def test_overlapping_intervals_decide_nothing(conn, running_canary):
     assert registry.read_state(conn).canary.id == candidate
 
 
-async def test_sticky_version_remembers_the_choice(conn, canary_url, running_canary):
+async def test_sticky_version_remembers_the_choice(conn, registry_url, running_canary):
     serving, candidate = running_canary
     (conversation_id,) = conn.execute(
         """WITH u AS (INSERT INTO users (token_hash) VALUES (%s) RETURNING id)
@@ -208,7 +194,7 @@ async def test_sticky_version_remembers_the_choice(conn, canary_url, running_can
         (os.urandom(32),),
     ).fetchone()
     state = registry.read_state(conn)
-    async with await psycopg.AsyncConnection.connect(canary_url, autocommit=True) as aconn:
+    async with await psycopg.AsyncConnection.connect(registry_url, autocommit=True) as aconn:
         first = await canary.sticky_version(aconn, conversation_id, state)
         assert first == canary.choose_version(conversation_id, state)
         # The canary grows to 100% or shrinks to a sliver: the conversation keeps its version.

@@ -4,31 +4,14 @@ goes away under them."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import psycopg
-import pytest
 
 from deploy import registry
 from deploy.channel import ServingWatcher, watch_serving
 from deploy.state import ServingState
 
-from deploy_helpers import ACTOR, RESET_SQL, add_base, add_candidate, own_database
+from deploy_helpers import ACTOR, add_base, add_candidate
 
 WAIT_S = 10  # generous: the machine is shared; each wait normally ends in milliseconds
-
-
-@pytest.fixture(scope="module")
-def chan_url(admin_url) -> Iterator[str]:
-    with own_database(admin_url, "flywheel_channel") as url:
-        yield url
-
-
-@pytest.fixture
-def conn(chan_url) -> Iterator[psycopg.Connection]:
-    with registry.connect(chan_url) as c:
-        c.execute(RESET_SQL)
-        yield c
 
 
 class Recorder:
@@ -50,11 +33,11 @@ class Recorder:
                 return state
 
 
-async def test_watcher_reads_state_on_connect_and_follows_promotions(conn, chan_url, tmp_path):
+async def test_watcher_reads_state_on_connect_and_follows_promotions(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     recorder = Recorder()
-    async with ServingWatcher(chan_url, recorder) as watcher:
+    async with ServingWatcher(registry_url, recorder) as watcher:
         first = await recorder.next()
         assert first.serving.id == base.id and watcher.connects == 1
 
@@ -67,11 +50,11 @@ async def test_watcher_reads_state_on_connect_and_follows_promotions(conn, chan_
         assert state.live_versions == (a.id, base.id)
 
 
-async def test_watcher_reconnects_after_its_backend_is_killed(conn, chan_url, tmp_path):
+async def test_watcher_reconnects_after_its_backend_is_killed(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     recorder = Recorder()
-    watcher = ServingWatcher(chan_url, recorder, min_backoff_s=0.05, max_backoff_s=0.2)
+    watcher = ServingWatcher(registry_url, recorder, min_backoff_s=0.05, max_backoff_s=0.2)
     async with watcher:
         assert (await recorder.next()).serving.id == base.id
         await asyncio.wait_for(watcher.connected.wait(), WAIT_S)
@@ -92,7 +75,7 @@ async def test_watcher_reconnects_after_its_backend_is_killed(conn, chan_url, tm
         assert (await recorder.until_serving(base.id)).serving.id == base.id
 
 
-async def test_a_failing_callback_does_not_stop_the_watcher(conn, chan_url, tmp_path):
+async def test_a_failing_callback_does_not_stop_the_watcher(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     seen: asyncio.Queue[str] = asyncio.Queue()
@@ -102,17 +85,17 @@ async def test_a_failing_callback_does_not_stop_the_watcher(conn, chan_url, tmp_
         if state.serving.id == base.id:
             raise RuntimeError("weights failed to load")
 
-    async with ServingWatcher(chan_url, swap):
+    async with ServingWatcher(registry_url, swap):
         assert await asyncio.wait_for(seen.get(), WAIT_S) == base.id
         await asyncio.to_thread(registry.promote, conn, a.id, actor=ACTOR)
         assert await asyncio.wait_for(seen.get(), WAIT_S) == a.id
 
 
-async def test_two_replicas_both_hear_one_promotion(conn, chan_url, tmp_path):
+async def test_two_replicas_both_hear_one_promotion(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     replicas = [Recorder(), Recorder()]
-    async with ServingWatcher(chan_url, replicas[0]), ServingWatcher(chan_url, replicas[1]):
+    async with ServingWatcher(registry_url, replicas[0]), ServingWatcher(registry_url, replicas[1]):
         for replica in replicas:
             await replica.next()
         await asyncio.to_thread(registry.promote, conn, a.id, actor=ACTOR)
@@ -120,10 +103,10 @@ async def test_two_replicas_both_hear_one_promotion(conn, chan_url, tmp_path):
             assert (await replica.next()).serving.id == a.id
 
 
-async def test_watch_serving_iterates_states(conn, chan_url, tmp_path):
+async def test_watch_serving_iterates_states(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
-    states = watch_serving(chan_url)
+    states = watch_serving(registry_url)
     try:
         first = await asyncio.wait_for(anext(states), WAIT_S)
         assert first.serving.id == base.id
@@ -133,11 +116,11 @@ async def test_watch_serving_iterates_states(conn, chan_url, tmp_path):
         await states.aclose()
 
 
-async def test_a_change_without_notification_is_found_by_polling(conn, chan_url, tmp_path):
+async def test_a_change_without_notification_is_found_by_polling(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     recorder = Recorder()
-    async with ServingWatcher(chan_url, recorder, poll_interval_s=0.2):
+    async with ServingWatcher(registry_url, recorder, poll_interval_s=0.2):
         await recorder.next()
         # Someone edits the table by hand (no NOTIFY): the poll still notices.
         with conn.transaction():

@@ -6,35 +6,20 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from deploy import cli, registry
 
-from deploy_helpers import ACTOR, RESET_SQL, add_candidate, fake_model_dir, own_database
+from deploy_helpers import ACTOR, add_candidate, fake_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def cli_url(admin_url) -> Iterator[str]:
-    with own_database(admin_url, "flywheel_cli") as url:
-        yield url
-
-
 @pytest.fixture
-def conn(cli_url) -> Iterator[psycopg.Connection]:
-    with registry.connect(cli_url) as c:
-        c.execute(RESET_SQL)
-        yield c
-
-
-@pytest.fixture
-def env(cli_url, tmp_path) -> dict[str, str]:
-    return {"DATABASE_URL": cli_url, "DATA_DIR": str(tmp_path / "var"), "USER": "alice",
+def env(registry_url, tmp_path) -> dict[str, str]:
+    return {"DATABASE_URL": registry_url, "DATA_DIR": str(tmp_path / "var"), "USER": "alice",
             "LOG_LEVEL": "WARNING"}
 
 

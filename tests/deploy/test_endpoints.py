@@ -4,7 +4,6 @@ for which URL, which replica uses which, the NOTIFY servers hear, and replicas' 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -12,22 +11,9 @@ import pytest
 from deploy import endpoints, registry
 from deploy.channel import CHANNEL, Notice, ServingWatcher
 
-from deploy_helpers import ACTOR, RESET_SQL, add_base, own_database
+from deploy_helpers import ACTOR, add_base
 
 BLUE, GREEN = "http://engine-blue:8000", "http://engine-green:8000/v1"
-
-
-@pytest.fixture(scope="module")
-def ep_url(admin_url) -> Iterator[str]:
-    with own_database(admin_url, "flywheel_endpoints") as url:
-        yield url
-
-
-@pytest.fixture
-def conn(ep_url) -> Iterator[psycopg.Connection]:
-    with registry.connect(ep_url) as c:
-        c.execute(RESET_SQL)
-        yield c
 
 
 def test_nothing_asked_for_leaves_every_replica_on_its_engine_url(conn):
@@ -50,9 +36,9 @@ def test_the_newest_request_for_a_replica_or_for_all_wins(conn):
     assert registry.read_state(conn) == state
 
 
-def test_a_request_is_one_notification_with_the_url(conn, ep_url, tmp_path):
+def test_a_request_is_one_notification_with_the_url(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
-    with psycopg.connect(ep_url, autocommit=True) as listener:
+    with psycopg.connect(registry_url, autocommit=True) as listener:
         listener.execute(f"LISTEN {CHANNEL}")
         request, _ = endpoints.request_switch(conn, GREEN, actor=ACTOR, replica="a:8000")
         raw = [n.payload for n in listener.notifies(timeout=0.3)]
@@ -69,10 +55,10 @@ def test_a_url_that_is_not_an_engines_is_refused(conn, url):
     assert registry.read_state(conn).engine_endpoints == ()
 
 
-async def test_outcomes_are_each_replicas_latest_for_the_requests_in_force(conn, ep_url):
+async def test_outcomes_are_each_replicas_latest_for_the_requests_in_force(conn, registry_url):
     old, _ = endpoints.request_switch(conn, BLUE, actor=ACTOR)
     request, state = endpoints.request_switch(conn, GREEN, actor=ACTOR)
-    async with await psycopg.AsyncConnection.connect(ep_url, autocommit=True) as aconn:
+    async with await psycopg.AsyncConnection.connect(registry_url, autocommit=True) as aconn:
         await endpoints.record_outcome(aconn, old, replica="a:8000", ok=True)
         await endpoints.record_outcome(aconn, request, replica="a:8000", ok=False, error="it did not answer")
         await endpoints.record_outcome(aconn, request, replica="a:8000", ok=True, details={"switched": True})
@@ -84,10 +70,10 @@ async def test_outcomes_are_each_replicas_latest_for_the_requests_in_force(conn,
     assert history[-1].action == "switch" and history[-1].url == BLUE
 
 
-async def test_a_watching_replica_hears_the_request(conn, ep_url, tmp_path):
+async def test_a_watching_replica_hears_the_request(conn, registry_url, tmp_path):
     add_base(conn, tmp_path)
     heard: asyncio.Queue = asyncio.Queue()
-    async with ServingWatcher(ep_url, heard.put):
+    async with ServingWatcher(registry_url, heard.put):
         first = await asyncio.wait_for(heard.get(), 10)
         assert first.engine_endpoint("a:8000") is None
         request, _ = await asyncio.to_thread(endpoints.request_switch, conn, GREEN, actor=ACTOR)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,20 +20,7 @@ from deploy.registry import (
     NothingToRollBack, Pinned,
 )
 
-from deploy_helpers import ACTOR, RESET_SQL, add_base, add_candidate, corrupt, own_database
-
-
-@pytest.fixture(scope="module")
-def reg_url(admin_url) -> Iterator[str]:
-    with own_database(admin_url, "flywheel_registry") as url:
-        yield url
-
-
-@pytest.fixture
-def conn(reg_url) -> Iterator[psycopg.Connection]:
-    with registry.connect(reg_url) as c:
-        c.execute(RESET_SQL)
-        yield c
+from deploy_helpers import ACTOR, RESET_SQL, add_base, add_candidate, corrupt
 
 
 def actions(conn, checkpoint_id: str) -> list[str]:
@@ -120,14 +106,14 @@ def test_promote_retires_the_old_and_records_both(conn, tmp_path):
     assert not registry.promote(conn, ck.id, actor=ACTOR).changed
 
 
-def test_at_most_one_serving_even_under_concurrent_promotes(conn, reg_url, tmp_path):
+def test_at_most_one_serving_even_under_concurrent_promotes(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     ids = [add_candidate(conn, tmp_path, parent=base.id).id for _ in range(6)]
     errors: list[BaseException] = []
 
     def promote(checkpoint_id: str) -> None:
         try:
-            with registry.connect(reg_url) as own:
+            with registry.connect(registry_url) as own:
                 registry.promote(own, checkpoint_id, actor=ACTOR)
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
@@ -292,7 +278,7 @@ def test_register_as_rejected_keeps_the_gate_numbers(conn, tmp_path):
     assert actions(conn, rejected.id) == ["register", "reject"]
 
 
-def test_status_reports_serving_canary_pin_and_load_failures(conn, reg_url, tmp_path):
+def test_status_reports_serving_canary_pin_and_load_failures(conn, registry_url, tmp_path):
     import asyncio
 
     base = add_base(conn, tmp_path)
@@ -301,7 +287,7 @@ def test_status_reports_serving_canary_pin_and_load_failures(conn, reg_url, tmp_
     registry.pin(conn, actor=ACTOR, reason="freeze")
 
     async def report() -> None:
-        async with await psycopg.AsyncConnection.connect(reg_url, autocommit=True) as aconn:
+        async with await psycopg.AsyncConnection.connect(registry_url, autocommit=True) as aconn:
             await registry.record_load_result(aconn, a.id, replica="web-1", ok=False,
                                               error="CUDA out of memory")
             assert (await registry.serving_state(aconn)) == registry.read_state(conn)
@@ -330,11 +316,11 @@ def _drain(listener: psycopg.Connection) -> list[Notice]:
     return [Notice.parse(n.payload) for n in listener.notifies(timeout=0.3)]
 
 
-def test_each_change_sends_exactly_one_notification(conn, reg_url, tmp_path):
+def test_each_change_sends_exactly_one_notification(conn, registry_url, tmp_path):
     base = add_base(conn, tmp_path)
     a = add_candidate(conn, tmp_path, parent=base.id)
     b = add_candidate(conn, tmp_path, parent=base.id)
-    with _listen(reg_url) as listener:
+    with _listen(registry_url) as listener:
         registry.promote(conn, a.id, actor=ACTOR)
         [notice] = _drain(listener)
         assert (notice.event, notice.checkpoint_id, notice.serving_id) == ("promote", a.id, a.id)
@@ -360,15 +346,15 @@ def test_each_change_sends_exactly_one_notification(conn, reg_url, tmp_path):
         assert _drain(listener) == []
 
 
-def test_notification_waits_for_the_callers_transaction(reg_url, tmp_path):
-    with psycopg.connect(reg_url) as conn:  # not autocommit: the caller's transaction
+def test_notification_waits_for_the_callers_transaction(registry_url, tmp_path):
+    with psycopg.connect(registry_url) as conn:  # not autocommit: the caller's transaction
         conn.execute(RESET_SQL)
         conn.commit()
         base = add_base(conn, tmp_path)
         conn.commit()
         a = add_candidate(conn, tmp_path, parent=base.id)
         conn.commit()
-        with _listen(reg_url) as listener:
+        with _listen(registry_url) as listener:
             registry.promote(conn, a.id, actor=ACTOR)
             assert _drain(listener) == []  # not yet committed
             conn.rollback()
