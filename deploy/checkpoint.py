@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import BaseModelMismatch, CheckpointCorrupt, CheckpointError, CheckpointExists, CheckpointMissing
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
@@ -40,31 +42,6 @@ FORMAT_VERSION = 1
 Kind = Literal["lora", "full"]
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_CHUNK = 8 * 1024 * 1024
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; subclasses say why, the message says how to fix it."""
-
-    def __init__(self, message: str, *, path: Path | None = None, checkpoint_id: str | None = None):
-        super().__init__(message)
-        self.path = path
-        self.checkpoint_id = checkpoint_id
-
-
-class CheckpointNotFound(CheckpointError):
-    """There is no checkpoint (no directory, or no manifest.json in it)."""
-
-
-class CheckpointCorrupt(CheckpointError):
-    """The manifest is unreadable, or a file is missing, unlisted or does not match its hash."""
-
-
-class CheckpointExists(CheckpointError):
-    """Saving would overwrite an existing checkpoint; checkpoints are immutable."""
-
-
-class BaseModelMismatch(CheckpointError):
-    """A LoRA adapter was trained on another base model than the one it is loaded onto."""
 
 
 @dataclass(frozen=True)
@@ -312,11 +289,11 @@ def read_manifest(directory: Path) -> Manifest:
     directory = Path(directory)
     manifest_path = directory / MANIFEST_NAME
     if not directory.is_dir():
-        raise CheckpointNotFound(
+        raise CheckpointMissing(
             f"no checkpoint at {directory}: the directory does not exist", path=directory
         )
     if not manifest_path.is_file():
-        raise CheckpointNotFound(
+        raise CheckpointMissing(
             f"{directory} is not a checkpoint: it has no {MANIFEST_NAME} "
             "(checkpoints are written by deploy.checkpoint.save_checkpoint)",
             path=directory,
@@ -398,7 +375,7 @@ def load_base_policy(directory: Path, *, dtype: Any = None, device: str | None =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not directory.is_dir():
-        raise CheckpointNotFound(
+        raise CheckpointMissing(
             f"no base model at {directory}: the directory does not exist", path=directory
         )
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype or torch.float32)

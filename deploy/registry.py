@@ -30,6 +30,10 @@ from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from . import channel
+from .errors import (
+    AlreadyRegistered, CheckpointError, CheckpointRejected, CheckpointUnusable, InvalidTransition,
+    NothingToRollBack, NotRegistered, Pinned, Refused, RegistryError,
+)
 from .state import PolicyRef, ServingState, read_state, serving_state
 
 log = logging.getLogger(__name__)
@@ -44,91 +48,14 @@ SERVING_ACTIONS = ("promote", "rollback")
 LOAD_ACTIONS = ("loaded", "load_failed")
 
 __all__ = [
-    "AlreadyRegistered", "Checkpoint", "CheckpointCorrupt", "CheckpointEvent", "CheckpointNotFound",
-    "CheckpointRejected", "InvalidTransition", "NothingToRollBack", "Pinned", "PolicyRef",
+    "AlreadyRegistered", "Checkpoint", "CheckpointEvent", "CheckpointRejected", "CheckpointUnusable",
+    "InvalidTransition", "NotRegistered", "NothingToRollBack", "Pinned", "PolicyRef",
     "RegistryError", "RegistryStatus", "Refused", "ServingState", "Transition", "abort_canary",
     "base_checkpoint_id", "canary", "connect", "default_actor", "events", "get", "list_checkpoints",
     "pin", "promote", "read_state", "record_load_result", "register", "register_base",
     "register_fields", "reject", "retire", "rollback", "serving_state", "status", "unpin",
     "verify_files",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: one class per refusal; `exit_code` is what `python -m deploy` exits with.
-
-
-class RegistryError(Exception):
-    code: ClassVar[str] = "registry_error"
-    exit_code: ClassVar[int] = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class CheckpointNotFound(RegistryError):
-    code = "not_found"
-    exit_code = 3
-
-    def __init__(self, checkpoint_id: str, hint: str | None = None) -> None:
-        super().__init__(
-            f"no checkpoint {checkpoint_id!r} in the registry: "
-            + (hint or "`python -m deploy list` shows the registered ones")
-        )
-        self.checkpoint_id = checkpoint_id
-
-
-class Refused(RegistryError):
-    """The registry understood the request and will not do it; nothing was changed."""
-
-    code = "refused"
-    exit_code = 4
-
-
-class CheckpointRejected(Refused):
-    code = "rejected"
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        super().__init__(
-            f"checkpoint {checkpoint.id} was rejected ({checkpoint.reason or 'no reason given'}) "
-            "and is never served: train or register a new candidate instead"
-        )
-
-
-class CheckpointCorrupt(Refused):
-    code = "corrupt"
-
-    def __init__(self, checkpoint_id: str, path: str, problem: str) -> None:
-        # `problem` comes from deploy.checkpoint and already says how to fix the directory.
-        super().__init__(
-            f"checkpoint {checkpoint_id} cannot be used: {problem}. If it cannot be restored, "
-            "reject it (`python -m deploy reject ID --reason ...`) and serve another"
-        )
-        self.path = path
-
-
-class Pinned(Refused):
-    code = "pinned"
-
-    def __init__(self, pinned_id: str, pinned_by: str | None, reason: str | None, what: str) -> None:
-        super().__init__(
-            f"{what} refused: {pinned_id} is pinned by {pinned_by or 'someone'}"
-            + (f" ({reason})" if reason else "")
-            + "; automatic changes wait until `python -m deploy unpin`"
-        )
-
-
-class InvalidTransition(Refused):
-    code = "invalid_transition"
-
-
-class NothingToRollBack(Refused):
-    code = "nothing_to_roll_back"
-
-
-class AlreadyRegistered(Refused):
-    code = "already_registered"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +215,7 @@ def _fetch(conn: psycopg.Connection, checkpoint_id: str, *, for_update: bool = F
     with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
         row = cur.execute(query, (checkpoint_id,)).fetchone()
     if row is None:
-        raise CheckpointNotFound(checkpoint_id)
+        raise NotRegistered(checkpoint_id)
     return row
 
 
@@ -358,7 +285,7 @@ def _refuse_if_pinned(conn: psycopg.Connection, what: str) -> None:
 
 
 def verify_files(checkpoint: Checkpoint) -> None:
-    """Refuse (CheckpointCorrupt) a checkpoint whose files are missing or do not match.
+    """Refuse (CheckpointUnusable) a checkpoint whose files are missing or do not match.
 
     Checkpoints are verified against their manifest's sha256s. A base model directory named
     by MODEL has no manifest (nothing wrote one); it must at least look loadable.
@@ -370,7 +297,7 @@ def verify_files(checkpoint: Checkpoint) -> None:
         from .base_model import is_model_dir
 
         if not is_model_dir(path):
-            raise CheckpointCorrupt(
+            raise CheckpointUnusable(
                 checkpoint.id, checkpoint.path,
                 f"the base model directory {path} is missing or lacks config.json and weights "
                 "(restore it, or start a server with MODEL set to it to re-register it)",
@@ -378,8 +305,8 @@ def verify_files(checkpoint: Checkpoint) -> None:
         return
     try:
         checkpoint_format.verify(path)
-    except checkpoint_format.CheckpointError as exc:
-        raise CheckpointCorrupt(checkpoint.id, checkpoint.path, str(exc)) from exc
+    except CheckpointError as exc:
+        raise CheckpointUnusable(checkpoint.id, checkpoint.path, str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,8 +394,8 @@ def register(
     path = Path(path).resolve()
     try:
         manifest = checkpoint_format.verify(path)
-    except checkpoint_format.CheckpointError as exc:
-        raise CheckpointCorrupt(exc.checkpoint_id or path.name, str(path), str(exc)) from exc
+    except CheckpointError as exc:
+        raise CheckpointUnusable(exc.checkpoint_id or path.name, str(path), str(exc)) from exc
     fields = checkpoint_format.registry_fields(manifest)
     # The manifest's numbers, the data counts beside them, and the caller's on top (the gate's).
     merged_metrics = {**(fields.get("metrics") or {}), **(metrics or {})}
@@ -533,7 +460,7 @@ def register_fields(
         if parent_id is not None and _select(
             conn, "SELECT 1 FROM checkpoints WHERE id = %s", (parent_id,)
         ).fetchone() is None:
-            raise CheckpointNotFound(
+            raise NotRegistered(
                 parent_id, f"register the parent of {checkpoint_id} first (it was trained from it)"
             )
         conn.execute(

@@ -122,7 +122,7 @@ def verify_policy_files(ref: PolicyRef) -> None:
     if (path / checkpoint_format.MANIFEST_NAME).exists() or ref.kind == "lora":
         checkpoint_format.verify(path)
     elif not is_model_dir(path):
-        raise checkpoint_format.CheckpointNotFound(
+        raise checkpoint_format.CheckpointMissing(
             f"the base model directory {path} is missing or lacks config.json and weights", path=path
         )
 

@@ -10,10 +10,6 @@ from support.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 from deploy.checkpoint import (
     MANIFEST_NAME,
-    BaseModelMismatch,
-    CheckpointCorrupt,
-    CheckpointExists,
-    CheckpointNotFound,
     load_adapter,
     load_base_policy,
     load_policy,
@@ -24,6 +20,7 @@ from deploy.checkpoint import (
     verify,
     write_files,
 )
+from deploy.errors import BaseModelMismatch, CheckpointCorrupt, CheckpointExists, CheckpointMissing
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +122,10 @@ def test_a_damaged_checkpoint_is_refused(base, tmp_path, damage):
 
 
 def test_a_missing_checkpoint_is_refused(tmp_path):
-    with pytest.raises(CheckpointNotFound, match="does not exist"):
+    with pytest.raises(CheckpointMissing, match="does not exist"):
         load_policy(tmp_path / "never-written")
     (tmp_path / "no-manifest").mkdir()
-    with pytest.raises(CheckpointNotFound, match="manifest.json"):
+    with pytest.raises(CheckpointMissing, match="manifest.json"):
         verify(tmp_path / "no-manifest")
 
 

@@ -270,9 +270,9 @@ async def test_two_versions_serve_side_by_side(tiny_model_dir, reference_model, 
 
 
 async def test_failed_load_keeps_serving(tiny_engine, tmp_path):  # noqa: F811
-    from deploy.checkpoint import CheckpointNotFound
+    from deploy.errors import CheckpointMissing
 
-    with pytest.raises(CheckpointNotFound):
+    with pytest.raises(CheckpointMissing):
         await tiny_engine.load_version("ghost", tmp_path / "nothing-here")
     prompt = chat_prompt(tiny_engine.tokenizer, "Still there?")
     _, final = await tiny_engine.submit(prompt, GREEDY).collect()
