@@ -425,7 +425,8 @@ class RemoteEngine(VersionedEngine):
         or a full model, which no engine loads at run time)."""
         if self.config.lora_loading != "vllm":
             return None
-        from deploy.checkpoint import CheckpointError, read_manifest
+        from deploy.checkpoint import read_manifest
+        from deploy.errors import CheckpointError
 
         try:
             if read_manifest(Path(path)).kind != "lora":

@@ -1,4 +1,5 @@
-"""The checkpoint format: manifest, atomic writes, hash verification, loading policies."""
+"""The checkpoint format (deploy.checkpoint: manifest, atomic writes, hash verification) and
+policies through it (deploy.policy: saving, loading, LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,12 @@ import json
 
 import pytest
 import torch
+from support.checkpoints import write_files
 from support.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
-from deploy.checkpoint import (
-    MANIFEST_NAME,
-    load_adapter,
-    load_base_policy,
-    load_policy,
-    new_checkpoint_id,
-    read_manifest,
-    registry_fields,
-    save_checkpoint,
-    verify,
-    write_files,
-)
+from deploy.checkpoint import MANIFEST_NAME, new_checkpoint_id, read_manifest, registry_fields, verify
 from deploy.errors import BaseModelMismatch, CheckpointCorrupt, CheckpointExists, CheckpointMissing
+from deploy.policy import load_adapter, load_base_policy, load_policy, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from support.checkpoints import write_files
 
 from deploy import registry
 from deploy.channel import CHANNEL, Notice
@@ -57,9 +58,7 @@ def test_register_reads_the_manifest(conn, tmp_path):
 
 def test_a_base_with_a_manifest_is_named_and_verified_by_it(conn, tmp_path):
     # The converted default model is a "full" checkpoint: its manifest id is its version.
-    from deploy import checkpoint
-
-    path = checkpoint.write_files(
+    path = write_files(
         tmp_path / "models" / "SmolLM2-135M-Instruct",
         {"config.json": b"{}", "model.safetensors": b"\1" * 64},
         base_model="SmolLM2-135M-Instruct", kind="full",
