@@ -1,6 +1,11 @@
 """What the end-to-end benchmarks share: the database server to work on, a free port, the real
 processes (`python -m server`, `python -m retrain serve`) and waiting for a server to be ready.
-Each benchmark works in a database of its own: `feedback.migrate.scratch_database`."""
+Each benchmark works in a database of its own: `support.database.scratch_database`.
+
+What the benchmarks share with the tests lives in tests/support (a scratch database, the
+websocket load generator): importing this module puts tests/ on the path, after the project
+root, so `support.*` is the one copy both use. bench/ and tests/ are dev tools beside the
+product; neither is installed or copied into the image."""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "tests") not in sys.path:
+    sys.path.append(str(ROOT / "tests"))
 
 
 def admin_url(database_url: str | None, workdir: Path) -> str:

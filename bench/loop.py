@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import (  # noqa: E402  (after the path)
     admin_url, free_port, start_process, stop_process, version_info, wait_ready,
 )
-from feedback.migrate import scratch_database  # noqa: E402
+from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 from bench.preferences import PREFERENCES, Preference, SimulatedUser, win_rate, words  # noqa: E402
 
 log = logging.getLogger("bench.loop")

@@ -250,7 +250,7 @@ class SequentialGenerateTarget(Target):
         self.lock = asyncio.Lock()
 
     async def start(self) -> None:
-        from deploy.checkpoint import load_base_policy
+        from deploy.policy import load_base_policy
 
         policy = await asyncio.to_thread(load_base_policy, self.model_dir)
         self.model, self.tokenizer = policy.model, policy.tokenizer

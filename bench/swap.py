@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import (  # noqa: E402  (after the path)
     admin_url, free_port, start_process, stop_process, version_info, wait_ready,
 )
-from feedback.migrate import scratch_database  # noqa: E402
+from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 
 log = logging.getLogger("bench.swap")
 
@@ -121,7 +121,8 @@ def make_adapters(model_dir: Path, root: Path, count: int, rank: int, targets: s
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from deploy.checkpoint import base_model_name, load_base_policy, save_checkpoint
+    from deploy.checkpoint import base_model_name
+    from deploy.policy import load_base_policy, save_checkpoint
 
     base_id = base_model_name(model_dir)
     target_modules = targets if targets == "all-linear" else targets.split(",")

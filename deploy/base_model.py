@@ -24,7 +24,8 @@ from pydantic import Field
 
 from feedback.settings import StoreSettings
 
-from .checkpoint import MANIFEST_NAME, CheckpointError, verify, write_checkpoint
+from .checkpoint import MANIFEST_NAME, verify, write_checkpoint
+from .errors import BaseModelError, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,6 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The model card's recommended sampling; written into the converted generation_config so every
 # consumer (our engine, `transformers serve`, retraining) starts from the same defaults.
 SMOLLM2_SAMPLING = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
-
-
-class BaseModelError(RuntimeError):
-    """The base model cannot be found or prepared; the message says how to fix it."""
 
 
 class ModelSettings(StoreSettings):

@@ -27,19 +27,10 @@ import psycopg
 from psycopg.rows import tuple_row
 
 from . import registry
+from .errors import NoServingPolicy, Refused
 from .state import ServingState
 
 log = logging.getLogger(__name__)
-
-
-class NoServingPolicy(registry.RegistryError):
-    code = "no_serving_policy"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "nothing is serving: the server registers its base model at start "
-            "(or run `python -m deploy promote ID`)"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +271,7 @@ def canary_decide(
         else:
             registry.abort_canary(conn, actor=actor, reason=report.explanation, auto=True, reject=True)
             report.action_taken = f"aborted the canary and rejected {report.canary_id}"
-    except registry.Refused as exc:
+    except Refused as exc:
         report.action_taken = f"not applied: {exc.message}"
     log.info("canary decision: %s (%s)", report.action_taken, report.explanation)
     return report

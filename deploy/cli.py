@@ -25,12 +25,12 @@ from feedback.migrate import migrate
 
 from . import canary as canary_module
 from . import endpoints, registry
-from .registry import Checkpoint, CheckpointEvent, RegistryError, Transition
+from .errors import EXIT_NOT_FOUND, EXIT_OK, EXIT_OTHER, EXIT_REFUSED, EXIT_USAGE, DeployError
+from .registry import Checkpoint, CheckpointEvent, Transition
 from .settings import DeploySettings
 
 log = logging.getLogger("deploy")
 
-EXIT_OK, EXIT_OTHER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 STATUS_STYLE = {
     "serving": "bold green", "canary": "yellow", "candidate": "cyan", "retired": "dim",
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         migrate(url)  # idempotent; a fresh DATA_DIR works with the deploy script alone
         with registry.connect(url) as conn:
             result = COMMANDS[args.command](conn, args, actor, reason, settings)
-    except RegistryError as exc:
+    except DeployError as exc:
         return _fail(out, as_json, exc.code, exc.message, exc.exit_code)
     except psycopg.OperationalError as exc:
         return _fail(out, as_json, "database_unreachable",

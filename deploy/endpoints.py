@@ -26,16 +26,13 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from . import channel
-from .registry import InvalidTransition, _jsonable, _lock
+from .errors import InvalidEngineUrl, InvalidTransition
+from .registry import _jsonable, _lock
 from .state import EngineEndpoint, ServingState, read_state
 
 log = logging.getLogger(__name__)
 
 REQUEST, SWITCHED, FAILED = "switch", "switched", "switch_failed"
-
-
-class InvalidEngineUrl(InvalidTransition):
-    code = "invalid_url"
 
 
 def check_url(url: str) -> str:

@@ -21,6 +21,8 @@ import getpass
 import logging
 import socket
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +32,12 @@ from psycopg.rows import class_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from . import channel
+from .base_model import is_model_dir
+from .checkpoint import MANIFEST_NAME, base_model_name, registry_fields, verify
+from .errors import (
+    AlreadyRegistered, CheckpointError, CheckpointRejected, CheckpointUnusable, InvalidTransition,
+    NothingToRollBack, NotRegistered, Pinned, Refused, RegistryError,
+)
 from .state import PolicyRef, ServingState, read_state, serving_state
 
 log = logging.getLogger(__name__)
@@ -44,91 +52,14 @@ SERVING_ACTIONS = ("promote", "rollback")
 LOAD_ACTIONS = ("loaded", "load_failed")
 
 __all__ = [
-    "AlreadyRegistered", "Checkpoint", "CheckpointCorrupt", "CheckpointEvent", "CheckpointNotFound",
-    "CheckpointRejected", "InvalidTransition", "NothingToRollBack", "Pinned", "PolicyRef",
+    "AlreadyRegistered", "Checkpoint", "CheckpointEvent", "CheckpointRejected", "CheckpointUnusable",
+    "InvalidTransition", "NotRegistered", "NothingToRollBack", "Pinned", "PolicyRef",
     "RegistryError", "RegistryStatus", "Refused", "ServingState", "Transition", "abort_canary",
     "base_checkpoint_id", "canary", "connect", "default_actor", "events", "get", "list_checkpoints",
     "pin", "promote", "read_state", "record_load_result", "register", "register_base",
     "register_fields", "reject", "retire", "rollback", "serving_state", "status", "unpin",
     "verify_files",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: one class per refusal; `exit_code` is what `python -m deploy` exits with.
-
-
-class RegistryError(Exception):
-    code: ClassVar[str] = "registry_error"
-    exit_code: ClassVar[int] = 1
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class CheckpointNotFound(RegistryError):
-    code = "not_found"
-    exit_code = 3
-
-    def __init__(self, checkpoint_id: str, hint: str | None = None) -> None:
-        super().__init__(
-            f"no checkpoint {checkpoint_id!r} in the registry: "
-            + (hint or "`python -m deploy list` shows the registered ones")
-        )
-        self.checkpoint_id = checkpoint_id
-
-
-class Refused(RegistryError):
-    """The registry understood the request and will not do it; nothing was changed."""
-
-    code = "refused"
-    exit_code = 4
-
-
-class CheckpointRejected(Refused):
-    code = "rejected"
-
-    def __init__(self, checkpoint: Checkpoint) -> None:
-        super().__init__(
-            f"checkpoint {checkpoint.id} was rejected ({checkpoint.reason or 'no reason given'}) "
-            "and is never served: train or register a new candidate instead"
-        )
-
-
-class CheckpointCorrupt(Refused):
-    code = "corrupt"
-
-    def __init__(self, checkpoint_id: str, path: str, problem: str) -> None:
-        # `problem` comes from deploy.checkpoint and already says how to fix the directory.
-        super().__init__(
-            f"checkpoint {checkpoint_id} cannot be used: {problem}. If it cannot be restored, "
-            "reject it (`python -m deploy reject ID --reason ...`) and serve another"
-        )
-        self.path = path
-
-
-class Pinned(Refused):
-    code = "pinned"
-
-    def __init__(self, pinned_id: str, pinned_by: str | None, reason: str | None, what: str) -> None:
-        super().__init__(
-            f"{what} refused: {pinned_id} is pinned by {pinned_by or 'someone'}"
-            + (f" ({reason})" if reason else "")
-            + "; automatic changes wait until `python -m deploy unpin`"
-        )
-
-
-class InvalidTransition(Refused):
-    code = "invalid_transition"
-
-
-class NothingToRollBack(Refused):
-    code = "nothing_to_roll_back"
-
-
-class AlreadyRegistered(Refused):
-    code = "already_registered"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +198,7 @@ def base_checkpoint_id(base_model_dir: str | Path) -> str:
     """The checkpoint id (= model_version) of a base model directory: its manifest id (the
     converted default), else its directory name. The same name `load_base_policy` serves under
     and LoRA manifests give as their base_model."""
-    from . import checkpoint as checkpoint_format
-
-    return checkpoint_format.base_model_name(Path(base_model_dir))
+    return base_model_name(Path(base_model_dir))
 
 
 def _select(conn: psycopg.Connection, query: str, params: Any = None) -> psycopg.Cursor:
@@ -288,7 +217,7 @@ def _fetch(conn: psycopg.Connection, checkpoint_id: str, *, for_update: bool = F
     with conn.cursor(row_factory=class_row(Checkpoint)) as cur:
         row = cur.execute(query, (checkpoint_id,)).fetchone()
     if row is None:
-        raise CheckpointNotFound(checkpoint_id)
+        raise NotRegistered(checkpoint_id)
     return row
 
 
@@ -354,32 +283,30 @@ def _refuse_if_pinned(conn: psycopg.Connection, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoint files: read the manifest and verify hashes through deploy.checkpoint.
+# Checkpoint files: verified through deploy.checkpoint.
 
 
-def verify_files(checkpoint: Checkpoint) -> None:
-    """Refuse (CheckpointCorrupt) a checkpoint whose files are missing or do not match.
+def verify_files(ref: PolicyRef) -> None:
+    """Refuse (CheckpointUnusable) a policy whose files are missing or altered, before any
+    weight is read: the registry before it changes what serves, each server before it loads.
 
-    Checkpoints are verified against their manifest's sha256s. A base model directory named
-    by MODEL has no manifest (nothing wrote one); it must at least look loadable.
+    Checkpoints are verified against their manifest's sha256s. The base model (complete weights
+    trained from nothing) may be a directory named by MODEL with no manifest (nothing wrote
+    one); it must at least look loadable.
     """
-    from . import checkpoint as checkpoint_format
-
-    path = Path(checkpoint.path)
-    if checkpoint.is_base and not (path / checkpoint_format.MANIFEST_NAME).exists():
-        from .base_model import is_model_dir
-
+    path = Path(ref.path)
+    if ref.kind == "full" and ref.parent_id is None and not (path / MANIFEST_NAME).exists():
         if not is_model_dir(path):
-            raise CheckpointCorrupt(
-                checkpoint.id, checkpoint.path,
+            raise CheckpointUnusable(
+                ref.id, ref.path,
                 f"the base model directory {path} is missing or lacks config.json and weights "
                 "(restore it, or start a server with MODEL set to it to re-register it)",
             )
         return
     try:
-        checkpoint_format.verify(path)
-    except checkpoint_format.CheckpointError as exc:
-        raise CheckpointCorrupt(checkpoint.id, checkpoint.path, str(exc)) from exc
+        verify(path)
+    except CheckpointError as exc:
+        raise CheckpointUnusable(ref.id, ref.path, str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,15 +388,13 @@ def register(
     give the reason; the numbers go in `metrics`, merged over the manifest's). Registering the
     same id and path again returns the existing row unchanged (a retried round is harmless).
     """
-    from . import checkpoint as checkpoint_format
-
     _check_registration(status, reason)
     path = Path(path).resolve()
     try:
-        manifest = checkpoint_format.verify(path)
-    except checkpoint_format.CheckpointError as exc:
-        raise CheckpointCorrupt(exc.checkpoint_id or path.name, str(path), str(exc)) from exc
-    fields = checkpoint_format.registry_fields(manifest)
+        manifest = verify(path)
+    except CheckpointError as exc:
+        raise CheckpointUnusable(exc.checkpoint_id or path.name, str(path), str(exc)) from exc
+    fields = registry_fields(manifest)
     # The manifest's numbers, the data counts beside them, and the caller's on top (the gate's).
     merged_metrics = {**(fields.get("metrics") or {}), **(metrics or {})}
     if fields.get("data_counts"):
@@ -533,7 +458,7 @@ def register_fields(
         if parent_id is not None and _select(
             conn, "SELECT 1 FROM checkpoints WHERE id = %s", (parent_id,)
         ).fetchone() is None:
-            raise CheckpointNotFound(
+            raise NotRegistered(
                 parent_id, f"register the parent of {checkpoint_id} first (it was trained from it)"
             )
         conn.execute(
@@ -565,9 +490,7 @@ def register_base(
     """
     path = str(Path(base_model_dir).resolve())
     checkpoint_id = checkpoint_id or base_checkpoint_id(path)
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
+    with _change(conn, "promote", actor) as change:
         existing = _select(
             conn, "SELECT path FROM checkpoints WHERE id = %s", (checkpoint_id,)
         ).fetchone()
@@ -579,32 +502,79 @@ def register_base(
         elif existing[0] != path and not Path(existing[0]).exists() and Path(path).exists():
             # DATA_DIR moved (or a new machine): rollback and retraining read this path.
             conn.execute("UPDATE checkpoints SET path = %s WHERE id = %s", (path, checkpoint_id))
-            _record(conn, checkpoint_id, "relocate", actor, "the recorded directory is gone",
-                    {"from": existing[0], "to": path})
-        if before.serving is None:
-            _make_serving(conn, _fetch(conn, checkpoint_id, for_update=True), before,
-                          "promote", actor, "the first policy: the base model", auto=False,
-                          details={"initial": True})
-            _notify_if_changed(conn, before, "promote", checkpoint_id, actor)
+            change.record(checkpoint_id, "the recorded directory is gone",
+                          {"from": existing[0], "to": path}, action="relocate")
+        if change.before.serving is None:
+            _make_serving(change, change.fetch(checkpoint_id), "the first policy: the base model",
+                          auto=False, details={"initial": True})
+            change.notify(checkpoint_id)
         return _fetch(conn, checkpoint_id)
 
 
 # ---------------------------------------------------------------------------------------------
-# Changing what serves.
+# Changing what serves. Each change below is one `_change`: a transaction that holds the
+# registry's lock, reads the state before, records what it did and notifies once at the end.
+
+
+@dataclass
+class _Change:
+    """One registry change in progress (see `_change`)."""
+
+    conn: psycopg.Connection
+    event: str  # the Transition's action, the NOTIFY's event and the default event action
+    actor: str
+    before: ServingState  # read under the lock, so nothing else changes it meanwhile
+
+    def fetch(self, checkpoint_id: str) -> Checkpoint:
+        """The row, locked until the change commits."""
+        return _fetch(self.conn, checkpoint_id, for_update=True)
+
+    def record(self, checkpoint_id: str, reason: str | None, details: dict[str, Any] | None = None,
+               *, action: str | None = None) -> None:
+        _record(self.conn, checkpoint_id, action or self.event, self.actor, reason, details)
+
+    def notify(self, checkpoint_id: str) -> ServingState:
+        """The state after the change; one NOTIFY if what should serve (or the pin) changed."""
+        return _notify_if_changed(self.conn, self.before, self.event, checkpoint_id, self.actor)
+
+    def unchanged(self, checkpoint_id: str, previous_id: str | None = None) -> Transition:
+        """It was already so: nothing written, nobody notified."""
+        return Transition(self.event, checkpoint_id, False, self.before, previous_id)
+
+    def changed(self, checkpoint_id: str, previous_id: str | None = None,
+                details: dict[str, Any] | None = None) -> Transition:
+        return Transition(self.event, checkpoint_id, True, self.notify(checkpoint_id), previous_id,
+                          details or {})
+
+    @property
+    def current_id(self) -> str:
+        """What serves before the change ('' when nothing does yet)."""
+        return self.before.serving.id if self.before.serving else ""
+
+
+@contextmanager
+def _change(conn: psycopg.Connection, event: str, actor: str) -> Iterator[_Change]:
+    """A transaction holding the registry's advisory lock, with the serving state read under it.
+
+    The body records and notifies through the `_Change`; any error rolls all of it back, and
+    the NOTIFY goes out only when the transaction commits (PostgreSQL holds it until then).
+    """
+    with conn.transaction():
+        _lock(conn)
+        yield _Change(conn, event, actor, read_state(conn))
 
 
 def _make_serving(
-    conn: psycopg.Connection,
+    change: _Change,
     target: Checkpoint,
-    before: ServingState,
-    action: str,
-    actor: str,
     reason: str | None,
     *,
     auto: bool,
+    action: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> Transition:
     """Old serving -> retired, target -> serving, events for both; no NOTIFY (the caller's)."""
+    conn, before, actor, action = change.conn, change.before, change.actor, action or change.event
     previous = before.serving.id if before.serving else None
     if previous == target.id:
         return Transition(action, target.id, False, before, previous)
@@ -617,13 +587,13 @@ def _make_serving(
                      **(details or {})}
     if previous is not None:
         _set_status(conn, previous, "retired", f"replaced by {target.id} ({action})")
-        _record(conn, previous, "retire", actor, reason, {"replaced_by": target.id, "via": action})
+        change.record(previous, reason, {"replaced_by": target.id, "via": action}, action="retire")
     _set_status(conn, target.id, "serving", reason, promoted_by=actor)
     if pinned_id is not None:
         # A person chose what serves now; the pin (no automatic changes) stays, on the new one.
         conn.execute("UPDATE deploy_state SET pinned_id = %s", (target.id,))
         event_details["pin_moved_from"] = pinned_id
-    _record(conn, target.id, action, actor, reason, event_details)
+    change.record(target.id, reason, event_details, action=action)
     log.info("%s: %s now serves (was %s), by %s", action, target.id, previous, actor)
     return Transition(action, target.id, True, before, previous, event_details)
 
@@ -646,14 +616,12 @@ def promote(
         _refuse_if_pinned(conn, f"automatic promotion of {checkpoint_id}")
     _check_promotable(target, auto)
     if target.status != "serving":
-        verify_files(target)  # before taking the lock: hashing a full model takes a while
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        target = _fetch(conn, checkpoint_id, for_update=True)
+        verify_files(target.ref())  # before taking the lock: hashing a full model takes a while
+    with _change(conn, "promote", actor) as change:
+        target = change.fetch(checkpoint_id)
         _check_promotable(target, auto)  # again: it may have changed while we verified
-        result = _make_serving(conn, target, before, "promote", actor, reason, auto=auto)
-        result.state = _notify_if_changed(conn, before, "promote", checkpoint_id, actor)
+        result = _make_serving(change, target, reason, auto=auto)
+        result.state = change.notify(checkpoint_id)
         return result
 
 
@@ -704,19 +672,17 @@ def rollback(
     conn: psycopg.Connection, *, actor: str, reason: str | None = None, auto: bool = False
 ) -> Transition:
     """Serve the checkpoint that served before the current one again."""
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
+    with _change(conn, "rollback", actor) as change:
         if auto:
             _refuse_if_pinned(conn, "automatic rollback")
-        if before.serving is None:
+        if change.before.serving is None:
             raise NothingToRollBack("nothing serves yet: start a server (it registers the base model)")
-        target = _rollback_target(conn, before.serving.id)
+        target = _rollback_target(conn, change.current_id)
         # Verified under the lock (the target is only known here); a rollback target has
         # served before, so this is normally a small adapter or the base model directory.
-        verify_files(target)
-        result = _make_serving(conn, target, before, "rollback", actor, reason, auto=auto)
-        result.state = _notify_if_changed(conn, before, "rollback", target.id, actor)
+        verify_files(target.ref())
+        result = _make_serving(change, target, reason, auto=auto)
+        result.state = change.notify(target.id)
         return result
 
 
@@ -732,46 +698,38 @@ def pin(
         target = _fetch(conn, checkpoint_id)
         _check_promotable(target, auto=False)
         if target.status != "serving":
-            verify_files(target)
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
+            verify_files(target.ref())
+    with _change(conn, "pin", actor) as change:
         if checkpoint_id is None:
-            if before.serving is None:
+            if change.before.serving is None:
                 raise InvalidTransition("nothing serves yet, so there is nothing to pin")
-            checkpoint_id = before.serving.id
-        target = _fetch(conn, checkpoint_id, for_update=True)
-        promoted = _make_serving(conn, target, before, "promote", actor, reason, auto=False,
-                                 details={"for_pin": True})
+            checkpoint_id = change.current_id
+        promoted = _make_serving(change, change.fetch(checkpoint_id), reason, auto=False,
+                                 action="promote", details={"for_pin": True})
         pinned_id = _pin_row(conn)[0]
         if pinned_id == checkpoint_id and not promoted.changed:
-            return Transition("pin", checkpoint_id, False, before, pinned_id)
+            return change.unchanged(checkpoint_id, pinned_id)
         conn.execute(
             """UPDATE deploy_state
                SET pinned_id = %s, pinned_by = %s, pinned_at = now(), pin_reason = %s""",
             (checkpoint_id, actor, reason),
         )
-        _record(conn, checkpoint_id, "pin", actor, reason,
-                {"previous_pin": before.pinned_id, "promoted": promoted.changed})
-        state = _notify_if_changed(conn, before, "pin", checkpoint_id, actor)
-        return Transition("pin", checkpoint_id, True, state, promoted.previous_id,
-                          {"promoted": promoted.changed})
+        change.record(checkpoint_id, reason,
+                      {"previous_pin": change.before.pinned_id, "promoted": promoted.changed})
+        return change.changed(checkpoint_id, promoted.previous_id, {"promoted": promoted.changed})
 
 
 def unpin(conn: psycopg.Connection, *, actor: str, reason: str | None = None) -> Transition:
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        if before.pinned_id is None:
-            current = before.serving.id if before.serving else ""
-            return Transition("unpin", current, False, before)
+    with _change(conn, "unpin", actor) as change:
+        pinned_id = change.before.pinned_id
+        if pinned_id is None:
+            return change.unchanged(change.current_id)
         conn.execute(
             """UPDATE deploy_state
                SET pinned_id = NULL, pinned_by = NULL, pinned_at = NULL, pin_reason = NULL"""
         )
-        _record(conn, before.pinned_id, "unpin", actor, reason)
-        state = _notify_if_changed(conn, before, "unpin", before.pinned_id, actor)
-        return Transition("unpin", before.pinned_id, True, state, before.pinned_id)
+        change.record(pinned_id, reason)
+        return change.changed(pinned_id, pinned_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,12 +756,10 @@ def canary(
     target = _fetch(conn, checkpoint_id)
     _check_canary(target)
     if target.status != "canary":
-        verify_files(target)
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        target = _fetch(conn, checkpoint_id, for_update=True)
-        _check_canary(target)
+        verify_files(target.ref())
+    with _change(conn, "canary", actor) as change:
+        before = change.before
+        _check_canary(change.fetch(checkpoint_id))
         if auto:
             _refuse_if_pinned(conn, f"automatic canary of {checkpoint_id}")
         if before.canary is not None and before.canary.id != checkpoint_id:
@@ -813,16 +769,14 @@ def canary(
             )
         previous_percent = before.canary_percent if before.canary else None
         if previous_percent == percent:
-            return Transition("canary", checkpoint_id, False, before, checkpoint_id)
+            return change.unchanged(checkpoint_id, checkpoint_id)
         _set_status(conn, checkpoint_id, "canary", reason, canary_percent=percent)
         details = {"percent": percent, "previous_percent": previous_percent, "auto": auto,
                    "serving": before.serving.id if before.serving else None}
-        _record(conn, checkpoint_id, "canary", actor, reason, details)
-        state = _notify_if_changed(conn, before, "canary", checkpoint_id, actor)
+        change.record(checkpoint_id, reason, details)
         log.info("canary: %s gets %g%% of new conversations (was %s), by %s",
                  checkpoint_id, percent, previous_percent, actor)
-        return Transition("canary", checkpoint_id, True, state,
-                          before.canary.id if before.canary else None, details)
+        return change.changed(checkpoint_id, before.canary.id if before.canary else None, details)
 
 
 def _check_canary(target: Checkpoint) -> None:
@@ -846,55 +800,37 @@ def abort_canary(
     reject=True (the canary decision found it worse). Ongoing canary conversations move to the
     serving policy on their next message. No canary: nothing to do.
     """
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        if before.canary is None:
-            current = before.serving.id if before.serving else ""
-            return Transition("canary_abort", current, False, before)
-        _end_canary(conn, before, "canary_abort", "rejected" if reject else "candidate",
-                    actor, reason, {"auto": auto})
-        state = _notify_if_changed(conn, before, "canary_abort", before.canary.id, actor)
-        return Transition("canary_abort", before.canary.id, True, state, before.canary.id,
-                          {"percent": before.canary_percent, "rejected": reject})
+    with _change(conn, "canary_abort", actor) as change:
+        running = change.before.canary
+        if running is None:
+            return change.unchanged(change.current_id)
+        _end_canary(change, "rejected" if reject else "candidate", reason, {"auto": auto})
+        return change.changed(running.id, running.id,
+                              {"percent": change.before.canary_percent, "rejected": reject})
 
 
-def _end_canary(
-    conn: psycopg.Connection,
-    before: ServingState,
-    action: str,
-    new_status: str,
-    actor: str,
-    reason: str | None,
-    details: dict[str, Any],
-) -> None:
+def _end_canary(change: _Change, new_status: str, reason: str | None, details: dict[str, Any]) -> None:
+    before = change.before
     assert before.canary is not None
-    _set_status(conn, before.canary.id, new_status, reason)
-    _record(conn, before.canary.id, action, actor, reason,
-            {"percent": before.canary_percent, "status": new_status, **details})
-    log.info("%s: canary %s ended (%s), by %s", action, before.canary.id, new_status, actor)
+    _set_status(change.conn, before.canary.id, new_status, reason)
+    change.record(before.canary.id, reason,
+                  {"percent": before.canary_percent, "status": new_status, **details})
+    log.info("%s: canary %s ended (%s), by %s", change.event, before.canary.id, new_status, change.actor)
 
 
 def retire(conn: psycopg.Connection, checkpoint_id: str, *, actor: str, reason: str | None = None) -> Transition:
     """Take a candidate or the canary out of consideration. The serving one cannot be retired."""
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        target = _fetch(conn, checkpoint_id, for_update=True)
+    with _change(conn, "retire", actor) as change:
+        target = change.fetch(checkpoint_id)
         if target.status == "serving":
             raise InvalidTransition(
                 f"{checkpoint_id} is serving: promote another checkpoint or roll back "
                 "(`python -m deploy rollback`); the replaced one is retired then"
             )
         if target.status in ("retired", "rejected"):
-            return Transition("retire", checkpoint_id, False, before)
-        if target.status == "canary":
-            _end_canary(conn, before, "retire", "retired", actor, reason, {})
-        else:
-            _set_status(conn, checkpoint_id, "retired", reason)
-            _record(conn, checkpoint_id, "retire", actor, reason, {"from_status": target.status})
-        state = _notify_if_changed(conn, before, "retire", checkpoint_id, actor)
-        return Transition("retire", checkpoint_id, True, state, None, {"from_status": target.status})
+            return change.unchanged(checkpoint_id)
+        _take_out(change, target, "retired", reason, {})
+        return change.changed(checkpoint_id, None, {"from_status": target.status})
 
 
 def reject(conn: psycopg.Connection, checkpoint_id: str, reason: str, *, actor: str,
@@ -902,25 +838,27 @@ def reject(conn: psycopg.Connection, checkpoint_id: str, reason: str, *, actor: 
     """Mark a checkpoint as never to be served (the gate's verdict, or a person's)."""
     if not reason:
         raise InvalidTransition("a rejection needs its reason (what failed, with the numbers)")
-    with conn.transaction():
-        _lock(conn)
-        before = read_state(conn)
-        target = _fetch(conn, checkpoint_id, for_update=True)
+    with _change(conn, "reject", actor) as change:
+        target = change.fetch(checkpoint_id)
         if target.status == "serving":
             raise InvalidTransition(
                 f"{checkpoint_id} is serving: roll back (`python -m deploy rollback`) or promote "
                 "another first, then reject it"
             )
         if target.status == "rejected":
-            return Transition("reject", checkpoint_id, False, before)
-        if target.status == "canary":
-            _end_canary(conn, before, "reject", "rejected", actor, reason, details or {})
-        else:
-            _set_status(conn, checkpoint_id, "rejected", reason)
-            _record(conn, checkpoint_id, "reject", actor, reason,
-                    {"from_status": target.status, **(details or {})})
-        state = _notify_if_changed(conn, before, "reject", checkpoint_id, actor)
-        return Transition("reject", checkpoint_id, True, state, None, {"from_status": target.status})
+            return change.unchanged(checkpoint_id)
+        _take_out(change, target, "rejected", reason, details or {})
+        return change.changed(checkpoint_id, None, {"from_status": target.status})
+
+
+def _take_out(change: _Change, target: Checkpoint, new_status: str, reason: str | None,
+              details: dict[str, Any]) -> None:
+    """`target` (not serving) -> `new_status`: the canary ends, anything else just changes."""
+    if target.status == "canary":
+        _end_canary(change, new_status, reason, details)
+    else:
+        _set_status(change.conn, target.id, new_status, reason)
+        change.record(target.id, reason, {"from_status": target.status, **details})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +74,3 @@ def applied_versions(url: str) -> list[int]:
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
     return [r[0] for r in rows]
-
-
-@contextmanager
-def scratch_database(admin_url: str, prefix: str, *, migrated: bool = True) -> Iterator[str]:
-    """A new database on `admin_url`'s server (`prefix` and a random suffix), migrated unless
-    `migrated` is false, dropped with its connections on exit: where a test or a benchmark
-    works when it must see every row and no one else's."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_conninfo(**{**conninfo_to_dict(admin_url), "dbname": name})
-    try:
-        if migrated:
-            migrate(url)
-        yield url
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -170,6 +170,15 @@ def _check_params(params: object) -> dict[str, Any]:
     return params
 
 
+def _check_model_version(model_version: object) -> str:
+    if not isinstance(model_version, str) or len(model_version) > MAX_MODEL_VERSION_CHARS:
+        raise InvalidInput(
+            f"model_version must be a checkpoint id of at most {MAX_MODEL_VERSION_CHARS} "
+            f"characters, not {model_version!r:.80}"
+        )
+    return model_version
+
+
 def _check_limit(limit: object) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise InvalidInput(f"limit must be an integer from 1 to {MAX_PAGE}, not {limit!r}")
@@ -327,6 +336,36 @@ async def update_conversation(
     return updated
 
 
+# A conversation's version (conversations.model_version): the policy its answers run on, kept
+# while it stays live so a canary conversation does not flip between policies (deploy/canary.py).
+# Not owner-checked: the server reads and writes it for a conversation it has just read as its
+# user, inside the same turn.
+
+
+async def conversation_version(conn: psycopg.AsyncConnection, conversation_id: UUID | str) -> str | None:
+    """The version conversation `conversation_id` runs on; None before its first answer (or for
+    an unknown id: nothing was assigned to it)."""
+    conversation_id = parse_id(conversation_id, "conversation_id")
+    async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT model_version FROM conversations WHERE id = %s", (conversation_id,))
+        row = await cur.fetchone()
+    return row[0] if row else None
+
+
+async def set_conversation_version(
+    conn: psycopg.AsyncConnection, conversation_id: UUID | str, model_version: str
+) -> None:
+    """Make `model_version` (a checkpoint id) the version the conversation's answers run on."""
+    conversation_id = parse_id(conversation_id, "conversation_id")
+    _check_model_version(model_version)
+    async with conn.transaction():
+        cur = await conn.execute(
+            "UPDATE conversations SET model_version = %s WHERE id = %s", (model_version, conversation_id)
+        )
+    if cur.rowcount == 0:
+        raise NotFound("conversation", conversation_id)
+
+
 async def list_conversations(
     conn: psycopg.AsyncConnection,
     user: User,
@@ -416,13 +455,8 @@ async def add_message(
             "an assistant message needs the model_version (checkpoint id) that wrote it, so its "
             "feedback can be attributed to a policy"
         )
-    if model_version is not None and (
-        not isinstance(model_version, str) or len(model_version) > MAX_MODEL_VERSION_CHARS
-    ):
-        raise InvalidInput(
-            f"model_version must be a checkpoint id of at most {MAX_MODEL_VERSION_CHARS} "
-            f"characters, not {model_version!r:.80}"
-        )
+    if model_version is not None:
+        _check_model_version(model_version)
     _check_count(prompt_tokens, "prompt_tokens")
     _check_count(completion_tokens, "completion_tokens")
     if finish_reason is not None and finish_reason not in FINISH_REASONS:

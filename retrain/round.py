@@ -52,6 +52,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from deploy import checkpoint, registry
 from deploy.base_model import resolve_from_settings
+from deploy.policy import load_base_policy, load_policy, save_checkpoint
 from feedback.db import database_url
 
 from .data import RoundData, read_round_data, too_little
@@ -266,7 +267,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     path = settings.checkpoints_dir / candidate_id
     with timed("save"):
         written.append(path)
-        checkpoint.save_checkpoint(
+        save_checkpoint(
             path, candidate,
             checkpoint_id=candidate_id,
             parent_id=serving.id,
@@ -363,9 +364,9 @@ def _load_serving(serving: registry.Checkpoint, adapter_base: Path, device: torc
     """The serving policy as PPO's starting point: an adapter stays a separate PeftModel, so PPO
     keeps training it and the reference (adapter off) is the base it was trained on."""
     if serving.kind == "lora":
-        policy = checkpoint.load_policy(Path(serving.path), base_model_dir=adapter_base, merge=False)
+        policy = load_policy(Path(serving.path), base_model_dir=adapter_base, merge=False)
     else:
-        policy = checkpoint.load_base_policy(Path(serving.path))
+        policy = load_base_policy(Path(serving.path))
     return policy.model.to(device), policy.tokenizer
 
 

@@ -81,7 +81,7 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
             if app.state.swaps is not None:
                 await app.state.swaps.stop()
             if engine is None and chat.engine is not None:
-                await serving.close(chat.engine)
+                await chat.engine.close()
             await pool.close()
 
     app = FastAPI(
@@ -155,7 +155,7 @@ def _register_base(database_url: str, base_dir, actor: str) -> None:
 async def _load_engine(chat: Chat, settings: ServerSettings) -> bool:
     try:
         chat.engine = await serving.load(settings)
-        log.info("model loaded: serving %s", serving.default_version(chat.engine))
+        log.info("model loaded: serving %s", chat.engine.default_version)
         return True
     except asyncio.CancelledError:
         raise

@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from psycopg.rows import tuple_row
-
 from feedback import store
 from feedback.errors import InvalidInput, TooLong, WrongConversation
 from feedback.store import Message, User
@@ -487,24 +485,19 @@ async def _api_place(conn, user: User, messages: list[dict[str, str]]) -> _ApiPl
 
 
 # A conversation's version (conversations.model_version, see deploy/canary.py): the one its
-# answers run on, kept while it stays live. The store's API does not cover this deploy column.
+# answers run on, kept while it stays live (feedback.store.conversation_version).
 
 
 async def _assigned_version(conn, conversation_id: UUID) -> str | None:
     """The version the conversation runs on (ownership is checked by the caller's reads)."""
-    async with conn.cursor(row_factory=tuple_row) as cur:
-        await cur.execute("SELECT model_version FROM conversations WHERE id = %s", (conversation_id,))
-        row = await cur.fetchone()
-    return row[0] if row else None
+    return await store.conversation_version(conn, conversation_id)
 
 
 async def _remember_version(conn, conversation_id: UUID, assigned: str | None, ran: str) -> None:
     """Store what actually runs (not what the canary chose: this replica may lack it), so the
     conversation's later answers come from the same policy while it stays live."""
     if ran != assigned:
-        await conn.execute(
-            "UPDATE conversations SET model_version = %s WHERE id = %s", (ran, conversation_id)
-        )
+        await store.set_conversation_version(conn, conversation_id, ran)
 
 
 def _turns(path: list[Message]) -> list[dict[str, str]]:

@@ -209,7 +209,7 @@ async def list_models(chat: ChatDep):
     created = int(time.time())
     ids = ["default"]
     if chat.engine is not None and serving.is_ready(chat.engine):
-        ids += serving.versions(chat.engine)
+        ids += chat.engine.versions()
     return {
         "object": "list",
         "data": [{"id": i, "object": "model", "created": created, "owned_by": "flywheel"} for i in ids],

@@ -239,8 +239,8 @@ def _replica_serving(chat: Chat, swaps: SwapController | None) -> dict:
     engine = chat.engine
     found["engine_url"], found["engine_draining_urls"] = serving.engine_urls(engine)
     if serving.is_ready(engine):
-        default = serving.default_version(engine)
-        found["versions"] = [default, *(v for v in serving.versions(engine) if v != default)]
+        default = engine.default_version
+        found["versions"] = [default, *(v for v in engine.versions() if v != default)]
     if swaps is None:
         return found
     state = swaps.state
@@ -272,7 +272,7 @@ async def health(chat: ChatDep, swaps: SwapsDep):
     if chat.engine is None or not serving.is_ready(chat.engine):
         body = HealthBody(status="loading", model_version=None, **details)
         return JSONResponse(body.model_dump(mode="json"), status_code=503)
-    return HealthBody(status="ok", model_version=serving.default_version(chat.engine), **details)
+    return HealthBody(status="ok", model_version=chat.engine.default_version, **details)
 
 
 def _package_version() -> str:
@@ -290,7 +290,7 @@ async def server_version(chat: ChatDep, swaps: SwapsDep):
     ready = chat.engine is not None and serving.is_ready(chat.engine)
     return VersionBody(
         server=_package_version(),
-        model_version=serving.default_version(chat.engine) if ready else None,
+        model_version=chat.engine.default_version if ready else None,
         engine=chat.settings.engine,
         **_replica_serving(chat, swaps),
     )

@@ -1,10 +1,12 @@
 """How a chat turn talks to the model: the engine (server/engine/) and the prompt (server/prompt.py).
 
-Everything the turn logic needs from them goes through this module, so chat.py, ws.py and the
-HTTP routes never depend on an engine's internals: loading one from settings, whether it is
-ready, which versions it serves, which version a conversation runs on, building a prompt within
-the context budget, submitting a request, and turning the engine's refusals into the server's
-wire errors. (swap.py changes which versions the engine serves, through the Engine interface.)
+chat.py, ws.py and the HTTP routes use the Engine interface (server/engine/base.py) directly
+for what it answers in one call (`default_version`, `versions()`, `close()`); this module holds
+what takes more than that, so they never depend on an engine's internals: loading one from
+settings, whether one is there and ready, which version a request or a conversation runs on,
+building a prompt within the context budget, submitting a request, and turning the engine's
+refusals into the server's wire errors. (swap.py changes which versions the engine serves,
+through the Engine interface.)
 """
 
 from __future__ import annotations
@@ -42,8 +44,8 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EngineRequest", "Prompt", "load", "close", "is_ready", "default_version", "versions", "engine_urls",
-           "base_model_dir", "pick_version", "conversation_version", "prompt_for", "submit"]
+__all__ = ["EngineRequest", "Prompt", "load", "is_ready", "engine_urls", "base_model_dir", "pick_version",
+           "conversation_version", "prompt_for", "submit"]
 
 
 def sampling_limits(settings: ServerSettings) -> SamplingLimits:
@@ -88,20 +90,8 @@ async def load(settings: ServerSettings) -> Engine:
     return engine
 
 
-async def close(engine: Engine) -> None:
-    await engine.close()
-
-
 def is_ready(engine: Engine | None) -> bool:
     return engine is not None and bool(engine.ready)
-
-
-def default_version(engine: Engine) -> str:
-    return engine.default_version
-
-
-def versions(engine: Engine) -> list[str]:
-    return list(engine.versions())
 
 
 def engine_urls(engine: Engine | None) -> tuple[str | None, list[str]]:
@@ -114,8 +104,8 @@ def engine_urls(engine: Engine | None) -> tuple[str | None, list[str]]:
 def pick_version(engine: Engine, asked: str | None) -> str:
     """The model version a request runs on: the default one unless it names a served one."""
     if asked is None or asked == "default":
-        return default_version(engine)
-    served = versions(engine)
+        return engine.default_version
+    served = engine.versions()
     if asked not in served:
         raise UnknownModel(asked, served)
     return asked

@@ -38,7 +38,6 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 from deploy import endpoints, registry
 from deploy.channel import ServingWatcher
@@ -107,24 +106,6 @@ def replica_name(host: str, port: int) -> str:
     chosen by the OS, as in tests, where the settings do not know it)."""
     hostname = socket.gethostname()
     return f"{hostname}:{port}" if port else f"{hostname}:pid{os.getpid()}"
-
-
-def verify_policy_files(ref: PolicyRef) -> None:
-    """Refuse a checkpoint whose files are missing or altered, before any weight is read.
-
-    Checkpoints carry sha256s in their manifest; a base model directory named by MODEL has no
-    manifest and must at least look loadable.
-    """
-    from deploy import checkpoint as checkpoint_format
-    from deploy.base_model import is_model_dir
-
-    path = Path(ref.path)
-    if (path / checkpoint_format.MANIFEST_NAME).exists() or ref.kind == "lora":
-        checkpoint_format.verify(path)
-    elif not is_model_dir(path):
-        raise checkpoint_format.CheckpointNotFound(
-            f"the base model directory {path} is missing or lacks config.json and weights", path=path
-        )
 
 
 class SwapController:
@@ -280,7 +261,7 @@ class SwapController:
         log.info("replica %s loading %s (%s) from %s", self.replica, ref.id, ref.kind, ref.path)
         try:
             if not self.engine.verifies_checkpoints:  # else it does, as it reads them: hash once
-                await asyncio.to_thread(verify_policy_files, ref)
+                await asyncio.to_thread(registry.verify_files, ref)
             await self.engine.load_version(ref.id, ref.path)
         except asyncio.CancelledError:
             raise

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from feedback.migrate import scratch_database
+from support.database import scratch_database
 
 
 def _admin_url(tmp_path_factory) -> str:

@@ -50,7 +50,8 @@ from typing import Any
 import torch
 
 from deploy.base_model import is_model_dir
-from deploy.checkpoint import MANIFEST_NAME, Policy, load_adapter, load_base_policy, load_policy, read_manifest
+from deploy.checkpoint import MANIFEST_NAME, read_manifest
+from deploy.policy import Policy, load_adapter, load_base_policy, load_policy
 
 from ..prompt import Prompt, PromptTooLong
 from .base import (

@@ -34,14 +34,15 @@ endpoint); the old connections are closed once the last of them ends. The server
 the registry asks (`python -m deploy engine-url`, server/swap.py).
 
 Runtime LoRA loading (`lora_loading="vllm"`, ENGINE_LORA_LOADING): before a LoRA checkpoint
-becomes a version, the remote is asked to load it under the checkpoint id with vLLM's
-`POST /v1/load_lora_adapter` {"lora_name", "lora_path"} (the checkpoint directory as the
-remote sees it: `lora_path_map` rewrites the server's path prefixes); one it already lists, or
-answers "has already been loaded" for (another replica was first), is fine. A refused load
-refuses the version (AdapterNotLoaded) and nothing changes. A switch to another endpoint loads
-the versions' adapters there before checking it. With `unload_lora`, an adapter is unloaded
-(`POST /v1/unload_lora_adapter`) once its version is unloaded here; only safe when no other
-replica still streams from it (one replica per engine, or replicas that drain together).
+becomes a version, the remote is asked to load it under the checkpoint id (vLLM's admin API:
+server/engine/remote_lora.py); a refused load refuses the version (AdapterNotLoaded) and
+nothing changes. A switch to another endpoint loads the versions' adapters there before
+checking it. With `unload_lora`, an adapter is unloaded once its version is unloaded here; only
+safe when no other replica still streams from it (one replica per engine, or replicas that
+drain together).
+
+Beside this module: server/engine/remote_http.py (the endpoint: connection pool, health probe,
+model listing, per-request clients, how failures are described) and remote_lora.py.
 """
 
 from __future__ import annotations
@@ -52,16 +53,12 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import httpx2
-from huggingface_hub import AsyncInferenceClient
-from huggingface_hub.errors import HfHubHTTPError, InferenceTimeoutError, TextGenerationError
+from deploy.checkpoint import base_model_name
 
 from ..prompt import Prompt, PromptTooLong
 from .base import (
-    Engine,
-    EngineError,
     EngineNotReady,
     EngineOverloaded,
     EngineStats,
@@ -75,8 +72,26 @@ from .base import (
     Usage,
     VersionedEngine,
 )
+from .remote_http import (
+    AdapterNotLoaded,
+    Endpoint,
+    ModelNotServed,
+    RemoteEngineError,
+    RequestClient,
+    describe_failure,
+)
+from .remote_lora import adapter_path as adapter_path_for
+from .remote_lora import engine_path, load_adapter, unload_adapter
+
+if TYPE_CHECKING:
+    from ..settings import ServerSettings
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "AdapterNotLoaded", "ModelNotServed", "RemoteEngine", "RemoteEngineConfig", "RemoteEngineError",
+    "RemoteGeneration", "engine_path", "load_remote_engine", "model_context_length", "start_remote_engine",
+]
 
 Api = Literal["openai", "tgi"]
 
@@ -84,18 +99,6 @@ Api = Literal["openai", "tgi"]
 # stop_sequence (its Messages API too, in older releases); anything else that ends an answer on
 # purpose (tool_calls, content_filter) is a stop as far as a chat turn goes.
 _LENGTH_REASONS = {"length", "max_tokens"}
-
-
-class RemoteEngineError(EngineError):
-    """The remote engine cannot be used as configured; the message names the URL and the fix."""
-
-
-class ModelNotServed(RemoteEngineError, LookupError):
-    """The remote does not serve a model name a version needs."""
-
-
-class AdapterNotLoaded(RemoteEngineError):
-    """The remote would not load a LoRA checkpoint at run time (ENGINE_LORA_LOADING=vllm)."""
 
 
 @dataclass(frozen=True)
@@ -134,83 +137,10 @@ class RemoteGeneration(Generation):
         self.url = url
 
 
-class _RequestClient(AsyncInferenceClient):
-    """An AsyncInferenceClient for ONE request, over its endpoint's shared connection pool.
-
-    One per request because the client keeps every streamed response open until the client
-    itself is closed: closing this one closes exactly that request's response (how a cancel
-    reaches the remote), never the pool. The pool is ours, not the hub's default session,
-    because that one refuses every request under HF_HUB_OFFLINE and sends the local Hugging
-    Face token to whatever URL it is given.
-    """
-
-    def __init__(self, session: httpx2.AsyncClient, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._session = session
-
-    async def _get_async_client(self) -> httpx2.AsyncClient:
-        return self._session
-
-
-class _Endpoint:
-    """One remote server: its connection pool, its health, the models it lists, its requests."""
-
-    def __init__(self, url: str, config: RemoteEngineConfig):
-        self.url = _root_url(url)
-        self.timeout = httpx2.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
-        self.session = _session(config, self.timeout)
-        self.healthy: bool | None = None  # None: not probed yet
-        self.problem: str | None = None  # why it is not healthy, for EngineNotReady and logs
-        self.listed: dict[str, dict[str, Any]] | None = None  # /v1/models entries by id; None: no listing
-        self.tasks: set[asyncio.Task] = set()
-
-    async def probe(self) -> bool:
-        """GET /health, then /v1/models where offered; records and returns the answer."""
-        try:
-            response = await self.session.get(f"{self.url}/health", timeout=self.timeout.connect)
-            if response.status_code == 404:  # a gateway without /health: the listing answers for it
-                response = await self.session.get(f"{self.url}/v1/models", timeout=self.timeout.connect)
-            if response.status_code >= 400:
-                return self._record(False, f"GET {response.url.path} answered HTTP {response.status_code}")
-            self.listed = await self._list_models()
-            return self._record(True, None)
-        except httpx2.HTTPError as error:
-            return self._record(False, _describe_transport_error(error))
-
-    async def _list_models(self) -> dict[str, dict[str, Any]] | None:
-        try:
-            response = await self.session.get(f"{self.url}/v1/models", timeout=self.timeout.connect)
-            if response.status_code >= 400:
-                return None  # TGI before 2.x, or a listing the server cannot build: not a failure
-            entries = response.json().get("data") or []
-            return {entry["id"]: entry for entry in entries if isinstance(entry, dict) and "id" in entry}
-        except (httpx2.HTTPError, ValueError, AttributeError):
-            return None
-
-    def _record(self, healthy: bool, problem: str | None) -> bool:
-        if healthy != self.healthy:
-            if healthy:
-                log.info("remote engine at %s is answering", self.url)
-            else:
-                log.warning("remote engine at %s is not usable: %s", self.url, problem)
-        self.healthy, self.problem = healthy, problem
-        return healthy
-
-    def mark_down(self, problem: str) -> None:
-        self._record(False, problem)
-
-    def client(self, request_id: str) -> _RequestClient:
-        return _RequestClient(self.session, base_url=self.url, timeout=self.timeout,
-                              headers={"X-Request-ID": request_id})
-
-    async def close(self) -> None:
-        await self.session.aclose()
-
-
 @dataclass
 class _Request:
     generation: RemoteGeneration
-    endpoint: _Endpoint
+    endpoint: Endpoint
     prompt: Prompt
     served_name: str | None
     max_new_tokens: int
@@ -229,8 +159,8 @@ class RemoteEngine(VersionedEngine):
         self.config = config
         self._tokenizer = tokenizer
         self._model_context_length = model_context_length  # the model's own (its config's)
-        self._endpoint = _Endpoint(config.url, config)
-        self._retired: set[_Endpoint] = set()  # old endpoints draining after a switch
+        self._endpoint = Endpoint(config.url, config)
+        self._retired: set[Endpoint] = set()  # old endpoints draining after a switch
         self._base_version = base_version
         # The name the remote serves the base under (learned from the listing when not given);
         # kept here, as the base version itself may be unloaded after a promotion and come back.
@@ -331,7 +261,7 @@ class RemoteEngine(VersionedEngine):
         if self._started and not self._closed and (self._probe_task is None or self._probe_task.done()):
             self._probe_task = asyncio.create_task(self._probe(), name="remote-engine-probe")
 
-    def _check_served(self, endpoint: _Endpoint, *, every_version: bool) -> str | None:
+    def _check_served(self, endpoint: Endpoint, *, every_version: bool) -> str | None:
         """What is wrong with the served names on `endpoint`, if anything: the default
         version's only (health: a missing extra version fails its own requests, not the
         engine), or every version's (a switch must not lose one). Learns the base model's name
@@ -397,13 +327,13 @@ class RemoteEngine(VersionedEngine):
             raise ValueError(f"version {version!r} is already registered; unload it first or use another id")
         is_base = version == self._base_version
         served = served_name or (self._base_served if is_base else version)
-        adapter_path = None if is_base else await asyncio.to_thread(self._adapter_path, path)
+        adapter_path = None if is_base else await asyncio.to_thread(adapter_path_for, self.config, path)
         endpoint = self._endpoint
         if self.config.api == "openai":
             if not await endpoint.probe():
                 raise EngineNotReady(f"cannot check version {version}: {self.problem}")
             if adapter_path is not None:
-                await self._load_adapter(endpoint, served, adapter_path)
+                await load_adapter(endpoint, served, adapter_path)
             if endpoint.listed is not None and served not in endpoint.listed:
                 names = ", ".join(sorted(endpoint.listed)) or "none"
                 raise ModelNotServed(
@@ -417,71 +347,6 @@ class RemoteEngine(VersionedEngine):
         log.info("serving version %s as %r on %s (checkpoint %s)%s", version, served, endpoint.url, path,
                  " (default)" if make_default else "")
 
-    # ------------------------------------------------------------------ runtime LoRA (vLLM)
-
-    def _adapter_path(self, path: str | Path) -> str | None:
-        """Where the remote should load the checkpoint at `path` from, when it is a LoRA
-        adapter to load at run time; None when there is nothing to load (no runtime loading,
-        or a full model, which no engine loads at run time)."""
-        if self.config.lora_loading != "vllm":
-            return None
-        from deploy.checkpoint import CheckpointError, read_manifest
-
-        try:
-            if read_manifest(Path(path)).kind != "lora":
-                return None
-        except CheckpointError:
-            return None  # not a checkpoint (a base model directory): the listing check decides
-        return engine_path(path, self.config.lora_path_map)
-
-    async def _load_adapter(self, endpoint: _Endpoint, name: str, path: str) -> None:
-        """Have `endpoint` serve the LoRA adapter at `path` (as it sees it) under `name`, then
-        refresh its model list. Idempotent: an adapter it lists already is left as it is."""
-        if endpoint.listed is not None and name in endpoint.listed:
-            return
-        where = f"the remote engine at {endpoint.url}"
-        try:
-            response = await endpoint.session.post(f"{endpoint.url}/v1/load_lora_adapter",
-                                                   json={"lora_name": name, "lora_path": path})
-        except httpx2.HTTPError as error:
-            raise AdapterNotLoaded(f"{where} could not be asked to load adapter {name!r} from {path}: "
-                                   f"{_describe_transport_error(error)}") from error
-        detail = _error_detail(response) if response.status_code >= 400 else ""
-        if response.status_code == 400 and "already been loaded" in detail:
-            log.info("%s had adapter %r loaded already", where, name)  # another replica was first
-        elif response.status_code == 404 and detail in ("Not Found", "(no body)"):
-            raise AdapterNotLoaded(
-                f"{where} has no POST /v1/load_lora_adapter (HTTP 404): start vLLM with "
-                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora, or set "
-                "ENGINE_LORA_LOADING=none and load adapters by hand"
-            )
-        elif response.status_code >= 400:
-            raise AdapterNotLoaded(
-                f"{where} refused to load adapter {name!r} from {path}: HTTP {response.status_code}: "
-                f"{detail} (the path must be the checkpoint directory as the engine sees it: "
-                "ENGINE_LORA_PATH_MAP; its rank must fit vLLM's --max-lora-rank)"
-            )
-        else:
-            log.info("%s loaded adapter %r from %s", where, name, path)
-        endpoint.listed = await endpoint._list_models()
-
-    async def _unload_adapter(self, endpoint: _Endpoint, name: str) -> None:
-        """Best effort: an adapter left loaded costs the remote memory, never a request."""
-        try:
-            response = await endpoint.session.post(f"{endpoint.url}/v1/unload_lora_adapter",
-                                                   json={"lora_name": name})
-        except httpx2.HTTPError as error:
-            log.warning("could not ask %s to unload adapter %r: %s", endpoint.url, name,
-                        _describe_transport_error(error))
-            return
-        if response.status_code < 400:
-            log.info("remote engine at %s unloaded adapter %r", endpoint.url, name)
-        elif response.status_code == 404:
-            log.info("remote engine at %s had no adapter %r to unload", endpoint.url, name)
-        else:
-            log.warning("remote engine at %s would not unload adapter %r: HTTP %d: %s", endpoint.url, name,
-                        response.status_code, _error_detail(response))
-
     def _live_generations(self) -> list[Generation]:
         return [request.generation for request in self._requests.values()]
 
@@ -490,7 +355,7 @@ class RemoteEngine(VersionedEngine):
         await self._drain_and_forget(version, timeout)
         log.info("unregistered version %s", version)
         if self.config.unload_lora and record is not None and record.adapter_path is not None:
-            await self._unload_adapter(self._endpoint, record.served_name)
+            await unload_adapter(self._endpoint, record.served_name)
 
     # ------------------------------------------------------------------ blue/green
 
@@ -505,7 +370,7 @@ class RemoteEngine(VersionedEngine):
         ENGINE_DRAIN_TIMEOUT) by cancelling what is left."""
         if self._closed:
             raise EngineNotReady("this remote engine was closed")
-        new = _Endpoint(url, self.config)
+        new = Endpoint(url, self.config)
         if new.url == self._endpoint.url:
             await new.close()
             return False
@@ -514,7 +379,7 @@ class RemoteEngine(VersionedEngine):
             try:
                 for version in list(self._versions.values()):
                     if version.accepting and version.adapter_path is not None:
-                        await self._load_adapter(new, version.served_name, version.adapter_path)
+                        await load_adapter(new, version.served_name, version.adapter_path)
             except AdapterNotLoaded as error:
                 problem = str(error)
         problem = problem or self._check_served(new, every_version=True)
@@ -529,7 +394,7 @@ class RemoteEngine(VersionedEngine):
         self._spawn(self._retire(old, timeout), name=f"remote-engine-drain {old.url}")
         return True
 
-    async def _retire(self, endpoint: _Endpoint, timeout: float | None) -> None:
+    async def _retire(self, endpoint: Endpoint, timeout: float | None) -> None:
         try:
             if endpoint.tasks:
                 _, pending = await asyncio.wait(set(endpoint.tasks), timeout=timeout)
@@ -636,7 +501,7 @@ class RemoteEngine(VersionedEngine):
         finally:
             await client.close()  # closes this request's response: a remote still generating stops
 
-    async def _stream_openai(self, request: _Request, client: _RequestClient) -> tuple[FinishReason, Usage | None]:
+    async def _stream_openai(self, request: _Request, client: RequestClient) -> tuple[FinishReason, Usage | None]:
         params = request.generation.params
         stream = await client.chat_completion(
             [dict(message) for message in request.prompt.messages],
@@ -663,7 +528,7 @@ class RemoteEngine(VersionedEngine):
                     finish = choice.finish_reason
         return _finish_reason(finish), usage
 
-    async def _stream_tgi(self, request: _Request, client: _RequestClient) -> tuple[FinishReason, Usage | None]:
+    async def _stream_tgi(self, request: _Request, client: RequestClient) -> tuple[FinishReason, Usage | None]:
         params = request.generation.params
         prompt_text = self._tokenizer.apply_chat_template(
             [dict(message) for message in request.prompt.messages], add_generation_prompt=True, tokenize=False
@@ -727,102 +592,17 @@ class RemoteEngine(VersionedEngine):
             counted = max(retokenized, request.chunks) + stop_token
         return Usage(prompt_tokens=request.generation.prompt_tokens, completion_tokens=counted)
 
-    def _describe_failure(self, endpoint: _Endpoint, error: BaseException) -> str:
-        where = f"the remote engine at {endpoint.url}"
-        if isinstance(error, InferenceTimeoutError) or isinstance(error, httpx2.TimeoutException):
-            if isinstance(error, httpx2.ConnectTimeout) or isinstance(error.__cause__, httpx2.ConnectTimeout):
-                endpoint.mark_down(f"connecting timed out after {self.config.connect_timeout_s} s")
-                self._kick_probe()
-                return f"{where} could not be reached within {self.config.connect_timeout_s} s (ENGINE_CONNECT_TIMEOUT)"
-            return (f"{where} sent nothing for {self.config.read_timeout_s} s (ENGINE_READ_TIMEOUT): "
-                    "it is overloaded or stuck")
-        if isinstance(error, httpx2.ConnectError):
-            endpoint.mark_down(_describe_transport_error(error))
+    def _describe_failure(self, endpoint: Endpoint, error: BaseException) -> str:
+        message, reprobe = describe_failure(endpoint, error, self.config)
+        if reprobe:
             self._kick_probe()
-            return f"{where} refused the connection ({error}): is it running? check ENGINE_URL"
-        if isinstance(error, httpx2.TransportError):
-            self._kick_probe()
-            return f"{where} dropped the stream ({_describe_transport_error(error)})"
-        if isinstance(error, HfHubHTTPError) and error.response is not None:
-            return f"{where} refused the request: HTTP {error.response.status_code}: {_error_detail(error.response)}"
-        if isinstance(error, TextGenerationError):
-            return f"{where} failed while generating: {error}"
-        if isinstance(error, RemoteEngineError):
-            return f"{where}: {error}"
-        log.exception("unexpected failure streaming from %s", endpoint.url, exc_info=error)
-        return f"{where} failed: {type(error).__name__}: {error}"
+        return message
 
 
 def _finish_reason(reason: str | None) -> FinishReason:
     if reason is None:
         raise RemoteEngineError("the stream ended without a finish reason (the remote closed it early)")
     return "length" if reason in _LENGTH_REASONS else "stop"
-
-
-# ---------------------------------------------------------------------- HTTP plumbing
-
-
-def _root_url(url: str) -> str:
-    """The server's root: TGI's generate route is `/`, health is `/health`, and the chat client
-    appends `/v1/chat/completions` itself, so a configured trailing `/v1` is dropped."""
-    url = url.strip().rstrip("/")
-    if url.endswith("/v1"):
-        url = url[: -len("/v1")]
-    if not url.startswith(("http://", "https://")):
-        raise RemoteEngineError(f"ENGINE_URL must be an http(s) URL such as http://127.0.0.1:8080, not {url!r}")
-    return url
-
-
-def _session(config: RemoteEngineConfig, timeout: httpx2.Timeout) -> httpx2.AsyncClient:
-    async def authorize(request: httpx2.Request) -> None:
-        # The hub's client attaches the local Hugging Face token (if any) to every request; a
-        # self-hosted engine gets ENGINE_API_KEY or no credentials at all.
-        request.headers.pop("authorization", None)
-        if config.api_key:
-            request.headers["authorization"] = f"Bearer {config.api_key}"
-
-    async def read_error_body(response: httpx2.Response) -> None:
-        # So an HTTP error can quote what the server said (a streamed body is unread otherwise).
-        if response.status_code >= 400:
-            await response.aread()
-
-    return httpx2.AsyncClient(
-        timeout=timeout,
-        limits=httpx2.Limits(max_connections=config.max_in_flight + 4, max_keepalive_connections=32),
-        event_hooks={"request": [authorize], "response": [read_error_body]},
-    )
-
-
-def engine_path(path: str | Path, path_map: tuple[tuple[str, str], ...]) -> str:
-    """`path` (a checkpoint directory as this server sees it) as the remote engine sees it: the
-    longest matching prefix of `path_map` (server prefix, remote prefix) replaced; unchanged
-    when none matches (both mount the checkpoints at the same path)."""
-    path = str(path).rstrip("/") or "/"
-    for local, remote in sorted(path_map, key=lambda pair: len(pair[0].rstrip("/")), reverse=True):
-        local = local.rstrip("/")
-        if path == local or path.startswith(local + "/"):
-            return remote.rstrip("/") + path[len(local):]
-    return path
-
-
-def _describe_transport_error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-
-
-def _error_detail(response: httpx2.Response) -> str:
-    try:
-        body = response.json()
-    except (ValueError, httpx2.ResponseNotRead):
-        try:
-            return response.text[:500] or "(no body)"
-        except httpx2.ResponseNotRead:
-            return "(no body)"
-    if isinstance(body, dict):
-        detail = body.get("error") or body.get("detail") or body.get("message") or body
-        if isinstance(detail, dict):
-            detail = detail.get("message") or detail
-        return detail if isinstance(detail, str) else json.dumps(detail)[:500]
-    return json.dumps(body)[:500]
 
 
 # ---------------------------------------------------------------------- construction
@@ -849,37 +629,32 @@ async def start_remote_engine(tokenizer_dir: str | Path, config: RemoteEngineCon
     return engine
 
 
-async def load_remote_engine(settings: Any) -> RemoteEngine:
-    """The remote engine the server's settings describe (not started: serving.load starts it)."""
+async def load_remote_engine(settings: ServerSettings) -> RemoteEngine:
+    """The remote engine the server's settings describe (not started: serving.load starts it).
+    Every field comes from the settings, whose defaults are the documented ones."""
     from deploy.base_model import resolve_from_settings
 
-    # Fields of ServerSettings for ENGINE=remote beyond ENGINE_URL; defaults as documented there.
-    tokenizer_dir = getattr(settings, "engine_tokenizer", None) or await asyncio.to_thread(resolve_from_settings, settings)
-    api_key = getattr(settings, "engine_api_key", None)
-    if hasattr(api_key, "get_secret_value"):
-        api_key = api_key.get_secret_value()
+    tokenizer_dir = settings.engine_tokenizer or await asyncio.to_thread(resolve_from_settings, settings)
     config = RemoteEngineConfig(
         url=settings.engine_url,
-        api=getattr(settings, "engine_api", "openai"),
-        served_model=getattr(settings, "engine_model", None),
-        api_key=api_key,
-        connect_timeout_s=getattr(settings, "engine_connect_timeout", 5.0),
-        read_timeout_s=getattr(settings, "engine_read_timeout", 120.0),
-        health_interval_s=getattr(settings, "engine_health_interval", 5.0),
-        drain_timeout_s=getattr(settings, "engine_drain_timeout", 600.0),
+        api=settings.engine_api,
+        served_model=settings.engine_model,
+        api_key=settings.engine_api_key.get_secret_value() if settings.engine_api_key else None,
+        connect_timeout_s=settings.engine_connect_timeout,
+        read_timeout_s=settings.engine_read_timeout,
+        health_interval_s=settings.engine_health_interval,
+        drain_timeout_s=settings.engine_drain_timeout,
         context_length=settings.context_length,
         limits=SamplingLimits(max_temperature=settings.max_temperature, max_new_tokens=settings.max_new_tokens_limit),
-        lora_loading=getattr(settings, "engine_lora_loading", "none"),
-        lora_path_map=getattr(settings, "engine_lora_path_pairs", ()),
-        unload_lora=getattr(settings, "engine_lora_unload", False),
+        lora_loading=settings.engine_lora_loading,
+        lora_path_map=settings.engine_lora_path_pairs,
+        unload_lora=settings.engine_lora_unload,
     )
     return await _build(tokenizer_dir, config, None)
 
 
 async def _build(tokenizer_dir: str | Path, config: RemoteEngineConfig, base_version: str | None) -> RemoteEngine:
     from transformers import AutoTokenizer
-
-    from deploy.checkpoint import base_model_name
 
     tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():

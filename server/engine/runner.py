@@ -255,7 +255,7 @@ class LlamaRunner:
     def with_adapter(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> LlamaRunner | None:
         """A runner for this model plus a LoRA adapter (`factors`: module path, e.g.
         "model.layers.0.self_attn.q_proj" -> (A [rank, in], B [out, rank]), as
-        deploy.checkpoint.read_lora_factors gives them), applied on the fly and sharing every
+        deploy.policy.read_lora_factors gives them), applied on the fly and sharing every
         base weight. None when the adapter touches anything but the layers' projections (the
         embeddings or the output head): merge those into the weights instead."""
         per_layer: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.layers]

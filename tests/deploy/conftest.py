@@ -7,10 +7,10 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from support.database import scratch_database
 
 from deploy import registry
 from deploy_helpers import RESET_SQL
-from feedback.migrate import scratch_database
 
 
 @pytest.fixture(scope="module")

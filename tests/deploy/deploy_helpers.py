@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from support.checkpoints import write_files
 
 from deploy import registry
 
@@ -39,14 +40,12 @@ def add_base(conn: psycopg.Connection, root: Path) -> registry.Checkpoint:
 
 def write_checkpoint(root: Path, *, parent: str | None, metrics: dict[str, Any] | None = None) -> Path:
     """A small LoRA checkpoint directory in the real on-disk format (deploy.checkpoint)."""
-    from deploy import checkpoint
-
     checkpoint_id = f"ck-{uuid.uuid4().hex[:10]}"
     files = {
         "adapter_config.json": json.dumps({"r": 4, "peft_type": "LORA"}).encode(),
         "adapter_model.safetensors": uuid.uuid4().bytes * 16,
     }
-    return checkpoint.write_files(
+    return write_files(
         root / checkpoint_id, files, checkpoint_id=checkpoint_id, parent_id=parent,
         base_model="TinyBase", kind="lora", config={"lr": 1e-5}, metrics=metrics or {},
     )

@@ -46,7 +46,8 @@ def test_default_model_is_converted_once_and_answers(tmp_path, monkeypatch):
     chat template; a second resolve reuses it; the converted model answers a real question."""
     import torch
 
-    from deploy.checkpoint import load_base_policy, verify
+    from deploy.checkpoint import verify
+    from deploy.policy import load_base_policy
 
     path = resolve_base_model(None, tmp_path)
     assert path == (tmp_path / "models" / "SmolLM2-135M-Instruct").resolve()

@@ -1,4 +1,5 @@
-"""The checkpoint format: manifest, atomic writes, hash verification, loading policies."""
+"""The checkpoint format (deploy.checkpoint: manifest, atomic writes, hash verification) and
+policies through it (deploy.policy: saving, loading, LoRA adapters)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,12 @@ import json
 
 import pytest
 import torch
+from support.checkpoints import write_files
 from support.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
-from deploy.checkpoint import (
-    MANIFEST_NAME,
-    BaseModelMismatch,
-    CheckpointCorrupt,
-    CheckpointExists,
-    CheckpointNotFound,
-    load_adapter,
-    load_base_policy,
-    load_policy,
-    new_checkpoint_id,
-    read_manifest,
-    registry_fields,
-    save_checkpoint,
-    verify,
-    write_files,
-)
+from deploy.checkpoint import MANIFEST_NAME, new_checkpoint_id, read_manifest, registry_fields, verify
+from deploy.errors import BaseModelMismatch, CheckpointCorrupt, CheckpointExists, CheckpointMissing
+from deploy.policy import load_adapter, load_base_policy, load_policy, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +114,10 @@ def test_a_damaged_checkpoint_is_refused(base, tmp_path, damage):
 
 
 def test_a_missing_checkpoint_is_refused(tmp_path):
-    with pytest.raises(CheckpointNotFound, match="does not exist"):
+    with pytest.raises(CheckpointMissing, match="does not exist"):
         load_policy(tmp_path / "never-written")
     (tmp_path / "no-manifest").mkdir()
-    with pytest.raises(CheckpointNotFound, match="manifest.json"):
+    with pytest.raises(CheckpointMissing, match="manifest.json"):
         verify(tmp_path / "no-manifest")
 
 

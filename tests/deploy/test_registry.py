@@ -12,12 +12,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from support.checkpoints import write_files
 
 from deploy import registry
 from deploy.channel import CHANNEL, Notice
-from deploy.registry import (
-    CheckpointCorrupt, CheckpointNotFound, CheckpointRejected, InvalidTransition,
-    NothingToRollBack, Pinned,
+from deploy.errors import (
+    CheckpointRejected, CheckpointUnusable, InvalidTransition, NotRegistered, NothingToRollBack,
+    Pinned,
 )
 
 from deploy_helpers import ACTOR, RESET_SQL, add_base, add_candidate, corrupt
@@ -57,9 +58,7 @@ def test_register_reads_the_manifest(conn, tmp_path):
 
 def test_a_base_with_a_manifest_is_named_and_verified_by_it(conn, tmp_path):
     # The converted default model is a "full" checkpoint: its manifest id is its version.
-    from deploy import checkpoint
-
-    path = checkpoint.write_files(
+    path = write_files(
         tmp_path / "models" / "SmolLM2-135M-Instruct",
         {"config.json": b"{}", "model.safetensors": b"\1" * 64},
         base_model="SmolLM2-135M-Instruct", kind="full",
@@ -69,14 +68,14 @@ def test_a_base_with_a_manifest_is_named_and_verified_by_it(conn, tmp_path):
     a = add_candidate(conn, tmp_path, parent=base.id)
     registry.promote(conn, a.id, actor=ACTOR)
     corrupt(path)
-    with pytest.raises(CheckpointCorrupt, match="does not match"):
+    with pytest.raises(CheckpointUnusable, match="does not match"):
         registry.rollback(conn, actor=ACTOR)
     assert serving_id(conn) == a.id
 
 
 def test_register_needs_the_parent_registered(conn, tmp_path):
     add_base(conn, tmp_path)
-    with pytest.raises(CheckpointNotFound, match="register the parent"):
+    with pytest.raises(NotRegistered, match="register the parent"):
         add_candidate(conn, tmp_path, parent="ck-never-registered")
 
 
@@ -84,7 +83,7 @@ def test_register_refuses_a_corrupt_directory(conn, tmp_path):
     base = add_base(conn, tmp_path)
     ck_dir = add_candidate(conn, tmp_path, parent=base.id, register=False)
     corrupt(ck_dir)
-    with pytest.raises(CheckpointCorrupt):
+    with pytest.raises(CheckpointUnusable):
         registry.register(conn, ck_dir, actor=ACTOR)
     assert len(registry.list_checkpoints(conn)) == 1
 
@@ -133,7 +132,7 @@ def test_at_most_one_serving_even_under_concurrent_promotes(conn, registry_url, 
 
 def test_promote_refuses_missing_rejected_and_corrupt(conn, tmp_path):
     base = add_base(conn, tmp_path)
-    with pytest.raises(CheckpointNotFound) as missing:
+    with pytest.raises(NotRegistered) as missing:
         registry.promote(conn, "no-such-checkpoint", actor=ACTOR)
     assert missing.value.exit_code == 3
     bad = add_candidate(conn, tmp_path, parent=base.id)
@@ -143,7 +142,7 @@ def test_promote_refuses_missing_rejected_and_corrupt(conn, tmp_path):
     assert rejected.value.exit_code == 4 and "0.41" in rejected.value.message
     broken = add_candidate(conn, tmp_path, parent=base.id)
     corrupt(Path(broken.path))
-    with pytest.raises(CheckpointCorrupt):
+    with pytest.raises(CheckpointUnusable):
         registry.promote(conn, broken.id, actor=ACTOR)
     assert serving_id(conn) == base.id
     assert actions(conn, broken.id) == ["register"]  # a refusal writes nothing

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import psycopg
 import pytest
+from support.database import scratch_database
 
 from feedback import store
-from feedback.migrate import scratch_database
 
 # The tables a refused request must leave untouched, with what would change if one did.
 _FINGERPRINT = """

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import psycopg
 import pytest
 from support.tiny_model import tiny_model_dir  # noqa: F401  (the session fixture)
+from support.database import scratch_database
 
 from feedback import store
-from feedback.migrate import scratch_database
 from retrain.settings import RetrainSettings
 
 SERVING = "base-tiny"  # the model_version the seeded answers record

@@ -19,9 +19,9 @@ from typing import Any
 import httpx
 import psycopg
 import uvicorn
+from support.database import scratch_database
 
 from deploy import registry
-from feedback.migrate import scratch_database
 from server.app import create_app
 from server.engine.local import LocalEngineConfig, start_local_engine
 from server_testkit import connect, make_settings, new_token
@@ -42,7 +42,7 @@ def make_adapter(base_dir: Path, root: Path, checkpoint_id: str, seed: int) -> P
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from deploy.checkpoint import load_base_policy, save_checkpoint
+    from deploy.policy import load_base_policy, save_checkpoint
 
     base = load_base_policy(base_dir)
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from support.tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 
-from deploy.checkpoint import load_base_policy, save_checkpoint
+from deploy.policy import load_base_policy, save_checkpoint
 from server.engine.base import (
     EngineOverloaded,
     InvalidSamplingParams,
@@ -233,7 +233,7 @@ def make_lora_checkpoint(base_dir, target, targets=("q_proj", "v_proj", "down_pr
 
 
 async def test_two_versions_serve_side_by_side(tiny_model_dir, reference_model, tmp_path):  # noqa: F811
-    from deploy.checkpoint import load_policy
+    from deploy.policy import load_policy
 
     adapter_dir = make_lora_checkpoint(tiny_model_dir, tmp_path / "tiny-lora-1")
     engine = await start_local_engine(tiny_model_dir, LocalEngineConfig())
@@ -270,9 +270,9 @@ async def test_two_versions_serve_side_by_side(tiny_model_dir, reference_model, 
 
 
 async def test_failed_load_keeps_serving(tiny_engine, tmp_path):  # noqa: F811
-    from deploy.checkpoint import CheckpointNotFound
+    from deploy.errors import CheckpointMissing
 
-    with pytest.raises(CheckpointNotFound):
+    with pytest.raises(CheckpointMissing):
         await tiny_engine.load_version("ghost", tmp_path / "nothing-here")
     prompt = chat_prompt(tiny_engine.tokenizer, "Still there?")
     _, final = await tiny_engine.submit(prompt, GREEDY).collect()
@@ -376,7 +376,7 @@ def run_forward(runner, config):
 def test_an_adapter_applied_on_the_fly_matches_merged_weights(tiny_model_dir, tmp_path):  # noqa: F811
     """The LoRA runner shares every base weight and adds x A^T B^T: the same logits as the
     merged model, and the same again once merged into the runner's own weights."""
-    from deploy.checkpoint import load_adapter, load_policy
+    from deploy.policy import load_adapter, load_policy
     from server.engine.runner import LlamaRunner
 
     base = load_base_policy(tiny_model_dir)
@@ -407,7 +407,7 @@ def test_an_adapter_applied_on_the_fly_matches_merged_weights(tiny_model_dir, tm
 async def test_a_lora_version_loads_without_copying_the_model(tiny_model_dir, reference_model, tmp_path):  # noqa: F811
     """A LoRA version is the base runner plus its adapter (no weight copied), serving at once;
     with merge_adapters it is folded in afterwards, in the background, with the same answers."""
-    from deploy.checkpoint import load_policy
+    from deploy.policy import load_policy
 
     path = make_lora_checkpoint(tiny_model_dir, tmp_path / "lora-all", ALL_PROJECTIONS, seed=3)
     adapted = load_policy(path, base_model_dir=tiny_model_dir).model
@@ -459,7 +459,7 @@ async def test_an_adapter_that_does_not_fit_is_refused(tiny_engine, tmp_path):  
 
     from safetensors.torch import save
 
-    from deploy.checkpoint import write_files
+    from support.checkpoints import write_files
 
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"}
     weights = {

@@ -19,8 +19,9 @@ import socket
 from pathlib import Path
 
 import pytest
+from support.checkpoints import write_files
 
-from deploy import checkpoint, registry
+from deploy import registry
 from remote_fixtures import FakeVllm, serve_app
 from server.engine.remote import AdapterNotLoaded, RemoteEngineConfig, RemoteEngineError, start_remote_engine
 from server_testkit import connect, new_token
@@ -46,8 +47,8 @@ def write_adapter(root: Path, checkpoint_id: str) -> Path:
         "adapter_config.json": json.dumps({"r": 16, "peft_type": "LORA", "lora_alpha": 32}).encode(),
         "adapter_model.safetensors": checkpoint_id.encode() * 64,
     }
-    return checkpoint.write_files(root / checkpoint_id, files, checkpoint_id=checkpoint_id, parent_id=BASE_ID,
-                                  base_model=BASE_ID, kind="lora")
+    return write_files(root / checkpoint_id, files, checkpoint_id=checkpoint_id, parent_id=BASE_ID,
+                       base_model=BASE_ID, kind="lora")
 
 
 def mounted(root: Path):

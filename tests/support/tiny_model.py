@@ -101,7 +101,8 @@ def build_tiny_model(directory: Path, tokenizer=None) -> Path:
 
 def cached_tiny_model(cache_root: Path) -> Path:
     """The tiny model under `cache_root`, built there first if missing (safe to race)."""
-    from deploy.checkpoint import CheckpointError, verify
+    from deploy.checkpoint import verify
+    from deploy.errors import CheckpointError
 
     target = Path(cache_root) / f"{TINY_MODEL_ID}-{recipe_key()}"
     try:
