@@ -140,13 +140,27 @@ def _optional_id(value: object, field: str) -> UUID | None:
     return None if value is None else parse_id(value, field)
 
 
+def text_problem(value: str) -> str | None:
+    """Why PostgreSQL (or a tokenizer) cannot hold `value`, or None when it can: text columns
+    take no NUL character, and a lone surrogate (JSON's "\\ud800" unpaired) is not UTF-8."""
+    if "\x00" in value:
+        return f"contains a NUL character (\\x00) at position {value.index(chr(0))}: remove it"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"contains a lone surrogate ({value[exc.start]!r}) at position {exc.start}, "
+                "which is not text: send each emoji or rare character whole (a surrogate pair)")
+    return None
+
+
 def _check_text(value: object, field: str, limit: int, setting: str) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"{field} must be a string, not {type(value).__name__}")
     if len(value) > limit:
         raise TooLong(field, len(value), limit, setting)
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL
-        raise InvalidInput(f"{field} contains a NUL character (\\x00): remove it")
+    problem = text_problem(value)
+    if problem:
+        raise InvalidInput(f"{field} {problem}")
     return value
 
 
@@ -592,6 +606,10 @@ async def find_path(
     is how an API client's multi-turn chat stays one conversation, and how asking the same thing
     again becomes a sibling answer that can be compared.
     """
+    for i, turn in enumerate(turns):
+        problem = text_problem(turn["content"])
+        if problem:
+            raise InvalidInput(f"turn {i}'s content {problem}")
     matched: list[UUID] = []
     paths: dict[UUID, list[UUID]] = {}  # last message id -> the matching path ending there
     async with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:

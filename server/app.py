@@ -23,6 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy import registry
 from feedback.db import database_url
@@ -32,7 +33,8 @@ from feedback.migrate import migrate
 from . import openai_api, rest, serving, ws
 from .auth import TOKEN_HEADER
 from .chat import Chat
-from .errors import BadFrame, FrameTooLarge, ServerError, from_validation, to_wire
+from .errors import BadJson, FrameTooLarge, HttpRefusal, ServerError, from_validation, to_wire
+from .json_depth import too_deep
 from .metrics import Metrics
 from .quotas import Quotas
 from .settings import ServerSettings
@@ -63,6 +65,7 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
             settings.rate_limit_per_minute,
             settings.max_concurrent_generations,
             settings.rate_limit_storage,
+            max_connections=settings.max_connections_per_user,
         )
         chat = Chat(pool, engine, settings, quotas, metrics)
         app.state.settings = settings
@@ -99,7 +102,7 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     _install_error_handlers(app)
-    app.add_middleware(HttpGuards, limit=settings.max_frame_bytes)
+    app.add_middleware(HttpGuards, limit=settings.max_frame_bytes, max_depth=settings.max_json_depth)
     app.include_router(rest.router)
     app.include_router(openai_api.router)
     app.include_router(ws.router)
@@ -193,47 +196,46 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return _error_response(request, _request_error(exc))
+        return _error_response(request, from_validation(list(exc.errors())))
 
     @app.exception_handler(ValidationError)
     async def invalid_model(request: Request, exc: ValidationError):
-        return _error_response(request, from_validation(exc))
+        return _error_response(request, from_validation(exc.errors()))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def refused_by_starlette(request: Request, exc: StarletteHTTPException):
+        # No such route, a method the route does not take, a body FastAPI could not read: in
+        # the same shapes as every other error (OpenAI's under /v1), not {"detail": ...}.
+        return _error_response(request, HttpRefusal(exc.status_code, str(exc.detail)))
 
-def _request_error(exc: RequestValidationError) -> BadFrame:
-    """FastAPI's validation errors, worded like the websocket's (field names, what was got)."""
-    problems = []
-    for e in exc.errors():
-        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or "the body"
-        if e.get("type") == "missing":
-            problems.append(f"'{field}' is missing")
-        elif e.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
-        else:
-            problems.append(f"'{field}' {e.get('msg', 'is invalid').lower()}")
-    return BadFrame("; ".join(problems) or "the request is not valid")
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        # Starlette answers these with a plain-text 500; to_wire logs the traceback and says
+        # nothing of it to the client. (The exception is still re-raised after, for uvicorn.)
+        return _error_response(request, exc)
 
 
 class HttpGuards:
     """Plain ASGI (not BaseHTTPMiddleware, which gets in the way of streamed responses noticing
     a client that went away): refuses HTTP bodies over MAX_FRAME_BYTES before the app reads
-    them (by Content-Length, or by reading a chunked body up to the limit), and hands a minted
+    them (by Content-Length, and by reading the body up to the limit), refuses JSON nested
+    deeper than MAX_JSON_DEPTH before anything parses it (bad_json), and hands a minted
     anonymous identity back in a header (see auth.py)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, max_depth: int):
         self.app = app
         self.limit = limit
+        self.max_depth = max_depth
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", ()))
         length = headers.get(b"content-length")
-        if length is not None:
-            if length.isdigit() and int(length) > self.limit:
-                return await self._refuse(scope, receive, send, int(length))
-        elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send, FrameTooLarge(int(length), self.limit))
+        if length is not None or headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            # Bodies are small (the limit above): read it whole, check it, hand it on.
             body, more = b"", True
             while more:
                 message = await receive()
@@ -242,7 +244,9 @@ class HttpGuards:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > self.limit:
-                    return await self._refuse(scope, receive, send, len(body))
+                    return await self._refuse(scope, receive, send, FrameTooLarge(len(body), self.limit))
+            if too_deep(body.decode("utf-8", "replace"), self.max_depth):
+                return await self._refuse(scope, receive, send, BadJson.too_deep(self.max_depth, "body"))
             receive = _replay(body, receive)
 
         async def send_with_token(message):
@@ -257,8 +261,8 @@ class HttpGuards:
 
         await self.app(scope, receive, send_with_token)
 
-    async def _refuse(self, scope, receive, send, size: int) -> None:
-        response = _error_response(Request(scope), FrameTooLarge(size, self.limit))
+    async def _refuse(self, scope, receive, send, error: ServerError) -> None:
+        response = _error_response(Request(scope), error)
         await response(scope, receive, send)
 
 

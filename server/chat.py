@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 from uuid import UUID
 
 from feedback import store
@@ -36,12 +35,11 @@ from feedback.errors import InvalidInput, TooLong, WrongConversation
 from feedback.store import Message, User
 
 from . import serving
-from .engine.base import TokenEvent
+from .engine.base import InvalidSamplingParams, SamplingParams, TokenEvent, Usage
 from .errors import EngineFailed, InvalidParams, NothingToRegenerate, NotReady
 from .metrics import Metrics
 from .quotas import Quotas
 from .settings import ServerSettings
-from .wire import SamplingParams, Usage
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +50,11 @@ TITLE_CHARS = 80  # conversation titles: the start of the first user message
 CLIENT_SUPPLIED = "client-supplied"
 
 
-def resolve_params(settings: ServerSettings, asked: SamplingParams | None) -> dict[str, Any]:
-    """The sampling parameters a turn uses: the asked ones within bounds, defaults otherwise."""
+def resolve_params(settings: ServerSettings, asked: SamplingParams | None) -> SamplingParams:
+    """The sampling parameters a turn uses: the asked ones within the settings' bounds (a
+    refusal names the setting), the settings' defaults for the rest, as the engine computes
+    them (a temperature or top_p too small to compute with is greedy: engine.base.GREEDY_EPS).
+    What is returned is what is stored with the answer."""
     asked = asked or SamplingParams()
     if asked.temperature is not None and asked.temperature > settings.max_temperature:
         raise InvalidParams.over_limit(
@@ -66,13 +67,13 @@ def resolve_params(settings: ServerSettings, asked: SamplingParams | None) -> di
             settings.max_new_tokens_limit,
             "MAX_NEW_TOKENS_LIMIT",
         )
-    return {
-        "temperature": settings.default_temperature
-        if asked.temperature is None
-        else asked.temperature,
-        "top_p": settings.default_top_p if asked.top_p is None else asked.top_p,
-        "max_new_tokens": asked.max_new_tokens or settings.default_max_new_tokens,
-    }
+    resolved = asked.with_defaults(
+        settings.default_temperature, settings.default_top_p, settings.default_max_new_tokens
+    )
+    try:
+        return resolved.checked(serving.sampling_limits(settings))
+    except InvalidSamplingParams as exc:
+        raise InvalidParams(str(exc)) from None
 
 
 def _title(content: str) -> str:
@@ -89,7 +90,7 @@ class Answer:
     conversation_id: UUID
     parent_id: UUID  # the message answered
     message_id: UUID  # the answer's id, announced before it is stored
-    params: dict[str, Any]
+    params: SamplingParams  # resolved: what the answer is generated (and stored) with
     prompt: serving.Prompt
     request: serving.EngineRequest  # the engine's side: knows its model version, yields events
     release: Callable[[], None]  # gives the generation slot back (idempotent)
@@ -110,11 +111,7 @@ class Answer:
 
     @property
     def usage(self) -> Usage:
-        return Usage(
-            prompt_tokens=self.prompt.n_tokens,
-            completion_tokens=self.completion_tokens,
-            total_tokens=self.prompt.n_tokens + self.completion_tokens,
-        )
+        return Usage(prompt_tokens=self.prompt.n_tokens, completion_tokens=self.completion_tokens)
 
     async def stream(self) -> AsyncIterator[str]:
         """The answer's text as produced. However it ends - finished, cancelled (the consumer
@@ -146,19 +143,23 @@ class Answer:
                     self.finish_reason = event.finish_reason
                     self.completion_tokens = event.usage.completion_tokens
                     if event.error:
-                        self.error = EngineFailed(event.error)
+                        # The engine's account (torch's message, a remote's URL and reply) is
+                        # for the operator's log; the client gets the typed error alone.
+                        log.warning("answer %s: the engine failed: %s", self.message_id, event.error)
+                        self.error = EngineFailed()
         except (asyncio.CancelledError, GeneratorExit):
             self.finish_reason = "cancelled"
             raise
-        except Exception as exc:  # the engine broke its own contract; keep what was said
+        except Exception:  # the engine broke its own contract; keep what was said
             log.exception("answer %s failed", self.message_id)
             self.finish_reason = "error"
-            self.error = EngineFailed(f"{type(exc).__name__}: {exc}")
+            self.error = EngineFailed()
         finally:
             self.request.cancel()  # frees the engine's slot now if we left early (idempotent)
             if self.finish_reason is None:
                 self.finish_reason = "error"
-                self.error = self.error or EngineFailed("the engine ended without a final event")
+                self.error = self.error or EngineFailed()
+                log.warning("answer %s: the engine ended without a final event", self.message_id)
             try:
                 # Shielded: a second cancellation (server shutting down) must not lose the row.
                 await asyncio.shield(self._store())
@@ -191,7 +192,7 @@ class Answer:
                     prompt_tokens=self.prompt.n_tokens,
                     completion_tokens=self.completion_tokens,
                     finish_reason=self.finish_reason,
-                    params=self.params,
+                    params=self.params.model_dump(),
                     message_id=self.message_id,
                     settings=self.chat.answer_settings,
                 )

@@ -17,8 +17,9 @@ from typing import ClassVar
 from pydantic import ValidationError
 
 from feedback.errors import StoreError
+from feedback.store import text_problem
 
-from .wire import CLIENT_FRAME_TYPES, ErrorFrame
+from .wire import CLIENT_FRAME_TYPES, INVALID_TEXT, ErrorFrame
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,17 @@ class BadJson(ServerError):
     code = "bad_json"
     http_status = 400
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"the frame is not valid JSON ({detail}): send one JSON object per text frame")
+    @classmethod
+    def undecodable(cls, detail: str) -> BadJson:
+        return cls(f"the frame is not valid JSON ({detail}): send one JSON object per text frame")
+
+    @classmethod
+    def too_deep(cls, limit: int, what: str = "frame") -> BadJson:
+        # Refused before parsing: a deep enough document makes a parser recurse to its limit.
+        return cls(
+            f"the {what} is not accepted as JSON: it is nested more than {limit} levels deep "
+            "(operators can raise MAX_JSON_DEPTH)"
+        )
 
 
 class BadFrame(ServerError):
@@ -51,6 +61,26 @@ class UnknownType(BadFrame):
     code = "unknown_type"
 
 
+class InvalidText(BadFrame):
+    """Text PostgreSQL or the tokenizer cannot hold (a NUL, a lone surrogate), in a field."""
+
+    code = "invalid_text"
+
+
+class HttpRefusal(ServerError):
+    """What Starlette itself refuses (no such route, a method the route does not take, a body
+    it cannot read), worded and shaped like every other error."""
+
+    CODES: ClassVar[dict[int, str]] = {
+        400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "frame_too_large",
+    }
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.http_status = status  # type: ignore[misc] - per instance, as Starlette gave it
+        self.code = self.CODES.get(status, "http_error")  # type: ignore[misc]
+
+
 class FrameTooLarge(ServerError):
     code = "frame_too_large"
     http_status = 413
@@ -59,6 +89,18 @@ class FrameTooLarge(ServerError):
         super().__init__(
             f"the frame is {size} bytes, over the limit of {limit}: send less "
             "(operators can raise MAX_FRAME_BYTES)"
+        )
+
+
+class TooManyConnections(ServerError):
+    code = "too_many_connections"
+    http_status = 429
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"you already have {limit} websocket connections open, the most at once: close one "
+            "(one connection carries any number of conversations; operators can raise "
+            "MAX_CONNECTIONS_PER_USER)"
         )
 
 
@@ -144,11 +186,17 @@ class NotReady(ServerError):
 
 
 class EngineFailed(ServerError):
+    """The engine failed this request (its own account goes to the server's log, never to the
+    client: it may hold torch's messages or a remote engine's URL and reply)."""
+
     code = "engine_error"
     http_status = 502
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"the model failed while answering ({detail}); the partial answer was kept")
+    def __init__(self) -> None:
+        super().__init__(
+            "the model failed while answering this request; the partial answer was kept "
+            "(the server's log says why): try again, or regenerate it"
+        )
 
 
 class NothingToRegenerate(ServerError):
@@ -156,17 +204,33 @@ class NothingToRegenerate(ServerError):
     http_status = 422
 
 
-def _describe_validation(err: ValidationError) -> tuple[str, str]:
-    """A one-line account of what was wrong with a frame, naming each field."""
+# Where FastAPI says a request's field was (the body, the query string, ...): not part of
+# the field's name as people write it.
+_REQUEST_PARTS = ("body", "query", "path", "header")
+_TEXT_ERRORS = (INVALID_TEXT, "string_unicode")
+
+
+def describe_validation(errors: list[dict]) -> tuple[str, str]:
+    """The code and a one-line account of what was wrong with a frame or body, naming each
+    field: pydantic's errors of wire types and FastAPI's of request bodies alike."""
     code = BadFrame.code
     problems = []
-    for e in err.errors():
+    # Text that cannot be stored is the whole story: a union field (content: str | parts)
+    # would add "should be a valid list" for the branch the client did not mean.
+    # (pydantic's own str validation refuses a lone surrogate as "string_unicode".)
+    errors = [e for e in errors if e.get("type") in _TEXT_ERRORS] or errors
+    for e in errors:
         kind = e.get("type", "")
         loc = [str(p) for p in e.get("loc", ())]
-        # A discriminated union puts the tag (e.g. "message") first in the location; people
-        # think of fields by name, so drop it.
+        # FastAPI puts the part of the request first, and a discriminated union the tag (e.g.
+        # "message"); people think of fields by name, so drop them.
+        if loc and loc[0] in _REQUEST_PARTS:
+            loc = loc[1:]
         if loc and loc[0] in CLIENT_FRAME_TYPES:
             loc = loc[1:]
+        # Union members of a field (e.g. content: str | list[part]) are noise in its name.
+        # (pydantic names them by type: "str", "list[TextPart]", "function-after[...]".)
+        loc = [p for p in loc if p != "str" and "[" not in p]
         field = ".".join(loc)
         if kind == "union_tag_invalid":
             code = UnknownType.code
@@ -177,8 +241,15 @@ def _describe_validation(err: ValidationError) -> tuple[str, str]:
         elif kind == "union_tag_not_found":
             code = UnknownType.code
             problems.append(f"the frame has no 'type': one of {', '.join(CLIENT_FRAME_TYPES)}")
+        elif kind == "json_invalid":  # an HTTP body (422 invalid_frame, as it always was)
+            problems.append(f"the body is not valid JSON ({e.get('ctx', {}).get('error', '')})")
+        elif kind in _TEXT_ERRORS:
+            code = InvalidText.code
+            got = e.get("input")
+            problem = text_problem(got) if isinstance(got, str) else None
+            problems.append(f"'{field}' {problem or e.get('msg')}")
         elif kind == "missing":
-            problems.append(f"'{field}' is missing")
+            problems.append(f"'{field or 'the body'}' is missing")
         elif kind == "extra_forbidden":
             problems.append(f"'{field}' is not a field of this frame")
         elif kind == "model_attributes_type" or kind == "model_type":
@@ -186,23 +257,28 @@ def _describe_validation(err: ValidationError) -> tuple[str, str]:
         else:
             got = e.get("input")
             shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
-            problems.append(f"'{field}' {e.get('msg', 'is invalid').lower()} (got {shown})")
-    return code, "; ".join(problems) or str(err)
+            problems.append(f"'{field or 'the body'}' {e.get('msg', 'is invalid').lower()} (got {shown})")
+    return code, "; ".join(problems) or "the request is not valid"
 
 
-def from_validation(err: ValidationError) -> BadFrame:
-    code, message = _describe_validation(err)
-    return UnknownType(message) if code == UnknownType.code else BadFrame(message)
+_BY_CODE = {cls.code: cls for cls in (BadFrame, UnknownType, InvalidText)}
+
+
+def from_validation(errors: list[dict]) -> ServerError:
+    """The error for a frame or body that failed validation (`err.errors()`)."""
+    code, message = describe_validation(errors)
+    return _BY_CODE[code](message)
 
 
 def to_wire(exc: BaseException) -> tuple[int, ErrorFrame]:
     """The HTTP status and the error frame for any failure; unexpected ones are logged."""
     if isinstance(exc, ValidationError):
-        exc = from_validation(exc)
+        exc = from_validation(exc.errors())
     if isinstance(exc, (ServerError, StoreError)):
         return exc.http_status, ErrorFrame(code=exc.code, message=exc.message)
     log.exception("unexpected error", exc_info=exc)
+    # No exception text: it is for the operator's log, not for whoever sent the request.
     return 500, ErrorFrame(
         code="internal_error",
-        message=f"the server failed ({type(exc).__name__}); nothing was stored for this request",
+        message="the server failed; nothing was stored for this request",
     )

@@ -28,14 +28,14 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from . import serving
 from .auth import Caller, caller_for_request
 from .chat import Answer, Chat
 from .errors import BadFrame, to_wire
 from .rest import get_chat
-from .wire import SamplingParams
+from .wire import SamplingParams, Text
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
 CallerDep = Annotated[Caller, Depends(caller_for_request)]
@@ -47,7 +47,7 @@ ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system rol
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -55,7 +55,7 @@ class ChatMessage(BaseModel):
     # system | developer (stored as system) | user | assistant.
     role: Literal["system", "developer", "user", "assistant"]
     # A string, or a list of text parts (joined with newlines).
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -66,7 +66,7 @@ class ChatMessage(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     # Send a last chunk with token usage (and no choices).
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -79,15 +79,16 @@ class ChatCompletionRequest(BaseModel):
     # The conversation so far; the last message must be the user's.
     messages: list[ChatMessage] = Field(min_length=1)
     # Stream the answer as server-sent events.
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # As SamplingParams' (server/engine/base.py): strict numbers, finite, within bounds.
+    temperature: float | None = SamplingParams.model_fields["temperature"]
+    top_p: float | None = SamplingParams.model_fields["top_p"]
     # Longest answer, in tokens (max_completion_tokens is the newer name).
-    max_tokens: int | None = Field(None, gt=0)
-    max_completion_tokens: int | None = Field(None, gt=0)
+    max_tokens: int | None = SamplingParams.model_fields["max_new_tokens"]
+    max_completion_tokens: int | None = SamplingParams.model_fields["max_new_tokens"]
     # Only 1 is supported.
-    n: int = Field(1, ge=1)
+    n: StrictInt = Field(1, ge=1)
     tools: list[Any] | None = None
 
 

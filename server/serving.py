@@ -15,7 +15,6 @@ import asyncio
 import importlib
 import logging
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 from deploy.canary import choose_version
@@ -135,7 +134,7 @@ def conversation_version(
 
 
 def prompt_for(
-    engine: Engine, settings: ServerSettings, turns: list[dict[str, str]], params: dict[str, Any]
+    engine: Engine, settings: ServerSettings, turns: list[dict[str, str]], params: SamplingParams
 ) -> Prompt:
     """The prompt answering the last user turn of `turns`, cut to the context budget."""
     try:
@@ -143,7 +142,7 @@ def prompt_for(
             turns,
             engine.tokenizer,
             context_length=min(settings.context_length, engine.context_length),
-            max_new_tokens=params["max_new_tokens"],
+            max_new_tokens=params.max_new_tokens,
             system_prompt=settings.system_prompt,
         )
     except PromptTooLong as exc:
@@ -153,11 +152,11 @@ def prompt_for(
 
 
 def submit(
-    engine: Engine, prompt: Prompt, params: dict[str, Any], version: str | None
+    engine: Engine, prompt: Prompt, params: SamplingParams, version: str | None
 ) -> EngineRequest:
     """Start generating; the engine's refusals come back as the server's wire errors."""
     try:
-        return engine.submit(prompt, SamplingParams(**params), version=version)
+        return engine.submit(prompt, params, version=version)
     except UnknownModelVersion as exc:
         raise UnknownModel(exc.version, exc.served) from None
     except InvalidSamplingParams as exc:

@@ -106,6 +106,18 @@ class ServerSettings(ModelSettings, DeploySettings):
     max_frame_bytes: int = Field(
         256 * 1024, gt=0, description="Largest websocket text frame (or HTTP body) accepted, in bytes."
     )
+    max_json_depth: int = Field(
+        32,
+        gt=0,
+        description="Deepest nesting of arrays and objects in a frame or JSON body; deeper is "
+        "refused as bad_json before parsing (the contract's frames nest 4 levels at most).",
+    )
+    max_connections_per_user: int = Field(
+        16,
+        gt=0,
+        description="Websocket connections one user may hold open at once (per process); one more "
+        "is accepted, sent a too_many_connections error frame and closed (1008).",
+    )
     max_concurrent_generations: int = Field(
         4, gt=0, description="Generations one user may have running at once (all connections)."
     )

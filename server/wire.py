@@ -13,7 +13,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic_core import PydanticCustomError
+
+from feedback.store import text_problem
+
+# Sampling parameters and token counts: one type each, from the wire to the engine (defined
+# there, with a comment per field), re-exported as wire types.
+from .engine.base import SamplingParams, Usage
+
+__all__ = ["SamplingParams", "Usage"]
 
 
 class _Frame(BaseModel):
@@ -21,16 +30,32 @@ class _Frame(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling parameters (client -> server), bounded by settings in chat.resolve_params.
+# Field types every frame and body shares.
+
+INVALID_TEXT = "invalid_text"  # the validation error type of Text (errors.py: code invalid_text)
 
 
-class SamplingParams(_Frame):
-    # Softmax temperature; 0 is greedy decoding. Unset: the model's default (SmolLM2: 0.2).
-    temperature: float | None = Field(None, ge=0)
-    # Nucleus sampling mass in (0, 1]. Unset: the model's default (SmolLM2: 0.9).
-    top_p: float | None = Field(None, gt=0, le=1)
-    # Longest answer, in tokens. Unset: DEFAULT_MAX_NEW_TOKENS.
-    max_new_tokens: int | None = Field(None, gt=0)
+def _storable(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise PydanticCustomError(INVALID_TEXT, problem)
+    return value
+
+
+# Text a person wrote: checked here, before any SQL or tokenization, for what PostgreSQL and
+# the tokenizer cannot hold (a NUL, a lone surrogate); the error names the field.
+Text = Annotated[str, AfterValidator(_storable)]
+
+
+def _exact_int(value: Any) -> Any:
+    # Literal[1, -1] alone takes true and 1.0 (they equal 1): a vote is a JSON integer.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "Input should be 1 or -1, a JSON integer")
+    return value
+
+
+# A thumb: 1 up, -1 down, strictly (not true, 1.0 or "1").
+Rating = Annotated[Literal[1, -1], BeforeValidator(_exact_int)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +70,7 @@ class MessageFrame(_Frame):
     # conversation. Give it to branch (edit an earlier turn).
     parent_id: UUID | None = None
     # What the user said.
-    content: str = Field(min_length=1)
+    content: Text = Field(min_length=1)
     # Optional sampling parameters for the answer.
     params: SamplingParams | None = None
 
@@ -63,9 +88,9 @@ class FeedbackFrame(_Frame):
     # The assistant message rated.
     message_id: UUID
     # 1: thumbs up, -1: thumbs down. Rating again replaces the previous vote.
-    rating: Literal[1, -1]
+    rating: Rating
     # Optional free text: why.
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class CompareFrame(_Frame):
@@ -95,15 +120,6 @@ CLIENT_FRAME_TYPES = ("message", "regenerate", "feedback", "compare", "cancel")
 # ---------------------------------------------------------------------------------------------
 # Server -> client frames. Every `started` is followed by exactly one `done` with the same
 # message_id, whatever happens (stop, length, cancel, disconnect, engine failure).
-
-
-class Usage(BaseModel):
-    # Tokens in the prompt the model saw (after truncation).
-    prompt_tokens: int
-    # Tokens generated.
-    completion_tokens: int
-    # Their sum.
-    total_tokens: int
 
 
 class StartedFrame(BaseModel):
@@ -160,9 +176,9 @@ class ErrorFrame(BaseModel):
 
 class FeedbackBody(_Frame):
     # 1: thumbs up, -1: thumbs down.
-    rating: Literal[1, -1]
+    rating: Rating
     # Optional free text: why.
-    reason: str | None = None
+    reason: Text | None = None
 
 
 class CompareBody(_Frame):
@@ -228,7 +244,7 @@ class ConversationTree(BaseModel):
 
 class ConversationUpdate(_Frame):
     # A new title (absent: unchanged).
-    title: str | None = Field(None, min_length=1)
+    title: Text | None = Field(None, min_length=1)
     # false: keep this conversation out of retraining from now on; true: allow it again
     # (absent: unchanged). Strict: "no" or 0 is refused, not read as false.
     allow_data_use: bool | None = Field(None, strict=True)

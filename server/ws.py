@@ -9,7 +9,10 @@ stored; a cancel with nothing running is ignored (it raced the end of the answer
 
 When the socket closes, running answers are cancelled and stored the same way.
 Frames larger than MAX_FRAME_BYTES get a `frame_too_large` error; frames beyond the transport's
-hard cap (uvicorn's ws_max_size, 4x that) close the connection with code 1009.
+hard cap (uvicorn's ws_max_size, 4x that) close the connection with code 1009. Frames nested
+deeper than MAX_JSON_DEPTH get `bad_json` before they are parsed. A user holds at most
+MAX_CONNECTIONS_PER_USER sockets at once: one more is accepted, told `too_many_connections` in
+an error frame and closed with code 1008, as a refused identity is.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from feedback.errors import StoreError
 from . import wire
 from .auth import TOKEN_HEADER, authenticate, token_from
 from .chat import Answer, Chat
-from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, to_wire
+from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, TooManyConnections, to_wire
+from .json_depth import too_deep
 from .rest import get_chat
 
 log = logging.getLogger(__name__)
@@ -76,10 +80,12 @@ class Session:
         limit = self.chat.settings.max_frame_bytes
         if size > limit:
             raise FrameTooLarge(size, limit)
+        if too_deep(text, self.chat.settings.max_json_depth):
+            raise BadJson.too_deep(self.chat.settings.max_json_depth)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise BadJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+            raise BadJson.undecodable(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
         if not isinstance(data, dict):
             raise BadFrame(
                 f"a frame must be a JSON object with a 'type', not a {type(data).__name__}"
@@ -162,19 +168,36 @@ class Session:
                 await asyncio.wait(late)
 
 
+async def _refuse(websocket: WebSocket, exc: BaseException, headers=None) -> None:
+    """Accept first so the client can read why, then close: a bare 403 explains nothing."""
+    await websocket.accept(headers=headers)
+    _, frame = to_wire(exc)
+    await websocket.send_text(frame.model_dump_json())
+    await websocket.close(code=POLICY_VIOLATION, reason=frame.code)
+
+
 @router.websocket("/ws")
 async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_chat)]) -> None:
     try:
         caller = await authenticate(chat.pool, chat.settings, token_from(websocket))
     except (ServerError, StoreError) as exc:
-        # Accept first so the client can read why, then close: a bare 403 explains nothing.
-        await websocket.accept()
-        _, frame = to_wire(exc)
-        await websocket.send_text(frame.model_dump_json())
-        await websocket.close(code=POLICY_VIOLATION, reason=frame.code)
+        await _refuse(websocket, exc)
         return
     headers = [(TOKEN_HEADER.lower().encode(), caller.minted_token.encode())] if caller.minted_token else None
-    await websocket.accept(headers=headers)
+    try:
+        # Counted until this handler returns, however the socket ends.
+        closed = chat.quotas.open_connection(caller.user.id)
+    except TooManyConnections as exc:
+        await _refuse(websocket, exc, headers)
+        return
+    try:
+        await websocket.accept(headers=headers)
+        await _serve(websocket, caller, chat)
+    finally:
+        closed()
+
+
+async def _serve(websocket: WebSocket, caller, chat: Chat) -> None:
     session = Session(websocket, caller.user, chat)
     try:
         while True:

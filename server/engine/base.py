@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
 from ..prompt import Prompt
 
 log = logging.getLogger(__name__)
@@ -76,40 +78,77 @@ class SamplingLimits:
     max_new_tokens: int = 1024
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy decoding (top_p then does not matter)."""
+# Under this, a temperature or top_p decodes greedily (temperature 0). Dividing float32 logits
+# by a temperature that small underflows (1e-300 is 0 in float32: inf/nan probabilities), and
+# no real distribution is changed by it: the softmax at T < 1e-5 puts all the mass on the top
+# token unless two logits tie to 1e-5. A nucleus under 1e-5 holds only the top token whenever
+# the vocabulary has fewer than 100,000 tokens (the top token's probability is at least 1/V).
+# vLLM draws the same line (_SAMPLING_EPS).
+GREEDY_EPS = 1e-5
 
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P  # nucleus: sample among the most likely tokens holding this mass
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS  # answer length cap, stop token included
+
+class SamplingParams(BaseModel):
+    """How to pick tokens: the one type from the wire (websocket `params`, the OpenAI API's
+    fields) through the turn logic to the engines. Unset fields take the server's defaults
+    (chat.resolve_params) or, given straight to an engine, the model's (DEFAULT_*). Types are
+    strict (JSON "4" or true is not a number) and values finite; `checked` adds the limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Softmax temperature; 0 (and anything under GREEDY_EPS) is greedy decoding. Unset: the
+    # default (SmolLM2: 0.2).
+    temperature: float | None = Field(None, ge=0, strict=True, allow_inf_nan=False)
+    # Nucleus sampling: sample among the likeliest tokens holding this mass, in (0, 1]. Unset:
+    # the default (SmolLM2: 0.9).
+    top_p: float | None = Field(None, gt=0, le=1, strict=True, allow_inf_nan=False)
+    # Longest answer, in tokens, the stop token included. Unset: the default (256).
+    max_new_tokens: int | None = Field(None, gt=0, strict=True)
+
+    def with_defaults(self, temperature: float, top_p: float, max_new_tokens: int) -> SamplingParams:
+        """These params with every unset field given the value here."""
+        return self.model_copy(update={
+            "temperature": temperature if self.temperature is None else self.temperature,
+            "top_p": top_p if self.top_p is None else self.top_p,
+            "max_new_tokens": max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
+        })
 
     def checked(self, limits: SamplingLimits = SamplingLimits()) -> SamplingParams:
-        """These params, or InvalidSamplingParams naming the first one out of bounds."""
-        if not (math.isfinite(self.temperature) and 0 <= self.temperature <= limits.max_temperature):
+        """These params with the model's defaults for unset fields, within `limits`, and what
+        the engine computes: a temperature or top_p under GREEDY_EPS becomes temperature 0.
+        InvalidSamplingParams names the first one out of bounds."""
+        p = self.with_defaults(DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW_TOKENS)
+        if not (math.isfinite(p.temperature) and 0 <= p.temperature <= limits.max_temperature):
             raise InvalidSamplingParams(
-                f"temperature must be between 0 (greedy) and {limits.max_temperature}, not {self.temperature}"
+                f"temperature must be between 0 (greedy) and {limits.max_temperature}, not {p.temperature}"
             )
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise InvalidSamplingParams(f"top_p must be in (0, 1], not {self.top_p}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise InvalidSamplingParams(f"max_new_tokens must be an integer, not {self.max_new_tokens!r}")
-        if not 1 <= self.max_new_tokens <= limits.max_new_tokens:
+        if not (math.isfinite(p.top_p) and 0 < p.top_p <= 1):
+            raise InvalidSamplingParams(f"top_p must be in (0, 1], not {p.top_p}")
+        if isinstance(p.max_new_tokens, bool) or not isinstance(p.max_new_tokens, int):
+            raise InvalidSamplingParams(f"max_new_tokens must be an integer, not {p.max_new_tokens!r}")
+        if not 1 <= p.max_new_tokens <= limits.max_new_tokens:
             raise InvalidSamplingParams(
-                f"max_new_tokens must be between 1 and {limits.max_new_tokens}, not {self.max_new_tokens}"
+                f"max_new_tokens must be between 1 and {limits.max_new_tokens}, not {p.max_new_tokens}"
             )
-        return self
+        if 0 < p.temperature < GREEDY_EPS or p.top_p < GREEDY_EPS:
+            p = p.model_copy(update={"temperature": 0.0})
+        return p
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int  # generated tokens, the stop token included
+class Usage(BaseModel):
+    """Token counts of one answer (the `usage` of `done` frames and API responses)."""
 
+    model_config = ConfigDict(frozen=True)
+
+    # Tokens in the prompt the model saw (after truncation).
+    prompt_tokens: int
+    # Tokens generated, the stop token included.
+    completion_tokens: int
+
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens

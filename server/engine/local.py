@@ -512,7 +512,9 @@ class LocalEngine(VersionedEngine):
                 self._decode(batch)
             if not batch.active and batch.cache.oversized:
                 batch.cache.release()
-        except Exception as error:  # e.g. out of memory: fail this batch, keep serving
+        except Exception as error:  # e.g. out of memory in a forward: fail this batch, keep serving
+            # (A forward runs every row at once and has already written the KV cache of some
+            # layers: no row can be kept. Per-row failures are caught in _sample/_accept_token.)
             log.exception("generation failed on version %s", batch.name)
             for sequence in [*batch.prefilling, *batch.decoding]:
                 self._remove(sequence)
@@ -570,12 +572,7 @@ class LocalEngine(VersionedEngine):
                 done.append(i)
         if not done:
             return
-        tokens = sample_tokens(
-            logits[done],
-            [group[i].temperature for i in done],
-            [group[i].top_p for i in done],
-            self._generator,
-        )
+        tokens = self._sample(logits[done], [group[i] for i in done])
         for i, token in zip(done, tokens):
             sequence = group[i]
             batch.prefilling.remove(sequence)
@@ -597,9 +594,7 @@ class LocalEngine(VersionedEngine):
         logits = self._forward(batch, input_ids, positions[:, None], mask[:, None, None], step_cache)
         with self._stats_lock:
             self._stats.decode_batch_sizes[n] += 1
-        tokens = sample_tokens(
-            logits, [s.temperature for s in decoding], [s.top_p for s in decoding], self._generator
-        )
+        tokens = self._sample(logits, decoding)
         finished = []
         for sequence, token in zip(list(decoding), tokens):
             sequence.cached += 1
@@ -611,8 +606,46 @@ class LocalEngine(VersionedEngine):
     def _forward(self, batch: _Batch, input_ids, positions, mask, step_cache) -> torch.Tensor:
         return batch.runner.forward(input_ids, positions, mask, step_cache)
 
-    def _accept_token(self, batch: _Batch, sequence: _Sequence, token: int) -> bool:
-        """Record a generated token and stream its text; False when the sequence is finished."""
+    def _sample(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int | None]:
+        """The next token of each row, sampled for the whole batch at once. Should that fail,
+        each row is sampled alone, so the row at fault gets None (its sequence then ends with
+        an error, in _accept_token) and every other row its token: one request's parameters
+        can never fail the batch."""
+        try:
+            return self._sample_rows(logits, sequences)
+        except Exception:  # noqa: BLE001 - find the rows at fault; the others go on
+            log.warning("sampling the batch failed: sampling its %d rows one by one", len(sequences),
+                        exc_info=True)
+        tokens: list[int | None] = []
+        for i, sequence in enumerate(sequences):
+            try:
+                tokens.extend(self._sample_rows(logits[i : i + 1], [sequence]))
+            except Exception:  # noqa: BLE001 - this row's failure ends this row
+                log.exception("sampling failed for request %s (temperature %r, top_p %r)",
+                              sequence.request_id, sequence.temperature, sequence.top_p)
+                tokens.append(None)
+        return tokens
+
+    def _sample_rows(self, logits: torch.Tensor, sequences: list[_Sequence]) -> list[int]:
+        return sample_tokens(
+            logits, [s.temperature for s in sequences], [s.top_p for s in sequences], self._generator
+        )
+
+    def _accept_token(self, batch: _Batch, sequence: _Sequence, token: int | None) -> bool:
+        """Record a generated token and stream its text; False when the sequence is finished.
+        A row whose token could not be picked (None), or whose text cannot be decoded, ends
+        here with an error, alone."""
+        if token is None:
+            self._finish(sequence, "error", error="no next token could be sampled for this request")
+            return False
+        try:
+            return self._take_token(batch, sequence, token)
+        except Exception:  # noqa: BLE001 - e.g. the detokenizer: fail this row, not the batch
+            log.exception("request %s failed on token %d", sequence.request_id, token)
+            self._finish(sequence, "error", error="this request's answer could not be decoded")
+            return False
+
+    def _take_token(self, batch: _Batch, sequence: _Sequence, token: int) -> bool:
         sequence.generated.append(token)
         with self._stats_lock:
             self._stats.generated_tokens += 1

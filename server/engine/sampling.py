@@ -53,7 +53,10 @@ def _nucleus_sample(probs: torch.Tensor, top_p: torch.Tensor, generator) -> torc
 def _sample_sorted(sorted_probs, sorted_ids, top_p, generator) -> torch.Tensor:
     # Keep a token while the mass before it is under top_p: the token that crosses the
     # threshold is kept, and the most likely token always is.
+    # (Explicitly: a top_p that rounds to 0 in float32 would otherwise keep nothing.)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    weights = sorted_probs * (mass_before < top_p[:, None])
+    keep = mass_before < top_p[:, None]
+    keep[:, 0] = True
+    weights = sorted_probs * keep
     pick = torch.multinomial(weights, 1, generator=generator)
     return sorted_ids.gather(-1, pick).squeeze(-1)

@@ -10,7 +10,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from feedback import store
 from server.chat import Answer, Chat
-from server.engine.base import FinalEvent, TokenEvent, Usage
+from server.engine.base import FinalEvent, SamplingParams, TokenEvent, Usage
 from server.quotas import Quotas
 from server_testkit import make_settings
 
@@ -30,7 +30,7 @@ class ScriptedRequest:
             if self.cancelled:
                 break
             yield TokenEvent(piece, i)
-        yield FinalEvent("cancelled" if self.cancelled else "stop", Usage(3, len(self.pieces)))
+        yield FinalEvent("cancelled" if self.cancelled else "stop", Usage(prompt_tokens=3, completion_tokens=len(self.pieces)))
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -50,7 +50,7 @@ async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, t
         request = ScriptedRequest(["word " * 7] * 10)  # 350 characters
         released = []
         answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
-                        message_id=uuid.uuid4(), params={}, prompt=SimpleNamespace(n_tokens=3), request=request,
+                        message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3), request=request,
                         release=lambda: released.append(True))
         pieces = [piece async for piece in answer.stream()]
 

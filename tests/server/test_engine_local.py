@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from support.tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 
 from deploy.policy import load_base_policy, save_checkpoint
@@ -23,7 +24,7 @@ from server.engine.base import (
     VersionInUse,
 )
 from server.engine.detokenizer import IncrementalDetokenizer
-from server.engine.local import LocalEngineConfig, start_local_engine
+from server.engine.local import LocalEngine, LocalEngineConfig, start_local_engine
 from server.engine.sampling import sample_tokens
 from server.prompt import Prompt, build_prompt
 
@@ -184,13 +185,13 @@ async def test_stops_at_end_of_turn_without_emitting_it(tiny_model_dir, monkeypa
 
 async def test_sampling_params_are_bounded(tiny_engine):  # noqa: F811
     prompt = chat_prompt(tiny_engine.tokenizer, "Hello")
-    for bad in (
-        SamplingParams(temperature=-0.1),
-        SamplingParams(temperature=50.0),
-        SamplingParams(top_p=0.0),
-        SamplingParams(max_new_tokens=0),
-        SamplingParams(max_new_tokens=10**6),
-    ):
+    # Values no engine can use are not even params (the one type, from the wire on, refuses them).
+    for bad in (dict(temperature=-0.1), dict(top_p=0.0), dict(max_new_tokens=0), dict(temperature=float("nan")),
+                dict(top_p=1.5), dict(max_new_tokens="4"), dict(max_new_tokens=True)):
+        with pytest.raises(ValidationError):
+            SamplingParams(**bad)
+    # Values over the engine's limits are refused at submit.
+    for bad in (SamplingParams(temperature=50.0), SamplingParams(max_new_tokens=10**6)):
         with pytest.raises(InvalidSamplingParams):
             tiny_engine.submit(prompt, bad)
     with pytest.raises(UnknownModelVersion):
@@ -474,3 +475,57 @@ async def test_an_adapter_that_does_not_fit_is_refused(tiny_engine, tmp_path):  
     assert "misfit" not in tiny_engine.versions()
     _, final = await tiny_engine.submit(chat_prompt(tiny_engine.tokenizer, "Still there?"), GREEDY).collect()
     assert final.finish_reason == "length"
+
+
+# -- isolation: one request's failure is that request's alone ------------------------------------
+
+
+async def test_tiny_temperature_or_top_p_decodes_greedily_beside_others(tiny_engine):  # noqa: F811
+    """Each of these passed validation once and underflowed in float32 inside the batch's
+    sampler (`torch.multinomial` raised), failing every sequence of the batch."""
+    prompt = chat_prompt(tiny_engine.tokenizer, "Hello")
+    bystanders = [tiny_engine.submit(prompt, SamplingParams(temperature=t, top_p=0.9, max_new_tokens=40))
+                  for t in (0, 0.7, 1.0)]
+    poisons = [dict(temperature=1e-300), dict(top_p=1e-300), dict(temperature=5e-324), dict(temperature=1e-40)]
+    poisoned = [tiny_engine.submit(prompt, SamplingParams(max_new_tokens=40, **p)) for p in poisons]
+    assert all(g.params.greedy for g in poisoned), "what the engine computes is greedy"
+    results = await asyncio.gather(*(g.collect() for g in bystanders + poisoned))
+    assert [final.finish_reason for _, final in results] == ["length"] * 7, [f for _, f in results]
+    greedy, _ = await tiny_engine.submit(prompt, SamplingParams(temperature=0, max_new_tokens=40)).collect()
+    assert all(text == greedy for text, _ in results[3:])
+
+
+class _RowFaults(LocalEngine):
+    """The real engine, with a fault injected where a poisoned sequence's tokens are sampled
+    after its first (so it fails mid-decode, in a batch with others): what any per-request
+    failure (a bug, a value that slipped through validation) looks like."""
+
+    poisoned: set[str] = set()
+
+    def _sample_rows(self, logits, sequences):
+        if any(s.request_id in self.poisoned and s.generated for s in sequences):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        return super()._sample_rows(logits, sequences)
+
+
+async def test_a_failing_row_ends_alone_and_the_batch_goes_on(tiny_model_dir):  # noqa: F811
+    engine = _RowFaults(LocalEngineConfig(max_batch_size=8, seed=0))
+    await engine.start()
+    try:
+        await engine.load_base(tiny_model_dir)
+        prompt = chat_prompt(engine.tokenizer, "Hello")
+        bystanders = [engine.submit(prompt, SamplingParams(temperature=t, top_p=0.9, max_new_tokens=60))
+                      for t in (0, 0.7, 1.0)]
+        engine.poisoned = {"poisoned"}
+        poisoned = engine.submit(prompt, SamplingParams(temperature=0.5, max_new_tokens=60), request_id="poisoned")
+        results = await asyncio.gather(*(g.collect() for g in bystanders))
+        text, final = await poisoned.collect()
+        assert [f.finish_reason for _, f in results] == ["length"] * 3
+        assert all(f.usage.completion_tokens == 60 for _, f in results)
+        assert final.finish_reason == "error" and final.usage.completion_tokens == 1
+        assert "tensor" not in final.error and "sampled" in final.error, final.error
+        # The engine keeps serving, the poisoned request's row free again.
+        _, after = await engine.submit(prompt, GREEDY).collect()
+        assert after.finish_reason == "length" and engine.stats().active == 0
+    finally:
+        await engine.close()
