@@ -760,12 +760,13 @@ async def record_demonstration(
             "only an answer takes a demonstration; a question you asked is edited as a new "
             "branch (edit_question; the websocket 'edit' frame does this and answers it)",
         )
-        cur = await conn.execute(
-            """INSERT INTO comparisons (message_id, other_id, user_id, verdict)
-               VALUES (%s, %s, %s, 'better') RETURNING id""",
-            (edit.id, original.id, user.id),
-        )
-        row = await cur.fetchone()
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(
+                """INSERT INTO comparisons (message_id, other_id, user_id, verdict)
+                   VALUES (%s, %s, %s, 'better') RETURNING id""",
+                (edit.id, original.id, user.id),
+            )
+            row = await cur.fetchone()
     assert row is not None
     return Demonstration(edit, original, row[0])
 
