@@ -22,7 +22,7 @@ async def message_row(db, message_id) -> dict:
     return found[0]
 
 
-async def check_demonstration(db, edit_id, original_id, user_hash_token) -> None:
+async def check_demonstration(db, edit_id, original_id) -> None:
     """The rows a demonstration leaves: the sibling written by the user, and its comparison."""
     edit, original = await message_row(db, edit_id), await message_row(db, original_id)
     user = (await rows(db, "SELECT u.id FROM users u JOIN conversations c ON c.user_id = u.id WHERE c.id = %s",
@@ -42,7 +42,7 @@ async def test_editing_an_answer_over_the_websocket_stores_a_demonstration(base_
         ack = await ws.expect("ack")
         assert ack["of"] == "edit"
         edit_id = ack["id"]
-        await check_demonstration(db, edit_id, answer_id, token)
+        await check_demonstration(db, edit_id, answer_id)
 
         # The conversation continues from the edited answer, with it as context.
         follow = await ws.chat("Yes, last year.", conversation_id=first["started"]["conversation_id"],
@@ -100,7 +100,7 @@ async def test_editing_an_answer_over_http_returns_the_new_message(base_url, tok
     body = response.json()
     assert body["content"] == "Blue." and body["role"] == "assistant"
     assert body["written_by"] == "user" and body["edited_from"] == answer_id
-    await check_demonstration(db, body["id"], answer_id, token)
+    await check_demonstration(db, body["id"], answer_id)
 
 
 async def _world(base_url, token) -> dict:
