@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/loop.py --preference concise              # 5 rounds, about an hour
     .venv/bin/python bench/loop.py --preference simple --noise 0.3
+    .venv/bin/python bench/loop.py --preference question --edits 0.25  # users also edit answers
     make demo                                                        # --quick: 2 short rounds
 
 It starts the real system on a scratch database (DATABASE_URL's server, or a private embedded
@@ -13,7 +14,10 @@ candidate and promotes it; the server hears the NOTIFY and hot-swaps the adapter
 Each "day", `--users` simulated users chat over the websocket protocol: a new conversation per
 prompt from the training side of bench/data/everyday_prompts.txt, a thumb on the answer, then a
 regenerate and a compare of the two answers (and a thumb on the second), each vote by a hidden
-preference (bench/preferences.py), `--noise` of them random. Then the script waits for the round
+preference (bench/preferences.py), `--noise` of them random. With `--edits SHARE`, on that share
+of conversations the user first edits the answer into the one the preference wants (a
+demonstration: the round fine-tunes on it before PPO), then votes as before. Then the script
+waits for the round
 and the swap, and measures the serving policy on the held-out prompts (never chatted during a
 day; asked greedily, in conversations opted out of training):
 
@@ -175,6 +179,9 @@ class Session:
     async def compare(self, message_id: str, other_id: str, verdict: str) -> None:
         await self._acked({"type": "compare", "message_id": message_id, "other_id": other_id, "verdict": verdict})
 
+    async def edit(self, message_id: str, content: str) -> None:
+        await self._acked({"type": "edit", "message_id": message_id, "content": content})
+
 
 async def run_users(ws_url: str, tokens: list[str], prompts: list[str], work) -> list:
     """`work(session, prompt)` for every prompt, spread over one session per user token."""
@@ -198,13 +205,19 @@ async def run_users(ws_url: str, tokens: list[str], prompts: list[str], work) ->
 
 async def chat_day(ws_url: str, tokens: list[str], prompts: list[str], users: list[SimulatedUser],
                    params: dict, progress) -> dict:
-    """Each prompt: ask, thumb, regenerate, compare, thumb. Returns the day's vote counts."""
-    counts = {"conversations": 0, "thumbs_up": 0, "thumbs_down": 0, "better": 0, "worse": 0, "same": 0}
+    """Each prompt: ask, (on the user's edit share: edit the answer into the one wanted), thumb,
+    regenerate, compare, thumb. Returns the day's vote and edit counts."""
+    counts = {"conversations": 0, "thumbs_up": 0, "thumbs_down": 0, "better": 0, "worse": 0, "same": 0,
+              "edits": 0}
     by_token = dict(zip(tokens, users))
 
     async def converse(session: Session, prompt: str) -> None:
         judge = by_token[session.token]
         first = await session.ask(prompt, params)
+        wanted = judge.edit(first.text, prompt)
+        if wanted is not None:
+            await session.edit(first.message_id, wanted)
+            counts["edits"] += 1
         second = await session.regenerate(first.message_id, params)
         for answer in (first, second):
             rating = judge.thumb(answer.text)
@@ -358,6 +371,7 @@ def run_summary(row: dict) -> dict:
         "promoted": (metrics.get("promotion") or {}).get("promoted", False),
         "gate_kl": gate.get("kl"), "gate_win_rate": gate.get("win_rate"),
         "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
+        "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations (None: none ran)
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "counts": row["counts"],
     }
@@ -372,6 +386,7 @@ class Report:
     preference: str
     description: str
     noise: float
+    edits: float  # share of conversations whose first answer the user edited (a demonstration)
     profile: str
     settings: dict
     machine: dict
@@ -413,8 +428,9 @@ def plot(report: Report, path: Path) -> None:
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_xticks(rounds)
-    fig.suptitle(f"Flywheel loop: hidden preference '{report.preference}', {report.noise:.0%} random votes "
-                 f"({report.prompts['held_out']} held-out prompts, SmolLM2-135M)")
+    fig.suptitle(f"Flywheel loop: hidden preference '{report.preference}', {report.noise:.0%} random votes"
+                 + (f", {report.edits:.0%} of answers edited " if report.edits else " ")
+                 + f"({report.prompts['held_out']} held-out prompts, SmolLM2-135M)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -424,7 +440,8 @@ def print_table(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"'{report.preference}' with {report.noise:.0%} random votes")
+    edited = f", {report.edits:.0%} of answers edited" if report.edits else ""
+    table = Table(title=f"'{report.preference}' with {report.noise:.0%} random votes{edited}")
     for column in ("round", "serving", "min", "score", "thumbs up", "win vs 0", "KL", "words", "EOS", "the round"):
         table.add_column(column, justify="left" if column == "serving" else "right")
     for r in report.rounds:
@@ -459,7 +476,8 @@ async def run(args) -> Report:
     rng = random.Random(args.seed)
     rng.shuffle(training)
     model_dir = resolve_base_model(args.model, Path(args.data_dir))
-    out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}")
+    edits_tag = f"-edits{round(args.edits * 100)}" if args.edits else ""
+    out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}{edits_tag}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-loop-"))
     config_overrides = {section: dict(fields) for section, fields in profile["config"].items()}
     for section, fields in json.loads(args.round_config or "{}").items():
@@ -467,7 +485,7 @@ async def run(args) -> Report:
     kl_bound = config_overrides.get("gate", {}).get("max_kl", GateConfig().max_kl)
     report = Report(
         when=datetime.now(UTC).isoformat(timespec="seconds"), preference=preference.name,
-        description=preference.description, noise=args.noise, profile=args.profile,
+        description=preference.description, noise=args.noise, edits=args.edits, profile=args.profile,
         settings={**{k: v for k, v in vars(args).items()}, "days": days, "conversations": conversations,
                   "max_new_tokens": max_new_tokens, "retrain": profile["retrain"], "config": config_overrides,
                   "user_sampling": USER_SAMPLING},
@@ -490,7 +508,7 @@ async def run(args) -> Report:
     }
     report.settings["round_config"] = effective_round_config(retrain_env, model_dir)
     say(f"work directory {workdir}; preference '{preference.name}' ({preference.description}), "
-        f"noise {args.noise:.0%}; {len(training)} training prompts, {len(held_out)} held out")
+        f"noise {args.noise:.0%}, edits {args.edits:.0%}; {len(training)} training prompts, {len(held_out)} held out")
     with scratch_database(admin_url(args.database_url, workdir), "flywheel_bench_loop") as url:
         common = {"DATABASE_URL": url, "MODEL": str(model_dir), "DATA_DIR": str(workdir / "data"),
                   "LOG_LEVEL": "INFO"}
@@ -503,7 +521,8 @@ async def run(args) -> Report:
         base_url = f"http://127.0.0.1:{port}"
         ws_url = base_url.replace("http://", "ws://") + "/ws"
         tokens = [f"loop-user-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
-        users = [SimulatedUser(preference, args.noise, random.Random(args.seed * 1000 + i)) for i in range(args.users)]
+        users = [SimulatedUser(preference, args.noise, random.Random(args.seed * 1000 + i), edits=args.edits)
+                 for i in range(args.users)]
         chat_params = {**USER_SAMPLING, "max_new_tokens": max_new_tokens}
         measure_params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
         try:
@@ -575,6 +594,9 @@ def parse_args(argv=None):
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default="concise",
                         help="the simulated users' hidden preference")
     parser.add_argument("--noise", type=float, default=0.0, help="share of random votes (0..1)")
+    parser.add_argument("--edits", type=float, default=0.0, metavar="SHARE",
+                        help="share of conversations in which the user first edits the answer into "
+                             "the one the preference wants (a demonstration), 0..1")
     parser.add_argument("--quick", dest="profile", action="store_const", const="quick", default="full",
                         help="2 short rounds on small budgets: shows the loop working, not learning much")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (days) to run (default: the profile's)")
@@ -601,6 +623,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not 0.0 <= args.noise <= 1.0:
         parser.error(f"--noise is a share of votes between 0 and 1, not {args.noise}")
+    if not 0.0 <= args.edits <= 1.0:
+        parser.error(f"--edits is a share of conversations between 0 and 1, not {args.edits}")
     return args
 
 

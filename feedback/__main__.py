@@ -1,4 +1,4 @@
-"""`python -m feedback migrate | export --out FILE | add-user`: the store's command line.
+"""`python -m feedback migrate | export [--sft] --out FILE | add-user`: the store's command line.
 
 Reads the same environment as every Flywheel command (DATA_DIR, DATABASE_URL; see the README).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 
 from .db import database_url
-from .export import export_preferences
+from .export import export_demonstrations, export_preferences
 from .migrate import migrate
 from .settings import StoreSettings
 from .store import hash_token
@@ -32,6 +32,11 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.sft:
+        with psycopg.connect(database_url(StoreSettings())) as conn:
+            sft = export_demonstrations(conn, args.out, with_ids=args.with_ids)
+        print(f"wrote {sft.demonstrations} demonstrations to {args.out}")
+        return 0
     with psycopg.connect(database_url(StoreSettings())) as conn:
         counts = export_preferences(conn, args.out, with_ids=args.with_ids)
     print(
@@ -71,13 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_cmd = commands.add_parser(
         "export",
-        help="write preference pairs as JSONL in TRL's conversational format",
+        help="write preference pairs (or, with --sft, demonstrations) as JSONL in TRL's "
+        "conversational formats",
         description="Write every preference pair (direct comparisons and opposite thumbs among "
         "sibling answers, from conversations that allow data use) as JSONL lines "
-        '{"prompt": [...], "chosen": [...], "rejected": [...]}.',
+        '{"prompt": [...], "chosen": [...], "rejected": [...]}; with --sft, every '
+        "demonstration (an answer a user edited into the one they wanted) as "
+        '{"messages": [context ..., the demonstrated answer]}, for TRL\'s SFTTrainer.',
     )
     export_cmd.add_argument(
         "--out", type=Path, required=True, metavar="FILE", help="JSONL file to write (replaced)"
+    )
+    export_cmd.add_argument(
+        "--sft",
+        action="store_true",
+        help="write demonstrations in TRL's conversational SFT format instead of pairs",
     )
     export_cmd.add_argument(
         "--with-ids",

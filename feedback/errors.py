@@ -157,3 +157,35 @@ class AlreadyExists(StoreError):
 
     def __init__(self, kind: str, id: UUID) -> None:
         super().__init__(f"a {kind} with id {id} already exists: use a fresh id or none")
+
+
+class WrongRole(InvalidInput):
+    """An edit sent down the path of the other role: an answer's edit is a demonstration, a
+    question's edit is a new branch (and system prompts are not edited)."""
+
+    code = "wrong_role"
+
+    def __init__(self, message_id: UUID, role: str, expected: str, how: str) -> None:
+        super().__init__(
+            f"message {message_id} is a {role} message, not a{'n' if expected[0] in 'aeiou' else ''} "
+            f"{expected} message: {how}"
+        )
+        self.role = role
+        self.expected = expected
+
+
+class EmptyContent(InvalidInput):
+    code = "empty_content"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{field} is empty (or only whitespace): send the text you want instead")
+
+
+class UnchangedEdit(InvalidInput):
+    code = "unchanged_edit"
+
+    def __init__(self, message_id: UUID) -> None:
+        super().__init__(
+            f"the edit of message {message_id} is the same text as the message: change it, or "
+            "rate the message with a thumb instead"
+        )

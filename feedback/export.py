@@ -1,9 +1,14 @@
-"""Preference pairs as JSONL in TRL's conversational preference format.
+"""Preference pairs as JSONL in TRL's conversational preference format, and demonstrations in
+its conversational SFT format.
 
 One line per pair: {"prompt": [{"role", "content"}, ...], "chosen": [{"role": "assistant",
 "content": ...}], "rejected": [...]}, which `datasets.load_dataset("json", ...)` loads and TRL's
 DPO / reward trainers accept. Pairs come from direct comparisons and from opposite thumbs among
 sibling answers (see training_data for the rules); a pair present in both is written once.
+
+Demonstrations (answers users edited into the ones they wanted): one line each,
+{"messages": [the context path, root first ..., {"role": "assistant", "content": the
+demonstrated answer}]}, which TRL's SFTTrainer trains on unchanged.
 """
 
 from __future__ import annotations
@@ -112,4 +117,40 @@ def export_preferences(
         "%d duplicates skipped)",
         counts.written, out, counts.comparison_pairs, counts.thumb_pairs, counts.duplicates,
     )
+    return counts
+
+
+@dataclass
+class SftExportCounts:
+    demonstrations: int = 0  # lines written
+
+
+def export_demonstrations(
+    conn: psycopg.Connection, out: Path, *, with_ids: bool = False
+) -> SftExportCounts:
+    """Write every usable demonstration to `out` (replaced atomically); returns the counts.
+
+    The store's reader already keeps each (prompt, answer) text once and reads only
+    conversations that allow data use."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    counts = SftExportCounts()
+    with partial.open("w", encoding="utf-8") as file:
+        for demo in tqdm(training_data.demonstrations(conn), desc="export", unit=" demos", disable=None):
+            record: dict[str, Any] = {
+                "messages": [{"role": t["role"], "content": t["content"]} for t in demo.prompt]
+                + [{"role": "assistant", "content": demo.answer.content}]
+            }
+            if with_ids:  # provenance, as for pairs
+                record |= {
+                    "source": "demonstration",
+                    "message_id": str(demo.answer.id),
+                    "edited_from": None if demo.edited_from is None else str(demo.edited_from),
+                    "prompt_ids": [str(i) for i in demo.prompt_ids],
+                }
+            file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            counts.demonstrations += 1
+    os.replace(partial, out)
+    log.info("exported %d demonstrations to %s", counts.demonstrations, out)
     return counts

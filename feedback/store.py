@@ -28,6 +28,7 @@ from psycopg.types.json import Jsonb
 
 from .errors import (
     AlreadyExists,
+    EmptyContent,
     InvalidId,
     InvalidInput,
     InvalidRating,
@@ -38,7 +39,9 @@ from .errors import (
     NotSibling,
     SelfComparison,
     TooLong,
+    UnchangedEdit,
     WrongConversation,
+    WrongRole,
 )
 from .settings import StoreSettings
 
@@ -84,6 +87,10 @@ class Message:
     finish_reason: str | None  # one of FINISH_REASONS
     params: dict[str, Any]  # sampling parameters used (temperature, top_p, max_new_tokens)
     created_at: datetime
+    # An edit's author (a demonstration, or an edited question); None: written the ordinary
+    # way (the conversation's user for a user turn, model_version's policy for an answer).
+    author_id: int | None
+    edited_from: UUID | None  # the sibling this message was edited from (None: not an edit)
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class ConversationTree:
 
 _MESSAGE_FIELDS = (
     "id conversation_id parent_id role content model_version prompt_tokens completion_tokens "
-    "finish_reason params created_at"
+    "finish_reason params created_at author_id edited_from"
 ).split()
 _CONVERSATION_FIELDS = "id user_id title allow_data_use created_at updated_at".split()
 
@@ -728,3 +735,103 @@ async def record_comparison(
         row = await cur.fetchone()
     assert row is not None
     return row[0]
+
+
+# -- edits: demonstrations and edited questions -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    message: Message  # the edited answer: a sibling of `original` written by the user
+    original: Message  # the answer it was edited from (kept, unchanged)
+    comparison_id: int  # comparisons.id of "message is better than original", by that user
+
+
+def _check_edit(
+    message_id: object, content: object, settings: StoreSettings | None
+) -> tuple[UUID, str]:
+    """The input checks both kinds of edit share, before any SQL."""
+    message_id = parse_id(message_id, "message_id")
+    limits = settings or _default_settings()
+    content = _check_text(content, "content", limits.max_message_chars, "max_message_chars")
+    if not content.strip():
+        raise EmptyContent("content")
+    return message_id, content
+
+
+async def _edit(
+    conn: psycopg.AsyncConnection, user: User, message_id: UUID, content: str, role: str, how: str
+) -> tuple[Message, Message]:
+    """(original, edit): the sibling written by the user, after the checks that need the
+    original. Runs inside the caller's transaction (a refusal here rolls it back)."""
+    original = await _owned_message(conn, user, message_id)
+    if original.role != role:
+        raise WrongRole(message_id, original.role, role, how)
+    if content == original.content:
+        raise UnchangedEdit(message_id)
+    await conn.execute(
+        "UPDATE conversations SET updated_at = now() WHERE id = %s", (original.conversation_id,)
+    )
+    edit = await _one(
+        conn,
+        Message,
+        f"""INSERT INTO messages AS m (conversation_id, parent_id, role, content, author_id,
+                                       edited_from)
+            VALUES (%s, %s, %s, %s, %s, %s) RETURNING {M}""",
+        (original.conversation_id, original.parent_id, role, content, user.id, original.id),
+    )
+    assert edit is not None
+    return original, edit
+
+
+async def record_demonstration(
+    conn: psycopg.AsyncConnection,
+    user: User,
+    message_id: UUID | str,
+    content: str,
+    *,
+    settings: StoreSettings | None = None,
+) -> Demonstration:
+    """The user rewrote answer `message_id` into `content`, the answer they wanted.
+
+    Stored as a sibling assistant message written by the user (author_id, edited_from; no
+    model_version: no policy wrote it), and as the comparison "the edit is better than the
+    original" by the user, in one transaction. The conversation continues from the edit like
+    from any answer."""
+    message_id, content = _check_edit(message_id, content, settings)
+    async with conn.transaction():
+        original, edit = await _edit(
+            conn, user, message_id, content, "assistant",
+            "only an answer takes a demonstration; a question you asked is edited as a new "
+            "branch (edit_question; the websocket 'edit' frame does this and answers it)",
+        )
+        async with conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(
+                """INSERT INTO comparisons (message_id, other_id, user_id, verdict)
+                   VALUES (%s, %s, %s, 'better') RETURNING id""",
+                (edit.id, original.id, user.id),
+            )
+            row = await cur.fetchone()
+    assert row is not None
+    return Demonstration(edit, original, row[0])
+
+
+async def edit_question(
+    conn: psycopg.AsyncConnection,
+    user: User,
+    message_id: UUID | str,
+    content: str,
+    *,
+    settings: StoreSettings | None = None,
+) -> Message:
+    """The user rewrote their own question `message_id`: a sibling user message (a new branch;
+    the old one stays reachable). The caller answers it (server/chat.py does, in the same
+    transaction as this write)."""
+    message_id, content = _check_edit(message_id, content, settings)
+    async with conn.transaction():
+        _, edit = await _edit(
+            conn, user, message_id, content, "user",
+            "an answer is edited as a demonstration (the answer you wanted: "
+            "record_demonstration, or POST /api/messages/{id}/edit)",
+        )
+    return edit

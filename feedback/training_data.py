@@ -1,4 +1,5 @@
-"""Batch reads for retraining: preference groups, thumb pairs, pointwise thumbs, prompts.
+"""Batch reads for retraining: preference groups, thumb pairs, pointwise thumbs, prompts,
+demonstrations.
 
 Synchronous (retraining is a batch job) and streaming: each reader is a generator over a
 server-side cursor, so PostgreSQL does the joins, path walks and deduplication and the client
@@ -243,6 +244,26 @@ FROM contexts ctx JOIN messages m ON m.id = ctx.id
 ORDER BY md5(ctx.turns::text), m.created_at, m.id"""
 
 
+# Demonstrations: answers a user edited into the one they wanted (messages written by a person,
+# author_id set), each with the branch that leads to it. Same (prompt, answer) texts: the
+# earliest is kept.
+_DEMONSTRATIONS = f"""
+WITH RECURSIVE
+demos AS (
+    SELECT m.id, m.parent_id, m.content, m.edited_from, m.author_id, m.created_at
+    FROM messages m JOIN conversations c ON c.id = m.conversation_id
+    WHERE c.allow_data_use AND m.role = 'assistant' AND m.author_id IS NOT NULL
+      AND m.parent_id IS NOT NULL
+),
+targets AS (SELECT DISTINCT parent_id AS id FROM demos),
+{_CONTEXTS}
+SELECT DISTINCT ON (md5(ctx.turns::text), md5(d.content))
+       d.id, d.parent_id AS prompt_id, d.content, d.edited_from, d.author_id, d.created_at,
+       ctx.turns AS prompt, ctx.ids AS prompt_ids
+FROM demos d JOIN contexts ctx ON ctx.id = d.parent_id
+ORDER BY md5(ctx.turns::text), md5(d.content), d.created_at, d.id"""
+
+
 def _stream(conn: psycopg.Connection, query: str, args: Any = None) -> Iterator[dict[str, Any]]:
     """Rows of `query` through a server-side cursor, BATCH_ROWS at a time."""
     # A named cursor lives inside a transaction; on an autocommit connection this opens one.
@@ -315,6 +336,34 @@ def prompts(conn: psycopg.Connection, limit: int | None = None) -> Iterator[Logg
             conversation_id=row["conversation_id"],
             messages=row["messages"],
             message_ids=row["message_ids"],
+            created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """An answer a user wrote (edited from the model's): what the policy should have said."""
+
+    prompt_id: UUID  # the message the demonstration answers
+    prompt: list[ChatTurn]  # root .. prompt message
+    prompt_ids: list[UUID]
+    answer: Answer  # the user's text (model_version None: no policy wrote it)
+    edited_from: UUID | None  # the answer it was edited from (None: that one was deleted)
+    author_id: int  # users.id of the person who wrote it
+    created_at: datetime
+
+
+def demonstrations(conn: psycopg.Connection) -> Iterator[Demonstration]:
+    """Every demonstration in conversations that allow data use, each (prompt, answer) text
+    once, in a fixed order (by a hash of the texts)."""
+    for row in _stream(conn, _DEMONSTRATIONS):
+        yield Demonstration(
+            prompt_id=row["prompt_id"],
+            prompt=row["prompt"],
+            prompt_ids=row["prompt_ids"],
+            answer=Answer(id=row["id"], content=row["content"], model_version=None),
+            edited_from=row["edited_from"],
+            author_id=row["author_id"],
             created_at=row["created_at"],
         )
 

@@ -13,7 +13,9 @@ allow_data_use, drops ties and same-text pairs, and removes duplicates within ea
   from two conversations is one group, its pairs kept once;
 - a `source` on every example naming the rows it came from (`comparison:12`, `ratings:3,4`,
   `prompt:<message id>`), and the message ids of every prompt, so each number is traceable;
-- counts of everything read, kept and set aside.
+- counts of everything read, kept and set aside;
+- the demonstrations (answers users edited into the ones they wanted) on training-side prompts,
+  for the round's SFT stage (retrain/sft.py); those on held-out prompts are never trained on.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from feedback import training_data
-from feedback.training_data import LoggedPrompt
+from feedback.training_data import Demonstration, LoggedPrompt
 
 from .reward_data import ComparisonGroup, PreferencePair, RewardData, ThumbLabel, is_held_out
 
@@ -43,6 +45,7 @@ class RoundData:
     ppo_prompts: list[LoggedPrompt]  # training-side prompts, at most max_ppo_prompts
     gate_prompts: list[LoggedPrompt]  # held-out prompts, at most max_gate_prompts
     counts: dict[str, int] = field(default_factory=dict)
+    demonstrations: list[Demonstration] = field(default_factory=list)  # training-side prompts only
 
     def fingerprint(self) -> str:
         """sha256 over the ids of every row used: two rounds trained on the same rows agree."""
@@ -51,6 +54,7 @@ class RoundData:
             + [t.source for t in self.reward_train.thumbs]
             + [f"prompt:{p.message_id}" for p in self.ppo_prompts]
             + [f"gate:{p.message_id}" for p in self.gate_prompts]
+            + [f"demonstration:{d.answer.id}" for d in self.demonstrations]
         )
         return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
@@ -60,6 +64,7 @@ class RoundData:
             "fingerprint": self.fingerprint(),
             "ppo_prompt_ids": [str(p.message_id) for p in self.ppo_prompts],
             "gate_prompt_ids": [str(p.message_id) for p in self.gate_prompts],
+            "demonstration_ids": [str(d.answer.id) for d in self.demonstrations],
         }
 
 
@@ -160,6 +165,17 @@ def within_budget(data: RewardData, max_examples: int | None, seed: int) -> tupl
     return sample, len(items) - max_examples
 
 
+def read_demonstrations(conn: psycopg.Connection, held_out_percent: float) -> tuple[list[Demonstration], dict[str, int]]:
+    """The store's demonstrations on training-side prompts; held-out ones are only counted."""
+    train, held_out = [], 0
+    for demo in training_data.demonstrations(conn):
+        if is_held_out(demo.prompt, held_out_percent):
+            held_out += 1
+        else:
+            train.append(demo)
+    return train, {"demonstrations": len(train), "held_out_demonstrations": held_out}
+
+
 def read_round_data(
     url: str, *, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int,
     max_reward_examples: int | None = None, seed: int = 0,
@@ -167,9 +183,10 @@ def read_round_data(
     with psycopg.connect(url) as conn:
         everything, counts = read_reward_data(conn)
         ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts)
+        demonstrations, demonstration_counts = read_demonstrations(conn, held_out_percent)
     train, held = split(everything, held_out_percent)
     train, counts["reward_examples_over_budget"] = within_budget(train, max_reward_examples, seed)
-    counts |= prompt_counts
+    counts |= prompt_counts | demonstration_counts
     counts |= {
         "reward_groups": len(train.groups),
         "reward_pairs": train.counts()["pairs"],
@@ -181,7 +198,7 @@ def read_round_data(
         "gate_prompts": len(gate),
     }
     log.info("round data: %s", counts)
-    return RoundData(train, held, ppo, gate, counts)
+    return RoundData(train, held, ppo, gate, counts, demonstrations)
 
 
 def too_little(data: RoundData, min_pairs: int, min_prompts: int, min_gate_prompts: int) -> str | None:

@@ -10,6 +10,8 @@
   3. reward     the reward model refreshed: warm-started from the previous round's
                 (DATA_DIR/reward/), trained on the training side, held-out pairwise accuracy,
                 scores normalised so the serving policy's answers average 0.
+  3b. SFT       the policy adapter imitates the training side's demonstrations (answers users
+                edited into the ones they wanted; retrain/sft.py), when there are any.
   4. PPO        >= 1 iteration on the training-side prompts: the serving adapter keeps
                 training (or a fresh one starts on the base); reference = adapter off.
   5. gate       candidate vs serving on the held-out prompts, both greedy: reward-model win
@@ -72,6 +74,7 @@ from .reward import load_reward_model, read_manifest, train_reward_model
 from .ranks import gather, my_share, share, this_process
 from .runs import Run, recorded_run
 from .settings import RetrainConfig, RetrainSettings
+from .sft import sft_before_ppo
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ STAGES = {
     "gate_serving_answers": "gate",
     "reward_training": "training",
     "load_reward_model": "load",
+    "sft": "training",
     "ppo_setup": "load",
     "ppo_rollouts": "generation",
     "ppo_forward": "training",
@@ -225,6 +229,10 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     run.metrics["reward"] = _reward_summary(reward_metrics, reward_dir)
     with timed("load_reward_model"):
         reward_model = load_reward_model(reward_dir, base_model=str(adapter_base)).to(ranks.device)
+
+    # 3b. SFT on the training side's demonstrations (retrain/sft.py): PPO starts from it; the
+    # reference stays the base (adapter off).
+    policy = sft_before_ppo(run, policy, tokenizer, data.demonstrations, config)
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()

@@ -8,8 +8,8 @@ Two layers, on purpose:
   reward epochs, answer length). Every field is an environment variable of the same name in
   upper case, read the same way by every `python -m ...` command.
 - `RetrainConfig` is everything a round does, as dataclasses with help text: the round's own
-  `RoundConfig`, the reward model's `RewardConfig`, PPO's `PPOConfig` and the gate's
-  `GateConfig`. It is built from the settings and travels, whole, inside every checkpoint's
+  `RoundConfig`, the reward model's `RewardConfig`, the demonstrations' `SFTConfig`, PPO's
+  `PPOConfig` and the gate's `GateConfig`. It is built from the settings and travels, whole, inside every checkpoint's
   manifest, so a candidate says exactly how it was made (nanoGPT's habit).
 
 Any field of the config can be set from a JSON file named by RETRAIN_CONFIG_FILE, e.g.
@@ -32,6 +32,7 @@ from deploy.base_model import ModelSettings
 from .gate import GateConfig
 from .ppo import PPOConfig
 from .reward import RewardConfig
+from .sft import SFTConfig
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RoundConfig:
 class RetrainConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -190,6 +192,15 @@ class RetrainSettings(ModelSettings):
     retrain_reward_max_tokens: int = Field(
         384, ge=16, description="Longest prompt + answer the reward model reads, in tokens."
     )
+    retrain_sft: bool = Field(
+        True, description="Fine-tune the policy on the training side's demonstrations (answers "
+        "users edited into the ones they wanted) before PPO, each round that has any.",
+    )
+    retrain_sft_epochs: int = Field(3, ge=1, description="SFT passes over the round's demonstrations.")
+    retrain_sft_learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate of the adapter during SFT.")
+    retrain_sft_max_demonstrations: int | None = Field(
+        256, ge=1, description="Most demonstrations one round's SFT trains on (the newest; unset: all)."
+    )
     retrain_threads: int | None = Field(
         1, ge=1,
         description="CPU threads torch uses in a round (unset: one per core). 1 by default: a "
@@ -251,6 +262,13 @@ class RetrainSettings(ModelSettings):
                 num_layers=self.retrain_reward_layers,
                 trainable_layers=self.retrain_reward_trainable_layers,
                 log_every=5,
+            ),
+            sft=SFTConfig(
+                enabled=self.retrain_sft,
+                epochs=self.retrain_sft_epochs,
+                learning_rate=self.retrain_sft_learning_rate,
+                max_demonstrations=self.retrain_sft_max_demonstrations,
+                max_tokens=self.retrain_reward_max_tokens,
             ),
             ppo=PPOConfig(
                 num_iterations=self.retrain_ppo_iterations,

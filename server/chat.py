@@ -348,6 +348,36 @@ class Chat:
             raise
         return self._answer(user, question, params, prompt, request, release)
 
+    async def start_edit_question(
+        self, user: User, message_id: UUID, content: str, asked: SamplingParams | None = None
+    ) -> Answer:
+        """Edit the user's own question `message_id` into `content` and answer it (the 'edit'
+        frame on a user message): the edit is a sibling question, a new branch; the old branch
+        stays. The edit is written first inside the turn's transaction (it is the prompt's last
+        turn), so a refusal anywhere later still leaves nothing behind."""
+        engine = self._ready_engine()
+        params = resolve_params(self.settings, asked)
+        self._check_length(content)
+        await self.quotas.hit(user.id)
+        release = self.quotas.take_slot(user.id)
+        request = None
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                question = await store.edit_question(conn, user, message_id, content, settings=self.settings)
+                path = await store.path_to_root(conn, user, question.id)
+                prompt = serving.prompt_for(engine, self.settings, _turns(path), params)
+                assigned = await _assigned_version(conn, question.conversation_id)
+                request = serving.submit(
+                    engine, prompt, params, self._version_for(question.conversation_id, assigned)
+                )
+                await _remember_version(conn, question.conversation_id, assigned, request.model_version)
+        except BaseException:
+            if request is not None:
+                request.cancel()
+            release()
+            raise
+        return self._answer(user, question, params, prompt, request, release)
+
     async def start_from_messages(
         self,
         user: User,
@@ -455,6 +485,34 @@ class Chat:
         if self.metrics:
             self.metrics.feedback.labels("compare").inc()
         return comparison_id
+
+
+    async def demonstrate(self, user: User, message_id: UUID | str, content: str) -> store.Demonstration:
+        """The user rewrote an answer into the one they wanted (see store.record_demonstration)."""
+        await self.quotas.hit(user.id)
+        async with self.pool.connection() as conn:
+            demonstration = await store.record_demonstration(
+                conn, user, message_id, content, settings=self.settings
+            )
+        if self.metrics:
+            self.metrics.feedback.labels("demonstration").inc()
+        return demonstration
+
+    async def edit(
+        self, user: User, message_id: UUID, content: str, asked: SamplingParams | None
+    ) -> store.Demonstration | Answer:
+        """The websocket's 'edit' frame: a demonstration on an answer, a new answered branch on
+        the user's own question (anything else: the store's wrong_role)."""
+        async with self.pool.connection() as conn:
+            original = await store.get_message(conn, user, message_id)
+        if original.role == "user":
+            return await self.start_edit_question(user, message_id, content, asked)
+        if asked is not None:
+            raise InvalidInput(
+                "params apply only to the answer of an edited question: an edited answer is "
+                "stored as written, nothing is generated; drop params"
+            )
+        return await self.demonstrate(user, message_id, content)
 
 
 def api_client_key(user: User) -> str:

@@ -42,7 +42,7 @@ class Metrics:
         )
         self.feedback = Counter(
             "flywheel_feedback",
-            "Feedback stored, by kind (thumb_up, thumb_down, compare).",
+            "Feedback stored, by kind (thumb_up, thumb_down, compare, demonstration).",
             ["kind"],
             registry=self.registry,
         )

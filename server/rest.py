@@ -85,23 +85,27 @@ async def conversation_tree(conversation_id: str, caller: CallerDep, chat: ChatD
         allow_data_use=c.allow_data_use,
         created_at=c.created_at,
         updated_at=c.updated_at,
-        messages=[
-            wire.MessageNode(
-                id=m.id,
-                parent_id=m.parent_id,
-                role=m.role,
-                content=m.content,
-                created_at=m.created_at,
-                model_version=m.model_version,
-                finish_reason=m.finish_reason,
-                prompt_tokens=m.prompt_tokens,
-                completion_tokens=m.completion_tokens,
-                params=m.params,
-                rating=m.rating,
-                rating_reason=m.rating_reason,
-            )
-            for m in tree.messages
-        ],
+        messages=[message_node(m) for m in tree.messages],
+    )
+
+
+def message_node(m: store.Message) -> wire.MessageNode:
+    written_by = "model" if m.role == "assistant" and m.author_id is None else "user"
+    return wire.MessageNode(
+        id=m.id,
+        parent_id=m.parent_id,
+        role=m.role,
+        content=m.content,
+        created_at=m.created_at,
+        model_version=m.model_version,
+        finish_reason=m.finish_reason,
+        prompt_tokens=m.prompt_tokens,
+        completion_tokens=m.completion_tokens,
+        params=m.params,
+        rating=getattr(m, "rating", None),
+        rating_reason=getattr(m, "rating_reason", None),
+        written_by=written_by,
+        edited_from=m.edited_from,
     )
 
 
@@ -139,6 +143,20 @@ async def compare(message_id: str, body: wire.CompareBody, caller: CallerDep, ch
     answer to the same message (a regeneration)."""
     comparison_id = await chat.compare(caller.user, message_id, body.other_id, body.verdict)
     return wire.AckBody(of="compare", id=comparison_id)
+
+
+@router.post(
+    "/api/messages/{message_id}/edit", response_model=wire.MessageNode, status_code=201,
+    responses=ERRORS,
+)
+async def edit(message_id: str, body: wire.EditBody, caller: CallerDep, chat: ChatDep):
+    """Show the answer you wanted: `content` is stored as a sibling of answer `message_id`,
+    written by you (a demonstration retraining fine-tunes on), and as the comparison "the edit
+    is better than the original". Returns the new message; continue the conversation from it
+    like from any answer. A question is edited over the websocket (the `edit` frame), which
+    answers the new branch."""
+    demonstration = await chat.demonstrate(caller.user, message_id, body.content)
+    return message_node(demonstration.message)
 
 
 class SwapInfo(BaseModel):

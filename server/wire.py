@@ -103,6 +103,19 @@ class CompareFrame(_Frame):
     verdict: Literal["better", "worse", "same"]
 
 
+class EditFrame(_Frame):
+    type: Literal["edit"]
+    # An assistant answer: `content` is the answer the user wanted (a demonstration, stored as
+    # a sibling written by the user and as "the edit beats the original"; acked with the new
+    # id). The user's own question: a new branch (a sibling question), answered like a
+    # message frame (started, token..., done).
+    message_id: UUID
+    # The new text (refused when empty, over MAX_MESSAGE_CHARS or unchanged).
+    content: str
+    # Edited question only: sampling parameters for its answer.
+    params: SamplingParams | None = None
+
+
 class CancelFrame(_Frame):
     type: Literal["cancel"]
     # The answer to stop; absent: every generation running on this connection.
@@ -110,11 +123,11 @@ class CancelFrame(_Frame):
 
 
 ClientFrame = Annotated[
-    MessageFrame | RegenerateFrame | FeedbackFrame | CompareFrame | CancelFrame,
+    MessageFrame | RegenerateFrame | FeedbackFrame | CompareFrame | EditFrame | CancelFrame,
     Field(discriminator="type"),
 ]
 client_frame = TypeAdapter(ClientFrame)
-CLIENT_FRAME_TYPES = ("message", "regenerate", "feedback", "compare", "cancel")
+CLIENT_FRAME_TYPES = ("message", "regenerate", "feedback", "compare", "edit", "cancel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,8 +170,8 @@ class DoneFrame(BaseModel):
 class AckFrame(BaseModel):
     type: Literal["ack"] = "ack"
     # Which client frame is acknowledged; sent only after the row is committed.
-    of: Literal["feedback", "compare"]
-    # The stored rating or comparison id.
+    of: Literal["feedback", "compare", "edit"]
+    # The stored rating or comparison id; for an edit, the new message's id.
     id: int | str
 
 
@@ -186,6 +199,12 @@ class CompareBody(_Frame):
     other_id: UUID
     # The message in the path is better / worse / the same as other_id.
     verdict: Literal["better", "worse", "same"]
+
+
+class EditBody(_Frame):
+    # The answer you wanted instead of the one in the path (a demonstration): stored as its
+    # sibling, written by you, and as "this edit is better than the original".
+    content: str
 
 
 class AckBody(BaseModel):
@@ -229,6 +248,12 @@ class MessageNode(BaseModel):
     # The caller's current thumb on it (1 or -1), if any, and its reason.
     rating: int | None = None
     rating_reason: str | None = None
+    # Who wrote the text: "model" (the policy in model_version) or "user" (the conversation's
+    # user or client: user turns, system prompts, and an answer the user edited into the one
+    # they wanted, a demonstration).
+    written_by: Literal["model", "user"] = "model"
+    # An edit (a demonstration, or an edited question): the sibling it was edited from.
+    edited_from: UUID | None = None
 
 
 class ConversationTree(BaseModel):

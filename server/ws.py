@@ -2,7 +2,9 @@
 
 Each client frame is answered in order: a `message` or `regenerate` by `started` (then `token`
 frames and exactly one `done`, streamed by a task of its own so the connection keeps reading),
-a `feedback` or `compare` by `ack` once committed, any bad frame by `error`. A bad frame never
+a `feedback` or `compare` by `ack` once committed, an `edit` of an answer by `ack` with the
+new message's id, an `edit` of one's own question like a `message` (its new branch is
+answered), any bad frame by `error`. A bad frame never
 closes the connection. `cancel` stops the connection's running answers (or the one named by
 `message_id`); each then ends with `done` and finish_reason "cancelled", its partial text
 stored; a cancel with nothing running is ignored (it raced the end of the answer).
@@ -111,6 +113,12 @@ class Session:
                     user, frame.message_id, frame.other_id, frame.verdict
                 )
                 await self.send(wire.AckFrame(of="compare", id=comparison_id))
+            case wire.EditFrame():
+                edited = await self.chat.edit(user, frame.message_id, frame.content, frame.params)
+                if isinstance(edited, Answer):  # an edited question: its branch is answered
+                    await self._start(edited)
+                else:
+                    await self.send(wire.AckFrame(of="edit", id=str(edited.message.id)))
             case wire.CancelFrame():
                 # The engine ends a cancelled request with a final event, so the answer's task
                 # stores it and sends `done` like any other ending.

@@ -1,6 +1,8 @@
 // Flywheel chat page: plain JS, no build step. Talks to /ws (frames of DESIGN.md's contract) and
 // reads conversations from /api. The page shows one path through a conversation's message tree:
-// at every message with siblings (regenerations) "< 2/3 >" picks which branch is shown.
+// at every message with siblings (regenerations, edits) "< 2/3 >" picks which branch is shown.
+// Any answer can be edited into the one the user wanted (a demonstration, stored as a sibling
+// written by them); editing one's own question starts a new branch that is answered.
 "use strict";
 
 // ---- identity -------------------------------------------------------------------------------
@@ -32,6 +34,8 @@ const state = {
   compared: new Map(),    // answer id -> "pending" | verdict
   pendingFeedback: [],    // [{messageId, previous}] awaiting an ack, oldest first
   pendingCompare: [],     // [answerId] awaiting an ack
+  editing: null,          // {messageId, draft} while a message is being edited in place
+  pendingEdits: [],       // [{messageId, content}] answer edits awaiting an ack, oldest first
 };
 
 const $ = (id) => document.getElementById(id);
@@ -111,6 +115,7 @@ function resetConversation(id) {
   state.conversationId = id;
   state.messages.clear(); state.children.clear(); state.selected.clear();
   state.replaced.clear(); state.compared.clear();
+  state.editing = null;
 }
 
 // ---- rendering ----------------------------------------------------------------------------------
@@ -118,6 +123,7 @@ const ICONS = {
   up: '<svg viewBox="0 0 24 24" width="16" height="16" aria-hidden="true"><path fill="none" stroke="currentColor" stroke-width="1.8" stroke-linejoin="round" d="M7 10v10H4V10h3Zm0 0 4-7c1.7 0 2.6 1.1 2.2 2.8L12.6 9H19a2 2 0 0 1 2 2.3l-1.2 7A2 2 0 0 1 17.8 20H7"/></svg>',
   down: '<svg viewBox="0 0 24 24" width="16" height="16" aria-hidden="true"><path fill="none" stroke="currentColor" stroke-width="1.8" stroke-linejoin="round" d="M17 14V4h3v10h-3Zm0 0-4 7c-1.7 0-2.6-1.1-2.2-2.8l.6-3.2H5a2 2 0 0 1-2-2.3l1.2-7A2 2 0 0 1 6.2 4H17"/></svg>',
   regenerate: '<svg viewBox="0 0 24 24" width="16" height="16" aria-hidden="true"><path fill="none" stroke="currentColor" stroke-width="1.8" stroke-linecap="round" stroke-linejoin="round" d="M20 12a8 8 0 1 1-2.3-5.6M20 4v5h-5"/></svg>',
+  edit: '<svg viewBox="0 0 24 24" width="16" height="16" aria-hidden="true"><path fill="none" stroke="currentColor" stroke-width="1.8" stroke-linejoin="round" d="M4 20h4L19 9l-4-4L4 16v4Zm9-13 4 4"/></svg>',
   copy: '<svg viewBox="0 0 24 24" width="16" height="16" aria-hidden="true"><rect x="8" y="8" width="12" height="12" rx="2" fill="none" stroke="currentColor" stroke-width="1.8"/><path d="M16 8V6a2 2 0 0 0-2-2H6a2 2 0 0 0-2 2v8a2 2 0 0 0 2 2h2" fill="none" stroke="currentColor" stroke-width="1.8"/></svg>',
 };
 const NOTES = { length: "Cut off at the length limit.", cancelled: "Stopped.", error: "The model failed while answering." };
@@ -178,19 +184,62 @@ function compareCard(message) {
   return card;
 }
 
+// The in-place editor: the text in a box, Save / Cancel. Enter saves (Shift+Enter: a new line),
+// Escape cancels; the box takes the focus when it opens.
+function editor(message) {
+  const form = el("form", "editor");
+  const box = el("textarea", "edit-input");
+  box.value = state.editing.draft;
+  box.rows = Math.min(12, Math.max(2, box.value.split("\n").length + 1));
+  box.setAttribute("aria-label", message.role === "assistant" ? "Edit the answer into the one you wanted" : "Edit your message");
+  box.addEventListener("input", () => { state.editing.draft = box.value; save.disabled = !box.value.trim(); });
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") { event.preventDefault(); cancelEdit(); }
+    else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) { event.preventDefault(); saveEdit(); }
+  });
+  const save = el("button", "edit-save", message.role === "assistant" ? "Save" : "Save and answer");
+  save.type = "submit";
+  save.disabled = !box.value.trim();
+  const cancel = el("button", "edit-cancel", "Cancel");
+  cancel.type = "button";
+  cancel.addEventListener("click", cancelEdit);
+  form.addEventListener("submit", (event) => { event.preventDefault(); saveEdit(); });
+  const buttons = el("div", "edit-buttons");
+  buttons.append(cancel, save);
+  form.append(box, buttons);
+  requestAnimationFrame(() => { if (document.body.contains(box)) { box.focus(); box.setSelectionRange(box.value.length, box.value.length); } });
+  return form;
+}
+
+function editButton(message) {
+  const label = message.role === "assistant" ? "Edit into the answer you wanted" : "Edit your message";
+  const button = iconButton("edit", label, () => startEdit(message.id), "edit");
+  button.disabled = message.role === "user" && busy();
+  return button;
+}
+
 function renderMessage(message) {
   const row = el("div", `msg ${message.role}`);
   row.dataset.id = message.id;
   if (message.streaming) row.classList.add("streaming");
   if (message.role === "assistant") {
-    const avatar = el("div", "avatar", "◐");
+    const avatar = el("div", "avatar", message.written_by === "user" ? "✎" : "◐");
     avatar.setAttribute("aria-hidden", "true");
     row.append(avatar);
   }
   const body = el("div", "body");
+  if (state.editing && state.editing.messageId === message.id) {
+    row.classList.add("editing");
+    body.append(editor(message));
+    row.append(body);
+    return row;
+  }
   const content = el("div", "content", message.content);
   contentEls.set(message.id, content);
   body.append(content);
+  if (message.role === "assistant" && message.written_by === "user") {
+    body.append(el("div", "note written-by-you", "Written by you: the model learns from it."));
+  }
 
   if (message.role === "assistant" && !message.streaming) {
     if (NOTES[message.finish_reason]) {
@@ -202,15 +251,18 @@ function renderMessage(message) {
     const again = iconButton("regenerate", "Regenerate", () => regenerate(message.id), "regenerate");
     again.disabled = busy();
     const copy = iconButton("copy", "Copy", () => navigator.clipboard?.writeText(message.content), "copy");
-    actions.append(up, down, copy, again);
+    actions.append(up, down, copy, editButton(message), again);
     const nav = siblingNav(message);
     if (nav) { actions.append(el("span", "sep"), nav); }
     body.append(actions);
     const card = compareCard(message);
     if (card) body.append(card);
-  } else if (message.role === "user") {
+  } else if (message.role === "user" && !String(message.id).startsWith("pending-")) {
+    const actions = el("div", "actions");
+    actions.append(editButton(message));
     const nav = siblingNav(message);
-    if (nav) { const actions = el("div", "actions"); actions.append(nav); body.append(actions); }
+    if (nav) actions.append(el("span", "sep"), nav);
+    body.append(actions);
   }
   row.append(body);
   return row;
@@ -342,6 +394,43 @@ function compare(messageId, otherId, verdict) {
   render();
 }
 
+function startEdit(messageId) {
+  const message = state.messages.get(messageId);
+  if (!message || message.streaming) return;
+  state.editing = { messageId, draft: message.content };
+  render();
+}
+
+function cancelEdit() {
+  const messageId = state.editing?.messageId;
+  state.editing = null;
+  render();
+  els.thread.querySelector(`.msg[data-id="${messageId}"] .edit`)?.focus();
+}
+
+// An answer's edit is stored and acked (then shown as a new sibling, selected); a question's
+// edit is a new branch shown at once and answered like a message.
+function saveEdit() {
+  const editing = state.editing;
+  const message = editing && state.messages.get(editing.messageId);
+  const text = editing ? editing.draft.trim() : "";
+  if (!message || !text) return;
+  if (text === message.content) { cancelEdit(); return; }
+  if (message.role === "user" && busy()) { showError("Wait for the answer to finish, or stop it, before editing a question."); return; }
+  if (!sendFrame({ type: "edit", message_id: message.id, content: text })) return;
+  hideError();
+  state.editing = null;
+  if (message.role === "assistant") {
+    state.pendingEdits.push({ messageId: message.id, content: text });
+  } else {
+    const tempId = `pending-${Date.now()}`;
+    addMessage({ id: tempId, parent_id: message.parent_id, role: "user", content: text, written_by: "user", edited_from: message.id });
+    state.selected.set(keyOf(message.parent_id), tempId);
+    state.generation = { kind: "edit", messageId: null, userTempId: tempId, text, edits: message.id };
+  }
+  render();
+}
+
 function stop() {
   if (busy()) sendFrame({ type: "cancel" });
 }
@@ -464,6 +553,18 @@ function onDone(frame) {
 
 function onAck(frame) {
   if (frame.of === "feedback") state.pendingFeedback.shift();
+  if (frame.of === "edit") {
+    const pending = state.pendingEdits.shift();
+    const original = pending && state.messages.get(pending.messageId);
+    if (original) {
+      addMessage({
+        id: frame.id, parent_id: original.parent_id, role: "assistant", content: pending.content,
+        model_version: null, written_by: "user", edited_from: original.id, rating: null,
+      });
+      state.selected.set(keyOf(original.parent_id), frame.id);
+    }
+    render();
+  }
   if (frame.of === "compare") {
     const pending = state.pendingCompare.shift();
     if (pending) state.compared.set(pending.messageId, pending.verdict);
@@ -479,10 +580,18 @@ function onError(frame) {
   const generation = state.generation;
   if (generation && !generation.messageId) {
     state.generation = null;
-    if (generation.userTempId) {
-      removeMessage(generation.userTempId);
-      if (!els.input.value) { els.input.value = generation.text; autosize(); }
+    if (generation.userTempId) removeMessage(generation.userTempId);
+    if (generation.kind === "edit") {
+      state.editing = { messageId: generation.edits, draft: generation.text }; // back into the editor
+    } else if (generation.userTempId && !els.input.value) {
+      els.input.value = generation.text; autosize();
     }
+    render();
+    return;
+  }
+  if (state.pendingEdits.length) {
+    const pending = state.pendingEdits.shift();
+    state.editing = { messageId: pending.messageId, draft: pending.content };
     render();
     return;
   }

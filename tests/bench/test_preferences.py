@@ -6,7 +6,9 @@ import random
 
 import pytest
 from bench.loop import split_prompts, load_prompts
-from bench.preferences import PREFERENCES, SimulatedUser, ends_with_question, reading_ease, syllables, win_rate
+from bench.preferences import (
+    PREFERENCES, SimulatedUser, ends_with_question, reading_ease, sentences, syllables, win_rate,
+)
 
 concise, simple, question = PREFERENCES["concise"], PREFERENCES["simple"], PREFERENCES["question"]
 
@@ -62,3 +64,64 @@ def test_the_prompt_set_is_large_varied_and_split_stably():
     training, held_out = split_prompts(prompts, 40)
     assert len(held_out) == 40 and not set(training) & set(held_out)
     assert split_prompts(list(reversed(prompts)), 40)[1] == list(reversed(held_out))
+
+
+# -- rewrites: the answer a user with the preference would type instead --------------------------
+
+ANSWERS = [
+    "Watering a plant properly is actually very important, and you should utilize room-temperature "
+    "water. Additionally, individuals frequently overwater their plants; therefore check the soil first. "
+    "Finally, make sure the pot drains.",
+    "Boil the egg for six minutes. Then cool it in cold water for a minute, which stops the cooking. "
+    "Peel it under running water.",
+    "Sure! Here are some ideas:\n1. Fried rice with chicken\n2. Chicken curry with rice\n3. A rice bowl",
+]
+PROMPTS = ["How often should I water my houseplants?", "How long should I boil an egg for a soft yolk?",
+           "What should I cook for dinner tonight with chicken and rice?"]
+
+
+@pytest.mark.parametrize("name", sorted(PREFERENCES))
+def test_each_rewrite_is_what_its_preference_prefers(name):
+    preference = PREFERENCES[name]
+    for answer, prompt in zip(ANSWERS, PROMPTS):
+        wanted = preference.rewrite(answer, prompt)
+        assert wanted.strip()
+        assert preference.judge(wanted, answer) != "worse", (name, wanted)
+        assert preference.likes(wanted), (name, wanted)
+    # The long answers get better; a list of short items may already be what `simple` wants.
+    for answer, prompt in zip(ANSWERS[:2], PROMPTS[:2]):
+        assert preference.judge(preference.rewrite(answer, prompt), answer) == "better", name
+
+
+def test_concise_keeps_the_first_sentences_as_written():
+    assert concise.rewrite(ANSWERS[1], PROMPTS[1]) == (
+        "Boil the egg for six minutes. Then cool it in cold water for a minute, which stops the cooking.")
+    assert concise.rewrite("Short answer.", "q") == "Short answer."  # nothing to cut
+
+
+def test_question_adds_a_short_relevant_question_back():
+    wanted = question.rewrite(ANSWERS[1], PROMPTS[1])
+    assert wanted.startswith("Boil the egg for six minutes.") and ends_with_question(wanted)
+    added = sentences(wanted)[-1]
+    assert len(added.split()) <= 12 and "yolk" in added  # short, and about what was asked
+    assert question.rewrite("", "Any tips for sleeping better?").endswith("sleeping?")
+    assert question.rewrite("Fine. Want more?", "q") == "Fine. Want more?"  # already what it wants
+
+
+def test_simple_splits_sentences_and_swaps_long_words():
+    wanted = simple.rewrite(ANSWERS[0], PROMPTS[0])
+    assert "utilize" not in wanted and "use room-temperature water" in wanted
+    assert max(len(s.split()) for s in wanted.split(". ")) <= 8
+    assert reading_ease(wanted) > reading_ease(ANSWERS[0]) + 20
+
+
+def test_users_edit_a_share_of_answers_and_never_to_the_same_text():
+    editor = SimulatedUser(question, 0.0, random.Random(3), edits=0.25)
+    edits = [editor.edit("Sure.", "Any tips for sleeping better?") for _ in range(4000)]
+    assert 0.22 < sum(e is not None for e in edits) / len(edits) < 0.28
+    assert {e for e in edits if e is not None} == {"Sure. " + question.rewrite("", "Any tips for sleeping better?")}
+    always = SimulatedUser(question, 0.0, random.Random(3), edits=1.0)
+    assert always.edit("Done. Anything else?", "q") is None  # nothing to change
+    assert SimulatedUser(question, 0.0, random.Random(3)).edit("Sure.", "q") is None  # edits 0: never
+    with pytest.raises(ValueError, match="edits"):
+        SimulatedUser(question, 0.0, random.Random(3), edits=-0.1)
