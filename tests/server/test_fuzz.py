@@ -128,6 +128,24 @@ FRAME_FIELDS = {
         st.sampled_from(["better", "worse", "same"]), nasty_text),
     "bogus": json_values,
 }
+def near_valid_frames(known_ids: list[str]) -> st.SearchStrategy[str]:
+    """Frames of the right shape with one nasty part (text, a poisoned number, an id of the
+    user's own or not): what reaches past validation into SQL, tokenization and the engine."""
+    some_id = st.one_of(st.sampled_from(known_ids), st.uuids().map(str))
+    small_params = st.fixed_dictionaries({"max_new_tokens": st.integers(1, 4)}, optional={
+        "temperature": st.one_of(st.sampled_from([1e-300, 5e-324, 1e-40, 0, 0.7]), st.floats(0, 2)),
+        "top_p": st.one_of(st.sampled_from([1e-300, 1e-40, 1.0]), st.floats(1e-9, 1))})
+    return st.one_of(
+        st.fixed_dictionaries({"type": st.just("message"), "content": nasty_text.filter(bool),
+                               "params": small_params}),
+        st.fixed_dictionaries({"type": st.just("regenerate"), "message_id": some_id, "params": small_params}),
+        st.fixed_dictionaries({"type": st.just("feedback"), "message_id": some_id,
+                               "rating": st.sampled_from([1, -1])}, optional={"reason": nasty_text}),
+        st.fixed_dictionaries({"type": st.just("compare"), "message_id": some_id, "other_id": some_id,
+                               "verdict": st.sampled_from(["better", "worse", "same"])}),
+    ).map(json.dumps)
+
+
 frames = st.one_of(
     st.fixed_dictionaries(
         {"type": st.sampled_from(["message", "regenerate", "feedback", "compare", "cancel", "shout"])},
@@ -135,7 +153,8 @@ frames = st.one_of(
     ).map(json.dumps),
     json_values.map(json.dumps),
     nasty_text.map(lambda t: t.encode("utf-8", "replace").decode("utf-8")),  # not JSON at all
-    st.integers(1, 200).map(lambda n: "[" * n + "]" * n),
+    st.integers(1000, 6000).map(lambda n: "[" * n + "]" * n),
+    st.integers(1000, 6000).map(lambda n: '{"type": "message", "content": "x", "params": ' + "[" * n + "}"),
 )
 
 
@@ -152,8 +171,17 @@ def test_fuzzed_frames(live, db_url):
         def reply() -> dict:
             return json.loads(ws.recv(timeout=30))
 
+        # One turn of the user's own first, so frames can name real ids.
+        ws.send(json.dumps({"type": "message", "content": "hello", "params": {"max_new_tokens": 2}}))
+        started = reply()
+        while reply()["type"] != "done":
+            pass
+        announced.append(started["message_id"])
+        turns += 1
+        known = [started["message_id"], started["parent_id"]]
+
         @FUZZ
-        @given(frame=frames)
+        @given(frame=st.one_of(frames, near_valid_frames(known)))
         def one_frame(frame: str):
             nonlocal turns
             ws.send(frame)
@@ -209,7 +237,19 @@ message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "ass
                                                                st.lists(st.fixed_dictionaries(
                                                                    {"type": st.just("text"), "text": nasty_text}),
                                                                    max_size=2))})
+user_turn = st.fixed_dictionaries({"role": st.just("user"), "content": nasty_text.filter(bool)})
+near_valid_bodies = st.fixed_dictionaries(
+    {"messages": st.lists(st.fixed_dictionaries({
+        "role": st.sampled_from(["system", "user", "assistant"]),
+        "content": st.one_of(nasty_text.filter(bool), st.lists(st.fixed_dictionaries(
+            {"type": st.just("text"), "text": nasty_text}), min_size=1, max_size=2))}), max_size=2)
+        .flatmap(lambda head: user_turn.map(lambda last: [*head, last])),
+     "max_tokens": st.integers(1, 3)},
+    optional={"stream": st.booleans(), "temperature": st.sampled_from([1e-300, 5e-324, 0, 0.5]),
+              "top_p": st.sampled_from([1e-300, 1e-40, 0.9])},
+)
 completion_bodies = st.one_of(
+    near_valid_bodies,
     st.fixed_dictionaries({"messages": st.lists(message, max_size=3)}, optional={
         "model": st.one_of(st.just("default"), nasty_text), "stream": st.one_of(st.booleans(), scalars),
         "temperature": numbers, "top_p": numbers, "max_tokens": st.one_of(st.integers(1, 3), numbers),
@@ -254,7 +294,8 @@ def test_fuzzed_rest_bodies(live, db_url):
                                  ("POST", f"/api/messages/{answer}/compare"),
                                  ("PATCH", f"/api/conversations/{conversation}"),
                                  ("POST", f"/api/messages/{uuid.uuid4()}/feedback")])
-        bodies = st.one_of(json_values, st.fixed_dictionaries({}, optional={
+        bodies = st.one_of(json_values, st.fixed_dictionaries({"rating": st.sampled_from([1, -1])}, optional={
+            "reason": nasty_text}), st.fixed_dictionaries({"title": nasty_text}), st.fixed_dictionaries({}, optional={
             "rating": FRAME_FIELDS["rating"], "reason": FRAME_FIELDS["reason"], "title": nasty_text,
             "allow_data_use": scalars, "other_id": ids, "verdict": FRAME_FIELDS["verdict"]}))
 
