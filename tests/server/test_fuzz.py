@@ -9,7 +9,9 @@ conversation without a message, every announced answer stored, one user message 
 accepted turn).
 
 Hypothesis drives synchronous clients, so the server runs in a thread of its own (its own
-event loop and engine on the tiny model). Example counts are small: the module runs in about
+event loop and engine on the tiny model). That thread shares the process's recursion limit,
+which hypothesis raises while it runs, so deep JSON does not reach a RecursionError here as it
+does in a real server: test_reliability.py's deep-JSON test is the one that catches that. Example counts are small: the module runs in about
 a minute on this project's 2-core CPU.
 """
 
