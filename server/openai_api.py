@@ -166,7 +166,7 @@ async def _sse(answer: Answer, created: int, include_usage: bool):
         await stream.aclose()  # stores the answer, "cancelled" if we are leaving early
     if answer.error is not None:
         _, frame = to_wire(answer.error)
-        error = {"message": frame.message, "type": "server_error", "code": frame.code}
+        error = {"message": frame.message, "type": "server_error", "code": frame.code, "param": None}
         yield f"data: {json.dumps({'error': error})}\n\n"
     else:
         yield _chunk(answer, created, {}, answer.finish_reason)

@@ -1,5 +1,6 @@
 """One chat turn's answer (server/chat.py) against real PostgreSQL, with a scripted engine
-request: how an answer longer than the store takes for answers ends."""
+request: how an answer longer than the store takes for answers ends, and what a client is told
+when the engine fails."""
 
 from __future__ import annotations
 
@@ -62,3 +63,47 @@ async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, t
             stored = await store.get_message(conn, user, answer.message_id)
         assert stored.content == answer.text and stored.finish_reason == "length"
         assert stored.model_version == "scripted-v1"
+
+
+class FailingRequest(ScriptedRequest):
+    """An engine request that fails after its pieces, with the engine's own account (a remote
+    engine's URL and reply, torch's message): what the operator's log needs."""
+
+    DETAIL = ("the remote engine at http://10.1.2.3:8080 refused the request: HTTP 500: "
+              "RuntimeError: probability tensor contains either `inf`, `nan` or element < 0")
+
+    async def __aiter__(self):
+        for i, piece in enumerate(self.pieces, 1):
+            yield TokenEvent(piece, i)
+        yield FinalEvent("error", Usage(prompt_tokens=3, completion_tokens=len(self.pieces)), self.DETAIL)
+
+
+class BrokenRequest(ScriptedRequest):
+    """An engine request whose stream raises (an engine breaking its own contract)."""
+
+    async def __aiter__(self):
+        yield TokenEvent("partial", 1)
+        raise KeyError("internal state 0x7f3a")
+
+
+async def test_engine_failures_reach_the_client_typed_never_verbatim(db_url, tmp_path, caplog):
+    settings = make_settings(db_url, tmp_path)
+    async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
+        chat = Chat(pool, None, settings, Quotas(1000, 10))
+        async with pool.connection() as conn:
+            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
+            conversation = await store.create_conversation(conn, user, "fails")
+            question = await store.add_message(conn, user, conversation.id, None, "user", "Hi.")
+        for request in (FailingRequest(["Hel", "lo"]), BrokenRequest([])):
+            answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
+                            message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3),
+                            request=request, release=lambda: None)
+            await answer.run()
+            assert answer.finish_reason == "error" and answer.text
+            assert answer.error.code == "engine_error"
+            for secret in ("10.1.2.3", "tensor", "RuntimeError", "KeyError", "0x7f3a"):
+                assert secret not in answer.error.message, answer.error.message
+            async with pool.connection() as conn:
+                stored = await store.get_message(conn, user, answer.message_id)
+            assert stored.finish_reason == "error" and stored.content == answer.text
+    assert FailingRequest.DETAIL in caplog.text, "the operator's log keeps the engine's account"
