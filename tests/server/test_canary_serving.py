@@ -17,7 +17,6 @@ from swap_testkit import (
     ACTOR,
     BASE_ID,
     in_registry,
-    new_engine,
     own_database,
     register_adapter,
     swap_server,
@@ -34,13 +33,6 @@ SHORT = {"max_new_tokens": 2}
 def swap_db(admin_url):
     with own_database(admin_url, prefix="flywheel_canary") as url:
         yield url
-
-
-@pytest.fixture
-async def swap_engine(tiny_model_dir):
-    engine = await new_engine(tiny_model_dir)
-    yield engine
-    await engine.close()
 
 
 async def _start_canary(url: str, db_url: str, model_dir, root, checkpoint_id: str) -> dict:

@@ -27,7 +27,6 @@ from swap_testkit import (
     assert_all_completed,
     in_registry,
     load_events,
-    new_engine,
     own_database,
     register_adapter,
     swap_server,
@@ -43,13 +42,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def swap_db(admin_url):
     with own_database(admin_url) as url:
         yield url
-
-
-@pytest.fixture
-async def swap_engine(tiny_model_dir):
-    engine = await new_engine(tiny_model_dir)
-    yield engine
-    await engine.close()
 
 
 async def _swap_under_load(base_url: str, change, new_version: str, streams: int = 16):
