@@ -18,6 +18,9 @@ Rules every reader follows:
   The rows stay in the database for analysis.
 - A thumb pair whose two answers were also compared directly is left to the comparison: the
   direct judgement is the more deliberate signal, and counting it twice would weight it double.
+- A demonstration (an answer a user edited into the one they wanted) is read by
+  `demonstrations`, for SFT; its "edit beats original" comparison is an ordinary comparison,
+  read by `comparison_groups` for the reward model like any other.
 """
 
 from __future__ import annotations

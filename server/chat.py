@@ -486,7 +486,6 @@ class Chat:
             self.metrics.feedback.labels("compare").inc()
         return comparison_id
 
-
     async def demonstrate(self, user: User, message_id: UUID | str, content: str) -> store.Demonstration:
         """The user rewrote an answer into the one they wanted (see store.record_demonstration)."""
         await self.quotas.hit(user.id)
