@@ -7,10 +7,13 @@ reach PPO or the reward model's training. Splitting by text rather than by messa
 prompt typed twice (two users saying "hi") on one side.
 
 What the adapter adds to the store's reads (feedback/training_data.py already honours
-allow_data_use, drops ties and same-text pairs, and removes duplicates within each reader):
+allow_data_use, drops same-text pairs, and removes duplicates within each reader):
 - one comparison group per prompt text: a prompt's comparisons and its opposite-thumb pairs
   form one group (InstructGPT: all pairs of one prompt are one example), and the same prompt
   from two conversations is one group, its pairs kept once;
+- 'same' verdicts as ties of their group, every thumb as a pointwise label (compared or not),
+  and on every answer the checkpoint that wrote it (the gate asks how the reward model ranks
+  the serving policy's own answers);
 - a `source` on every example naming the rows it came from (`comparison:12`, `ratings:3,4`,
   `prompt:<message id>`), and the message ids of every prompt, so each number is traceable;
 - counts of everything read, kept and set aside.
@@ -74,20 +77,23 @@ class _GroupBuilder:
     def __init__(self):
         self.prompts: dict[str, list[dict]] = {}
         self.sources: dict[str, list[str]] = {}
-        self.pairs: dict[str, dict[tuple[str, str], PreferencePair]] = {}
+        self.pairs: dict[str, dict[tuple[str, str, bool], PreferencePair]] = {}
         self.duplicates = 0
 
-    def add(self, prompt: list[dict], prompt_id, chosen: str, rejected: str, source: str) -> None:
+    def add(self, prompt: list[dict], prompt_id, chosen: training_data.Answer, rejected: training_data.Answer,
+            source: str, tie: bool = False) -> None:
         key = prompt_key(prompt)
         self.prompts.setdefault(key, [dict(t) for t in prompt])
         sources = self.sources.setdefault(key, [])
         if f"prompt:{prompt_id}" not in sources:
             sources.append(f"prompt:{prompt_id}")
         pairs = self.pairs.setdefault(key, {})
-        if (chosen, rejected) in pairs:
+        texts = (chosen.content, rejected.content, tie)
+        if texts in pairs:
             self.duplicates += 1
             return
-        pairs[(chosen, rejected)] = PreferencePair(chosen, rejected, source)
+        pairs[texts] = PreferencePair(chosen.content, rejected.content, source, tie,
+                                      (chosen.model_version, rejected.model_version))
 
     def groups(self) -> list[ComparisonGroup]:
         return [
@@ -97,24 +103,26 @@ class _GroupBuilder:
 
 
 def read_reward_data(conn: psycopg.Connection) -> tuple[RewardData, dict[str, int]]:
-    """Every comparison group, thumb pair and unpaired thumb the store allows training on."""
+    """Every comparison group (ties included), thumb pair and thumb the store allows training on."""
     builder = _GroupBuilder()
-    counts = {"comparison_groups": 0, "comparison_pairs": 0, "thumb_pairs": 0, "unpaired_thumbs": 0}
+    counts = {"comparison_groups": 0, "comparison_pairs": 0, "comparison_ties": 0, "thumb_pairs": 0, "thumbs": 0}
     for group in training_data.comparison_groups(conn):
         counts["comparison_groups"] += 1
         for chosen, rejected, preference in group.pairs():
             counts["comparison_pairs"] += 1
-            builder.add(group.prompt, group.prompt_id, chosen.content, rejected.content,
-                        f"comparison:{preference.comparison_id}")
+            builder.add(group.prompt, group.prompt_id, chosen, rejected, f"comparison:{preference.comparison_id}")
+        for answer, other, preference in group.ties():
+            counts["comparison_ties"] += 1
+            builder.add(group.prompt, group.prompt_id, answer, other, f"comparison:{preference.comparison_id}", tie=True)
     for pair in training_data.thumb_pairs(conn):
         counts["thumb_pairs"] += 1
-        builder.add(pair.prompt, pair.prompt_id, pair.chosen.content, pair.rejected.content,
+        builder.add(pair.prompt, pair.prompt_id, pair.chosen, pair.rejected,
                     "ratings:" + ",".join(map(str, pair.rating_ids)))
     thumbs = []
-    for rated in training_data.unpaired_thumbs(conn):
-        counts["unpaired_thumbs"] += 1
+    for rated in training_data.thumbs(conn):
+        counts["thumbs"] += 1
         thumbs.append(ThumbLabel([dict(t) for t in rated.prompt], rated.answer.content, rated.label,
-                                 "ratings:" + ",".join(map(str, rated.rating_ids))))
+                                 "ratings:" + ",".join(map(str, rated.rating_ids)), rated.answer.model_version))
     counts["duplicate_pairs_merged"] = builder.duplicates
     return RewardData(builder.groups(), thumbs), counts
 
@@ -173,9 +181,11 @@ def read_round_data(
     counts |= {
         "reward_groups": len(train.groups),
         "reward_pairs": train.counts()["pairs"],
+        "reward_ties": train.counts()["ties"],
         "reward_thumbs": len(train.thumbs),
         "held_out_groups": len(held.groups),
         "held_out_pairs": held.counts()["pairs"],
+        "held_out_ties": held.counts()["ties"],
         "held_out_thumbs": len(held.thumbs),
         "ppo_prompts": len(ppo),
         "gate_prompts": len(gate),

@@ -453,7 +453,7 @@ def _value_head_init(reward_model):
 
 
 def _reward_summary(metrics: dict, path: Path) -> dict:
-    keep = ("eval_accuracy", "eval_thumb_accuracy", "eval", "counts", "steps", "trainable_parameters",
+    keep = ("eval_accuracy", "eval_pairs", "eval_accuracy_interval", "eval_thumb_accuracy", "eval", "counts", "steps", "trainable_parameters",
             "warm_started_from", "pairs_per_second", "train_seconds", "normalization")
     return {"path": str(path), **{k: metrics.get(k) for k in keep}}
 

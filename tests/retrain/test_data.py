@@ -73,10 +73,11 @@ def test_counts_match_what_was_seeded(round_db, seed_store):
     c = data.counts
     assert c["comparison_pairs"] == seeded.comparisons == 10
     assert c["thumb_pairs"] == 0
-    # The compared answers' thumbs are left to the comparison; the follow-ups' are pointwise.
-    assert c["unpaired_thumbs"] == seeded.pointwise_thumbs == 10
+    # Every thumb is a pointwise label: the compared answers' as well as the follow-ups'.
+    assert c["thumbs"] == seeded.thumbs == 20
     assert c["reward_pairs"] + c["held_out_pairs"] == 10
-    assert c["reward_thumbs"] + c["held_out_thumbs"] == 10
+    assert c["reward_thumbs"] + c["held_out_thumbs"] == 20
+    assert c["comparison_ties"] == c["reward_ties"] + c["held_out_ties"] == 0
     assert c["reward_groups"] == len(data.reward_train.groups)
     assert c["ppo_prompts"] + c["gate_prompts"] == c["prompts_read"] == 20
     assert c["ppo_prompts"] == len(data.ppo_prompts) and c["gate_prompts"] == len(data.gate_prompts)
