@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class RoundData:
     reward_train: RewardData  # comparison groups and thumbs on training-side prompts
     reward_held_out: RewardData  # the same from held-out prompts: the reward model's accuracy
-    ppo_prompts: list[LoggedPrompt]  # training-side prompts, at most max_ppo_prompts
+    ppo_prompts: list[LoggedPrompt]  # a fresh sample of the training-side prompts, at most max_ppo_prompts
     gate_prompts: list[LoggedPrompt]  # held-out prompts, at most max_gate_prompts
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -128,21 +128,34 @@ def read_reward_data(conn: psycopg.Connection) -> tuple[RewardData, dict[str, in
 
 
 def read_prompts(
-    conn: psycopg.Connection, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int
+    conn: psycopg.Connection, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int, seed: int = 0
 ) -> tuple[list[LoggedPrompt], list[LoggedPrompt], dict[str, int]]:
-    """(PPO prompts, gate prompts): the store's prompts in its hash order, split, each side
-    capped. Reading stops once both sides are full, so a large store is sampled, not loaded."""
-    ppo, gate = [], []
+    """(PPO prompts, gate prompts), each side capped.
+
+    PPO's are a uniform sample of *all* training-side prompts, drawn afresh with each round's
+    seed (reservoir sampling over the stream, so only the sample is held): a fixed prefix of
+    the hash order would train every round on the same prompts. The gate's are the first of
+    the held-out side in the store's hash order: the same judges round after round."""
+    ppo: list[tuple[int, LoggedPrompt]] = []
+    gate: list[LoggedPrompt] = []
+    rng = random.Random(seed)
+    seen_training = 0
     counts = {"prompts_read": 0}
     with closing(training_data.prompts(conn)) as stream:  # closing: ends the cursor's transaction
         for prompt in stream:
             counts["prompts_read"] += 1
-            side, cap = (gate, max_gate_prompts) if is_held_out(prompt.messages, held_out_percent) else (ppo, max_ppo_prompts)
-            if len(side) < cap:
-                side.append(prompt)
-            if len(ppo) >= max_ppo_prompts and len(gate) >= max_gate_prompts:
-                break
-    return ppo, gate, counts
+            if is_held_out(prompt.messages, held_out_percent):
+                if len(gate) < max_gate_prompts:
+                    gate.append(prompt)
+                continue
+            # Algorithm R: the n-th training prompt replaces a kept one with probability cap/n.
+            seen_training += 1
+            if len(ppo) < max_ppo_prompts:
+                ppo.append((seen_training, prompt))
+            elif (slot := rng.randrange(seen_training)) < max_ppo_prompts:
+                ppo[slot] = (seen_training, prompt)
+    counts["training_prompts"] = seen_training
+    return [prompt for _, prompt in sorted(ppo, key=lambda kept: kept[0])], gate, counts
 
 
 def split(data: RewardData, held_out_percent: float) -> tuple[RewardData, RewardData]:
@@ -174,7 +187,7 @@ def read_round_data(
 ) -> RoundData:
     with psycopg.connect(url) as conn:
         everything, counts = read_reward_data(conn)
-        ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts)
+        ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts, seed)
     train, held = split(everything, held_out_percent)
     train, counts["reward_examples_over_budget"] = within_budget(train, max_reward_examples, seed)
     counts |= prompt_counts

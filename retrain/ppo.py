@@ -170,7 +170,7 @@ class PPOConfig:
     lora_target_modules: str | list[str] = field(
         default="all-linear", metadata={"help": "Modules that get LoRA adapters ('all-linear': every linear but lm_head)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and initialisation."})
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and initialisation (a round sets it from its own seed: round.seed)."})
 
     def __post_init__(self):
         if self.reward_norm not in ("none", "batch", "running"):

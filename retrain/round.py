@@ -36,6 +36,7 @@ round (or `python -m retrain once` with RETRAIN_LAUNCHER, retrain/launch.py) clo
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import shutil
 import time
@@ -319,13 +320,15 @@ def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
     """The main process's reading: the config, the data, whether to skip, the serving policy and
     the reward model to warm-start from."""
     config = settings.retrain_config()
+    seed = round_seed(config.round.seed, run.id)
+    config.reward.seed = config.ppo.seed = seed  # recorded as such in the checkpoint's config
     data = read_round_data(
         url,
         held_out_percent=config.round.held_out_percent,
         max_ppo_prompts=config.round.max_ppo_prompts,
         max_gate_prompts=config.round.max_gate_prompts,
         max_reward_examples=config.round.max_reward_examples,
-        seed=config.round.seed + run.id,  # each round its own sample of the reward data
+        seed=seed,  # each round its own sample of the reward data and of the PPO prompts
     )
     reason = too_little(data, config.round.min_pairs, config.round.min_prompts, config.round.min_gate_prompts)
     if reason:
@@ -335,6 +338,15 @@ def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
     forget_reward_models(settings.reward_dir, run.abandoned)  # a dead round's is no warm start
     return RoundPlan(config, data, serving=serving, adapter_base=adapter_base,
                      warm_start=previous_reward_model(settings.reward_dir, adapter_base))
+
+
+def round_seed(run_seed: int, run_id: int) -> int:
+    """The seed of one round: derived from the configured seed and the run's id, so rounds
+    differ from each other (their reward-data sample, PPO prompts, sampling, initialisation)
+    and a round can be replayed from its two numbers. A hash rather than a sum: seed 1 run 2
+    and seed 2 run 1 must not collide."""
+    digest = hashlib.sha256(f"{run_seed}:{run_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _serving_policy(url: str, settings: RetrainSettings) -> tuple[registry.Checkpoint, Path]:

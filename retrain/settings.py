@@ -84,7 +84,11 @@ class RoundConfig:
         metadata={"help": "Reward model directories kept under DATA_DIR/reward (the newest is "
                           "the next round's warm start)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the round (reward model, PPO, gate)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the run: each round's seed is derived from it and the round's run id "
+                          "(retrain.round.round_seed) and seeds the reward model, PPO and the data samples."},
+    )
 
 
 @dataclass

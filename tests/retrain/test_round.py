@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from deploy import checkpoint, registry
 from deploy.base_model import resolve_base_model
 from retrain import round as round_module
-from retrain.round import STAGES, RoundFailed, run_round
+from retrain.round import STAGES, RoundFailed, round_seed, run_round
 from retrain.settings import RetrainSettings
 
 # A gate that anything passes (and one that nothing passes): the round's plumbing is under
@@ -72,6 +72,8 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
     assert set(manifest.config) >= {"round", "reward", "ppo", "gate", "data", "serving"}
     assert manifest.config["ppo"]["num_iterations"] == 1
     assert manifest.config["round"]["run_id"] == result.run_id
+    # The round's seed derives from the run's seed and id, and seeds PPO and the reward model.
+    assert manifest.config["ppo"]["seed"] == manifest.config["reward"]["seed"] == round_seed(0, result.run_id)
     assert manifest.data_counts == {k: v for k, v in row["counts"].items() if isinstance(v, int)}
     assert manifest.metrics["gate"]["win_rate"] == row["metrics"]["gate"]["win_rate"]
     gate_ids = set(manifest.config["data"]["gate_prompt_ids"])
@@ -84,6 +86,14 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
         child = registry.get(conn, second.candidate_id)
     assert child.parent_id == result.candidate_id
     assert second.metrics["reward"]["warm_started_from"] == row["metrics"]["reward"]["path"]
+
+
+def test_each_rounds_seed_derives_from_the_run_and_differs_between_rounds():
+    # sha256("0:1") begins ef134f2a; its first 4 bytes with the top bit cleared: 0x6f134f2a.
+    assert round_seed(0, 1) == 0x6F134F2A == 1863536426
+    seeds = {round_seed(0, run) for run in range(1, 50)}
+    assert len(seeds) == 49 and round_seed(1, 2) != round_seed(2, 1)
+    assert round_seed(7, 3) == round_seed(7, 3)
 
 
 def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays(
