@@ -68,7 +68,8 @@ from .ppo import (
     train_ppo,
 )
 from .reward import MANIFEST as REWARD_MANIFEST
-from .reward import load_reward_model, read_manifest, train_reward_model
+from .reward import accuracy_report, load_reward_model, read_manifest, train_reward_model
+from .reward_data import RewardData
 from .ranks import gather, my_share, share, this_process
 from .runs import Run, recorded_run
 from .settings import RetrainConfig, RetrainSettings
@@ -248,11 +249,14 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     with timed("gate_kl"):
         kl_per_answer = gather(ranks, kl_to_reference(candidate, frozen, my_candidate_answers, config.ppo.temperature))
     kl = sum(kl_per_answer) / len(kl_per_answer)
+    with timed("gate_scoring"):
+        users = users_on_serving_answers(reward_model, data.reward_held_out, serving.id)
     decision = decide(
         candidate_scores, serving_scores, kl,
         degeneration(candidate_answers.texts, candidate_answers.ended_with_eos, config.gate),
         degeneration(serving_answers.texts, serving_answers.ended_with_eos, config.gate),
         config.gate,
+        reward_accuracy=reward_metrics["eval_accuracy"], reward_pairs=reward_metrics["eval_pairs"], users=users,
     )
     run.metrics["gate"] = decision.metrics
     run.metrics["decision"] = {"passed": decision.passed, "reasons": decision.reasons, "summary": decision.summary()}
@@ -455,6 +459,24 @@ def forget_reward_models(reward_dir: Path, run_ids: Sequence[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def users_on_serving_answers(reward_model, held_out: RewardData, version: str) -> dict | None:
+    """How the reward model ranks the users' own held-out verdicts on answers `version` wrote
+    (pairs whose two answers it wrote; thumbs on its answers): the judge checked against the
+    people, on the policy being replaced. None when the held-out side has none."""
+    theirs = held_out.written_by(version)
+    pairs = [(group.prompt, pair) for group in theirs.groups for pair in group.pairs if not pair.tie]
+    if not pairs and not theirs.thumbs:
+        return None
+    conversations = [c for prompt, pair in pairs for c in ((prompt, pair.chosen), (prompt, pair.rejected))]
+    conversations += [(thumb.prompt, thumb.answer) for thumb in theirs.thumbs]
+    raw = reward_model.score(conversations, normalized=False).tolist()
+    margins = [raw[2 * i] - raw[2 * i + 1] for i in range(len(pairs))]
+    thumb_scores = raw[2 * len(pairs):]
+    correct = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+    thumbs_correct = sum((score > 0) == (thumb.label > 0) for score, thumb in zip(thumb_scores, theirs.thumbs))
+    return {"version": version, **accuracy_report(correct, len(pairs), thumbs_correct, len(theirs.thumbs))}
+
+
 def _value_head_init(reward_model):
     """The critic starts as the reward model's head when both read the same features (the
     base's last layer); a reward model cut to its bottom blocks reads other features, so
@@ -494,18 +516,21 @@ def _registry_metrics(run: Run, decision, kl: float) -> dict[str, Any]:
         "run_id": run.id,
         "gate_passed": decision.passed,
         "win_rate": m["win_rate"],
+        "win_rate_lower": m["win_rate_lower"],
         "candidate_reward": m["candidate_reward"],
         "serving_reward": m["serving_reward"],
         "kl": kl,
-        "reward_accuracy": run.metrics["reward"].get("eval_accuracy"),
+        "reward_accuracy": m["reward_accuracy"],
+        "reward_pairs": m["reward_pairs"],
         "gate_prompts": m["prompts"],
     }
 
 
 def _promote(conn, candidate_id: str, decision, metrics: dict) -> bool:
     m = decision.metrics
-    reason = (f"gate passed: win rate {m['win_rate']:.3f}, reward {m['candidate_reward']:+.3f} vs "
-              f"{m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on {m['prompts']} held-out prompts")
+    reason = (f"gate passed: win rate {m['win_rate']:.3f} (at least {m['win_rate_lower']:.3f}), reward "
+              f"{m['candidate_reward']:+.3f} vs {m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on "
+              f"{m['prompts']} held-out prompts, judge accuracy {m['reward_accuracy']} on {m['reward_pairs']} pairs")
     try:
         registry.promote(conn, candidate_id, actor=ACTOR, reason=reason, auto=True)
     except registry.Pinned as exc:

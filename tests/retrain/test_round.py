@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import torch
 from psycopg.rows import dict_row
 
 from deploy import checkpoint, registry
@@ -21,7 +22,8 @@ from retrain.settings import RetrainSettings
 # A gate that anything passes (and one that nothing passes): the round's plumbing is under
 # test here, not the tiny random model's answers.
 LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
-                "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0}
+                "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0,
+                "min_reward_accuracy": 0.0, "min_reward_pairs": 0}
 STRICT_GATE = {**LENIENT_GATE, "max_kl": -1.0}
 
 
@@ -94,6 +96,34 @@ def test_each_rounds_seed_derives_from_the_run_and_differs_between_rounds():
     seeds = {round_seed(0, run) for run in range(1, 50)}
     assert len(seeds) == 49 and round_seed(1, 2) != round_seed(2, 1)
     assert round_seed(7, 3) == round_seed(7, 3)
+
+
+class LengthJudge:
+    """A reward model stand-in for the pure ranking function: raw score = answer length."""
+
+    def score(self, conversations, normalized=True):
+        return torch.tensor([float(len(answer)) for _, answer in conversations])
+
+
+def test_the_users_verdicts_on_the_serving_policys_answers_are_ranked_by_the_judge():
+    from retrain.reward_data import ComparisonGroup, PreferencePair, RewardData, ThumbLabel
+
+    prompt = [{"role": "user", "content": "q"}]
+    mine = ("base", "base")
+    held = RewardData(
+        [ComparisonGroup(prompt, [
+            PreferencePair("a longer answer", "short", versions=mine),  # judge agrees
+            PreferencePair("tiny", "a longer one", versions=mine),  # judge disagrees
+            PreferencePair("abc", "xyz", versions=mine),  # equal length: half
+            PreferencePair("same", "sane", tie=True, versions=mine),  # a tie: not a ranking
+            PreferencePair("a longer answer", "short", versions=("rl-1", "base")),  # not all serving's
+        ])],
+        [ThumbLabel(prompt, "ok", 1, version="base"), ThumbLabel(prompt, "fine", 1, version="other")],
+    )
+    report = round_module.users_on_serving_answers(LengthJudge(), held, "base")
+    assert (report["version"], report["pairs"], report["accuracy"]) == ("base", 3, pytest.approx(1.5 / 3))
+    assert (report["thumbs"], report["thumb_accuracy"]) == (1, 1.0)  # raw score 2 > 0 on a thumb up
+    assert round_module.users_on_serving_answers(LengthJudge(), held, "nobody") is None
 
 
 def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays(
