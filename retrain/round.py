@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
@@ -229,9 +231,10 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()
+    critic_init, run.metrics["critic_from"] = critic_start(serving, reward_model, config)
     result = train_ppo(
         policy, tokenizer, [p.messages for p in data.ppo_prompts], reward_model.score_answers,
-        config.ppo, value_head_init=_value_head_init(reward_model),
+        config.ppo, value_head_init=critic_init,
     )
     _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started)
     run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})
@@ -283,6 +286,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
             data_counts={k: v for k, v in run.counts.items() if isinstance(v, int)},
             metrics={"reward": run.metrics["reward"], "ppo": run.metrics["ppo"], "gate": decision.metrics,
                      "decision": run.metrics["decision"]},
+            extra_files=critic_files(result.value_head) if config.ppo.uses_critic else None,
         )
     summary = _registry_metrics(run, decision, kl)
     promoted = False
@@ -477,13 +481,31 @@ def users_on_serving_answers(reward_model, held_out: RewardData, version: str) -
     return {"version": version, **accuracy_report(correct, len(pairs), thumbs_correct, len(theirs.thumbs))}
 
 
-def _value_head_init(reward_model):
-    """The critic starts as the reward model's head when both read the same features (the
-    base's last layer); a reward model cut to its bottom blocks reads other features, so
-    the critic then starts at zero."""
+CRITIC_FILE = "critic.safetensors"  # GAE's value head, inside the checkpoint it was trained with
+
+
+def critic_files(value_head) -> dict[str, bytes]:
+    """The trained value head as a checkpoint file: the next round's critic starts from it."""
+    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in value_head.state_dict().items()}
+    return {CRITIC_FILE: save_safetensors(state)}
+
+
+def critic_start(serving: registry.Checkpoint, reward_model, config: RetrainConfig) -> tuple[Any, str]:
+    """Where GAE's critic starts, and a word saying which: the critic trained with the serving
+    checkpoint (kept across rounds); else the reward model's head, when both read the same
+    features (the base's last layer); else zero (a reward model cut to its bottom blocks reads
+    other features), to be warmed up on the first batch before the policy moves. The group
+    estimators have no critic."""
+    if not config.ppo.uses_critic:
+        return None, "none"
+    saved = Path(serving.path) / CRITIC_FILE
+    if saved.is_file():
+        return load_safetensors(saved), f"checkpoint {serving.id}"
     depth = reward_model.body.config.num_hidden_layers
     policy_depth = AutoConfig.from_pretrained(reward_model.config.base_model).num_hidden_layers
-    return reward_model.head if depth == policy_depth else None
+    if depth == policy_depth:
+        return reward_model.head, "reward model head"
+    return None, "zero"
 
 
 def _reward_summary(metrics: dict, path: Path) -> dict:

@@ -27,9 +27,10 @@ LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "m
 STRICT_GATE = {**LENIENT_GATE, "max_kl": -1.0}
 
 
-def _with_gate(settings: RetrainSettings, tmp_path: Path, gate: dict, **round_fields) -> RetrainSettings:
+def _with_gate(settings: RetrainSettings, tmp_path: Path, gate: dict, ppo: dict | None = None,
+               **round_fields) -> RetrainSettings:
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
-    path.write_text(json.dumps({"gate": gate, "round": round_fields}))
+    path.write_text(json.dumps({"gate": gate, "round": round_fields, "ppo": ppo or {}}))
     return settings.model_copy(update={"retrain_config_file": path})
 
 
@@ -78,6 +79,8 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
     assert manifest.config["ppo"]["seed"] == manifest.config["reward"]["seed"] == round_seed(0, result.run_id)
     assert manifest.data_counts == {k: v for k, v in row["counts"].items() if isinstance(v, int)}
     assert manifest.metrics["gate"]["win_rate"] == row["metrics"]["gate"]["win_rate"]
+    assert row["metrics"]["critic_from"] == "none"  # the default estimator (rloo) has no critic
+    assert not (Path(candidate.path) / round_module.CRITIC_FILE).exists()
     gate_ids = set(manifest.config["data"]["gate_prompt_ids"])
     assert gate_ids and not gate_ids & set(manifest.config["data"]["ppo_prompt_ids"])
 
@@ -96,6 +99,28 @@ def test_each_rounds_seed_derives_from_the_run_and_differs_between_rounds():
     seeds = {round_seed(0, run) for run in range(1, 50)}
     assert len(seeds) == 49 and round_seed(1, 2) != round_seed(2, 1)
     assert round_seed(7, 3) == round_seed(7, 3)
+
+
+def test_gaes_critic_is_kept_in_the_checkpoint_and_the_next_round_starts_from_it(
+    round_db, round_settings, seed_store, tmp_path
+):
+    from safetensors.torch import load_file
+
+    seed_store(round_db, 8)
+    _serving_base(round_db, round_settings)
+    settings = _with_gate(round_settings, tmp_path, LENIENT_GATE, ppo={"advantage_estimator": "gae"})
+    first = run_round(settings, "manual")
+    assert first.status == "succeeded", first.reason
+    # The tiny reward model is as deep as the tiny policy: the critic starts as its head.
+    assert first.metrics["critic_from"] == "reward model head"
+    assert first.metrics["ppo"]["iterations"][0]["value_warmup_error_after"] is not None
+    with registry.connect(round_db) as conn:
+        path = Path(registry.get(conn, first.candidate_id).path)
+    saved = load_file(path / round_module.CRITIC_FILE)
+    assert saved["weight"].shape[0] == 1 and checkpoint.verify(path).files[round_module.CRITIC_FILE]
+
+    second = run_round(settings, "schedule")
+    assert second.metrics["critic_from"] == f"checkpoint {first.candidate_id}"
 
 
 class LengthJudge:
