@@ -8,6 +8,9 @@ prompts under the preference, ties counting half.
 
 - concise: fewer words is better; an empty answer is never preferred. Thumbs up at most
   `CONCISE_WORDS` words.
+- verbose: more words is better, the opposite of concise: the control that shows whether the
+  loop follows the votes or its own recipe (which leans towards shorter answers: the no-EOS
+  penalty, the gate's truncation check). Thumbs up at `VERBOSE_WORDS` words or more.
 - simple: plain language is better: a higher Flesch reading ease (short sentences, short
   words). Thumbs up at `SIMPLE_READING_EASE` or more ("fairly easy" and easier).
 - question: an answer that ends with a question back to the user is better. Thumbs up when it
@@ -23,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CONCISE_WORDS = 60
+VERBOSE_WORDS = 80
 SIMPLE_READING_EASE = 70.0
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
@@ -85,6 +89,12 @@ PREFERENCES: dict[str, Preference] = {
             f"fewer words is better; thumbs up at most {CONCISE_WORDS} words",
             _concise_score,
             lambda text: 0 < words(text) <= CONCISE_WORDS,
+        ),
+        Preference(
+            "verbose",
+            f"more words is better; thumbs up at {VERBOSE_WORDS} words or more",
+            lambda text: float(words(text)) if words(text) else float("-inf"),
+            lambda text: words(text) >= VERBOSE_WORDS,
         ),
         Preference(
             "simple",
