@@ -681,6 +681,10 @@ def warm_up_critic(
     Gradients are averaged across processes, so every process keeps the same head.
     Returns the mean squared error (per token) before and after."""
     mask = mask.to(returns.dtype)
+    target = value_head
+    # Fitted as a copy, then copied back: the head may sit inside a DDP wrapper whose gradient
+    # hooks must see only the update's own backward passes.
+    value_head = copy.deepcopy(target).requires_grad_(True)
     hidden = hidden.detach().to(value_head.weight.dtype)
     optimizer = torch.optim.AdamW(value_head.parameters(), lr=learning_rate, eps=1e-5)
 
@@ -699,6 +703,7 @@ def warm_up_critic(
         optimizer.step()
     with torch.no_grad():
         after = error().item()
+        target.load_state_dict(value_head.state_dict())
     return before, after
 
 
@@ -815,14 +820,13 @@ def train_ppo(
 
     policy, frozen_reference = prepare_policy(policy_model, config)
     value_head = make_value_head(policy.config.hidden_size, value_head_init)
+    # Without a critic the head gets no gradient: frozen, so DDP does not wait for one.
+    value_head.requires_grad_(config.uses_critic)
     module = PolicyWithValueHead(policy, value_head, config.value_grad_to_policy)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
-            {"params": list(value_head.parameters()), "lr": config.value_learning_rate},
-        ],
-        eps=1e-5,
-    )
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if config.uses_critic:
+        groups.append({"params": list(value_head.parameters()), "lr": config.value_learning_rate})
+    optimizer = torch.optim.AdamW(groups, eps=1e-5)
     module, optimizer = accelerator.prepare(module, optimizer)
     if accelerator.num_processes > 1:
         # Initialisation above is the same everywhere (DDP copies the main process's weights
