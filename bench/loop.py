@@ -1,8 +1,9 @@
 """The whole loop, end to end: simulated users chat, vote, and the served model learns from them.
 
-    .venv/bin/python bench/loop.py --preference concise              # 5 rounds, about an hour
+    .venv/bin/python bench/loop.py --preference concise              # 5 rounds, about 35 minutes
     .venv/bin/python bench/loop.py --preference simple --noise 0.3
     .venv/bin/python bench/loop.py --preference question --edits 0.25  # users also edit answers
+    .venv/bin/python bench/loop.py --preference concise --controls   # the result and its controls
     make demo                                                        # --quick: 2 short rounds
 
 It starts the real system on a scratch database (DATABASE_URL's server, or a private embedded
@@ -23,11 +24,20 @@ day; asked greedily, in conversations opted out of training):
 
 - the preference's score, the simulated users' thumbs-up rate (their rule, without noise),
 - win rate against round 0's answers to the same prompts under the preference (ties half),
+  (`--measure-preference` measures under another preference than the one the users vote by:
+  the `verbose` control measured under `concise`),
 - KL to the base model (the gate's measure of the promoted candidate: mean per-answer nats),
 - answer length (words, tokens) and the share of answers that end (EOS) before the cap.
 
 It prints progress as it goes, writes a JSON log and a PNG plot after every round, and stops
 after `--rounds` rounds or once the next round would pass `--budget-minutes`.
+
+Every round uses the shipped retraining defaults (`python -m retrain config`): the `full`
+profile sets only what the loop itself needs (start a round on the day's votes, the answer cap).
+`--controls` runs the same configuration again with votes that carry no preference
+(`--noise 1.0`) and, for `concise`, with users who want the opposite (`verbose`) measured under
+`concise`, and writes the runs side by side (controls.json, controls.png): a learning claim
+stands only when the controls do not show the same movement.
 """
 
 from __future__ import annotations
@@ -65,17 +75,14 @@ PROMPTS = ROOT / "bench" / "data" / "everyday_prompts.txt"
 
 # The budgets of a round, as environment variables of `python -m retrain serve` (see
 # `python -m retrain config`), and the overrides of the full config (RETRAIN_CONFIG_FILE).
+# `full`, which every reported result uses, overrides nothing: the shipped defaults.
 PROFILES = {
     "full": {
         "days": 5, "conversations": 24, "held_out": 40, "max_new_tokens": 128,
-        "retrain": {
-            "RETRAIN_PPO_ITERATIONS": "3", "RETRAIN_PPO_BATCH_SIZE": "16", "RETRAIN_PPO_EPOCHS": "2",
-            "RETRAIN_REWARD_EPOCHS": "2", "RETRAIN_REWARD_LAYERS": "8", "RETRAIN_REWARD_MAX_TOKENS": "256",
-            "RETRAIN_MAX_GATE_PROMPTS": "12", "RETRAIN_HELD_OUT_PERCENT": "25",
-        },
-        "config": {"ppo": {"learning_rate": 2e-4}},
+        "retrain": {},
+        "config": {},
     },
-    "quick": {
+    "quick": {  # shows the loop turning in minutes; learns little, and reports nothing
         "days": 2, "conversations": 12, "held_out": 16, "max_new_tokens": 64,
         "retrain": {
             "RETRAIN_PPO_ITERATIONS": "1", "RETRAIN_PPO_BATCH_SIZE": "8", "RETRAIN_PPO_EPOCHS": "1",
@@ -83,7 +90,7 @@ PROFILES = {
             "RETRAIN_MAX_GATE_PROMPTS": "6", "RETRAIN_HELD_OUT_PERCENT": "25",
             "RETRAIN_MIN_PAIRS": "4", "RETRAIN_MIN_PROMPTS": "4",
         },
-        "config": {"ppo": {"learning_rate": 2e-4}, "round": {"min_gate_prompts": 2}},
+        "config": {"round": {"min_gate_prompts": 2}},
     },
 }
 USER_SAMPLING = {"temperature": 0.8, "top_p": 0.9}  # the simulated users' client settings
@@ -256,12 +263,13 @@ class RoundRow:
     round: int
     model_version: str
     minutes: float  # since the start, when the measurement ended
-    # The preference's mean score on the held-out prompts, over the answers that are not empty
-    # (an empty answer scores -inf: it counts in the win rate and thumbs, as a loss).
+    # The measured preference's mean score on the held-out prompts, over the answers that are
+    # not empty (an empty answer scores -inf: it counts in the win rate and thumbs, as a loss).
     score: float | None
     empty_answers: int
-    thumbs_up_rate: float
-    win_rate_vs_round_0: float
+    thumbs_up_rate: float  # under the measured preference's rule, no noise
+    win_rate_vs_round_0: float  # under the measured preference
+    users_thumbs_up_rate: float  # under the voting users' own rule, no noise (= thumbs_up_rate unless measured elsewhere)
     kl_to_base: float
     mean_words: float
     mean_tokens: float
@@ -271,7 +279,10 @@ class RoundRow:
 
 
 def summarise(round_no: int, preference: Preference, prompts: list[str], answers: list[Answer],
-              baseline: list[Answer] | None, kl: float, started: float, run: dict) -> RoundRow:
+              baseline: list[Answer] | None, kl: float, started: float, run: dict,
+              voters: Preference | None = None) -> RoundRow:
+    """One round's numbers under `preference` (the measured one); `voters`: the users' own
+    preference, when the run is measured under another."""
     texts = [a.text for a in answers]
     versions = {a.model_version for a in answers}
     if len(versions) != 1:
@@ -284,6 +295,7 @@ def summarise(round_no: int, preference: Preference, prompts: list[str], answers
         empty_answers=sum(not t.strip() for t in texts),
         thumbs_up_rate=sum(preference.likes(t) for t in texts) / len(texts),
         win_rate_vs_round_0=win_rate(preference, texts, [b.text for b in baseline]) if baseline else 0.5,
+        users_thumbs_up_rate=sum((voters or preference).likes(t) for t in texts) / len(texts),
         kl_to_base=kl,
         mean_words=statistics.fmean(words(t) for t in texts),
         mean_tokens=statistics.fmean(a.tokens for a in answers),
@@ -370,8 +382,13 @@ def run_summary(row: dict) -> dict:
         "decision": (metrics.get("decision") or {}).get("summary") or metrics.get("skipped") or row["error"],
         "promoted": (metrics.get("promotion") or {}).get("promoted", False),
         "gate_kl": gate.get("kl"), "gate_win_rate": gate.get("win_rate"),
+        "gate_win_rate_lower": gate.get("win_rate_lower"),
         "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
         "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations (None: none ran)
+        "reward_pairs": (metrics.get("reward") or {}).get("eval_pairs"),
+        "reward_accuracy_interval": (metrics.get("reward") or {}).get("eval_accuracy_interval"),
+        "users_on_serving_answers": gate.get("users_on_serving_answers"),
+        "critic_from": metrics.get("critic_from"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "counts": row["counts"],
     }
@@ -383,10 +400,11 @@ def run_summary(row: dict) -> dict:
 @dataclass
 class Report:
     when: str
-    preference: str
+    preference: str  # what the simulated users vote by
     description: str
     noise: float
     edits: float  # share of conversations whose first answer the user edited (a demonstration)
+    measured_under: str  # the preference the numbers are measured under (usually `preference`)
     profile: str
     settings: dict
     machine: dict
@@ -429,8 +447,8 @@ def plot(report: Report, path: Path) -> None:
         ax.set_xlabel("round")
         ax.set_xticks(rounds)
     fig.suptitle(f"Flywheel loop: hidden preference '{report.preference}', {report.noise:.0%} random votes"
-                 + (f", {report.edits:.0%} of answers edited " if report.edits else " ")
-                 + f"({report.prompts['held_out']} held-out prompts, SmolLM2-135M)")
+                 + (f", {report.edits:.0%} of answers edited" if report.edits else "")
+                 + f"{_measured(report)} ({report.prompts['held_out']} held-out prompts, SmolLM2-135M)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -441,7 +459,7 @@ def print_table(report: Report) -> None:
     from rich.table import Table
 
     edited = f", {report.edits:.0%} of answers edited" if report.edits else ""
-    table = Table(title=f"'{report.preference}' with {report.noise:.0%} random votes{edited}")
+    table = Table(title=f"'{report.preference}' with {report.noise:.0%} random votes{edited}{_measured(report)}")
     for column in ("round", "serving", "min", "score", "thumbs up", "win vs 0", "KL", "words", "EOS", "the round"):
         table.add_column(column, justify="left" if column == "serving" else "right")
     for r in report.rounds:
@@ -451,11 +469,102 @@ def print_table(report: Report) -> None:
     Console(width=160).print(table)
 
 
+def _measured(report: Report) -> str:
+    return f", measured under '{report.measured_under}'" if report.measured_under != report.preference else ""
+
+
 def _outcome(run: dict) -> str:
     if not run:
         return "-"
     gate = f" (gate win {run['gate_win_rate']:.2f})" if run.get("gate_win_rate") is not None else ""
-    return f"{run['status']}{', promoted' if run['promoted'] else ''}{gate}, {run['minutes']:.1f} min"
+    judge = (f", judge {run['reward_accuracy']:.2f} on {run['reward_pairs']} pairs"
+             if run.get("reward_accuracy") is not None else "")
+    return f"{run['status']}{', promoted' if run['promoted'] else ''}{gate}{judge}, {run['minutes']:.1f} min"
+
+
+# -- controls -------------------------------------------------------------------------------------
+
+
+def control_runs(args) -> list[tuple[str, argparse.Namespace]]:
+    """The result and its controls, in the same configuration: (label, args) each. The
+    no-preference control votes at random (--noise 1.0) under the same preference; for
+    `concise`, the opposite users (`verbose`) are measured under `concise`."""
+    out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}-controls")
+    runs = [("result", argparse.Namespace(**{**vars(args), "controls": False, "out": str(out / "result")}))]
+    runs.append(("control: random votes (noise 1.0)",
+                 argparse.Namespace(**{**vars(args), "controls": False, "noise": 1.0, "out": str(out / "noise100")})))
+    if args.preference == "concise":
+        runs.append(("control: verbose users, measured under concise", argparse.Namespace(**{
+            **vars(args), "controls": False, "preference": "verbose", "measure_preference": "concise",
+            "out": str(out / "verbose")})))
+    return runs
+
+
+@dataclass
+class ControlsReport:
+    """A result and its controls side by side: each run's rounds, measured the same way."""
+
+    labels: list[str]
+    runs: list[Report]
+
+    def write(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "controls.json").write_text(json.dumps(
+            [{"label": label, **asdict(report)} for label, report in zip(self.labels, self.runs)],
+            indent=2, default=str, allow_nan=False))
+        plot_controls(self, out / "controls.png")
+
+
+def plot_controls(controls: ControlsReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("win_rate_vs_round_0", "win rate vs round 0"), ("thumbs_up_rate", "thumbs-up rate (no noise)"),
+              ("mean_words", "answer length (words)"), ("kl_to_base", "KL to base (nats)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for label, report in zip(controls.labels, controls.runs):
+            ax.plot([r.round for r in report.rounds], [getattr(r, key) for r in report.rounds], marker="o", label=label)
+        if key in ("win_rate_vs_round_0", "thumbs_up_rate"):
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5 if key == "win_rate_vs_round_0" else controls.runs[0].rounds[0].thumbs_up_rate,
+                       color="grey", linestyle="--", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+    axes[0].legend(fontsize=7)
+    first = controls.runs[0]
+    fig.suptitle(f"Flywheel loop: '{first.measured_under}' with {first.noise:.0%} random votes and its controls "
+                 f"(all measured under '{first.measured_under}')")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_controls(controls: ControlsReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"under '{controls.runs[0].measured_under}': win rate vs round 0 / thumbs up (no noise)")
+    table.add_column("round", justify="right")
+    for label in controls.labels:
+        table.add_column(label, justify="right")
+    for index in range(max(len(r.rounds) for r in controls.runs)):
+        cells = [f"{r.rounds[index].win_rate_vs_round_0:.2f} / {r.rounds[index].thumbs_up_rate:.2f}"
+                 if index < len(r.rounds) else "-" for r in controls.runs]
+        table.add_row(str(index), *cells)
+    Console(width=160).print(table)
+
+
+async def run_with_controls(args) -> ControlsReport:
+    runs = control_runs(args)
+    controls = ControlsReport([label for label, _ in runs], [])
+    for label, variant in runs:
+        log.info("--- %s: preference %s, noise %.0f%%", label, variant.preference, variant.noise * 100)
+        controls.runs.append(await run(variant))
+        controls.write(Path(runs[0][1].out).parent)
+    return controls
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -471,7 +580,8 @@ async def run(args) -> Report:
     days = args.rounds or profile["days"]
     conversations = args.conversations or profile["conversations"]
     max_new_tokens = args.max_new_tokens or profile["max_new_tokens"]
-    preference = PREFERENCES[args.preference]
+    voters = PREFERENCES[args.preference]
+    preference = PREFERENCES[args.measure_preference or args.preference]  # what the numbers measure
     training, held_out = split_prompts(load_prompts(), args.held_out or profile["held_out"])
     rng = random.Random(args.seed)
     rng.shuffle(training)
@@ -484,8 +594,9 @@ async def run(args) -> Report:
         config_overrides.setdefault(section, {}).update(fields)
     kl_bound = config_overrides.get("gate", {}).get("max_kl", GateConfig().max_kl)
     report = Report(
-        when=datetime.now(UTC).isoformat(timespec="seconds"), preference=preference.name,
-        description=preference.description, noise=args.noise, edits=args.edits, profile=args.profile,
+        when=datetime.now(UTC).isoformat(timespec="seconds"), preference=voters.name,
+        description=voters.description, noise=args.noise, edits=args.edits, measured_under=preference.name,
+        profile=args.profile,
         settings={**{k: v for k, v in vars(args).items()}, "days": days, "conversations": conversations,
                   "max_new_tokens": max_new_tokens, "retrain": profile["retrain"], "config": config_overrides,
                   "user_sampling": USER_SAMPLING},
@@ -507,8 +618,9 @@ async def run(args) -> Report:
         "RETRAIN_THREADS": str(args.threads), "RETRAIN_CONFIG_FILE": str(config_file), "AUTO_PROMOTE": "true",
     }
     report.settings["round_config"] = effective_round_config(retrain_env, model_dir)
-    say(f"work directory {workdir}; preference '{preference.name}' ({preference.description}), "
-        f"noise {args.noise:.0%}, edits {args.edits:.0%}; {len(training)} training prompts, {len(held_out)} held out")
+    say(f"work directory {workdir}; preference '{voters.name}' ({voters.description}), "
+        f"noise {args.noise:.0%}, edits {args.edits:.0%}{_measured(report)}; {len(training)} training prompts, "
+        f"{len(held_out)} held out")
     with scratch_database(admin_url(args.database_url, workdir), "flywheel_bench_loop") as url:
         common = {"DATABASE_URL": url, "MODEL": str(model_dir), "DATA_DIR": str(workdir / "data"),
                   "LOG_LEVEL": "INFO"}
@@ -521,7 +633,7 @@ async def run(args) -> Report:
         base_url = f"http://127.0.0.1:{port}"
         ws_url = base_url.replace("http://", "ws://") + "/ws"
         tokens = [f"loop-user-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
-        users = [SimulatedUser(preference, args.noise, random.Random(args.seed * 1000 + i), edits=args.edits)
+        users = [SimulatedUser(voters, args.noise, random.Random(args.seed * 1000 + i), edits=args.edits)
                  for i in range(args.users)]
         chat_params = {**USER_SAMPLING, "max_new_tokens": max_new_tokens}
         measure_params = {"temperature": 0.0, "max_new_tokens": max_new_tokens}
@@ -531,7 +643,7 @@ async def run(args) -> Report:
                 say(f"server ready, serving {info['model_version']}; measuring round 0")
                 evaluators = [f"loop-evaluator-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
                 baseline = await measure(base_url, evaluators, held_out, measure_params)
-                report.rounds.append(summarise(0, preference, held_out, baseline, None, 0.0, started, {}))
+                report.rounds.append(summarise(0, preference, held_out, baseline, None, 0.0, started, {}, voters))
                 report.write(out)
                 say(_row_line(report.rounds[-1]))
                 cursor = 0
@@ -558,7 +670,8 @@ async def run(args) -> Report:
                     version, kl = await asyncio.to_thread(serving_checkpoint, url)
                     summary["swap_s"] = round(await wait_for_swap(client, version, args.swap_timeout_s), 2)
                     answers = await measure(base_url, evaluators, held_out, measure_params)
-                    report.rounds.append(summarise(day, preference, held_out, answers, baseline, kl, started, summary))
+                    report.rounds.append(summarise(day, preference, held_out, answers, baseline, kl, started, summary,
+                                                   voters))
                     report.minutes = round((time.monotonic() - started) / 60, 1)
                     report.write(out)
                     say(_row_line(report.rounds[-1]))
@@ -584,7 +697,8 @@ def _number(value: float | None) -> str:
 
 
 def _row_line(r: RoundRow) -> str:
-    return (f"round {r.round} ({r.model_version}): score {_number(r.score)}, thumbs up {r.thumbs_up_rate:.2f}, "
+    return (f"round {r.round} ({r.model_version}): score {_number(r.score)}, thumbs up {r.thumbs_up_rate:.2f} "
+            f"(users' rule {r.users_thumbs_up_rate:.2f}), "
             f"win vs round 0 {r.win_rate_vs_round_0:.2f}, KL {r.kl_to_base:.2f}, {r.mean_words:.0f} words, "
             f"EOS {r.eos_rate:.2f}")
 
@@ -597,6 +711,12 @@ def parse_args(argv=None):
     parser.add_argument("--edits", type=float, default=0.0, metavar="SHARE",
                         help="share of conversations in which the user first edits the answer into "
                              "the one the preference wants (a demonstration), 0..1")
+    parser.add_argument("--measure-preference", choices=sorted(PREFERENCES), default=None,
+                        help="measure under this preference instead of the users' own (the verbose control "
+                             "measured under concise)")
+    parser.add_argument("--controls", action="store_true",
+                        help="also run the controls in the same configuration (--noise 1.0; for concise, "
+                             "verbose users measured under concise) and write them side by side")
     parser.add_argument("--quick", dest="profile", action="store_const", const="quick", default="full",
                         help="2 short rounds on small budgets: shows the loop working, not learning much")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (days) to run (default: the profile's)")
@@ -609,7 +729,8 @@ def parse_args(argv=None):
                         help="start no round that would end after this (the longest round so far is the guess)")
     parser.add_argument("--round-config", default=None,
                         help='JSON over the profile\'s round config, as RETRAIN_CONFIG_FILE takes it, e.g. '
-                             '\'{"ppo": {"no_eos_penalty_mode": "replace"}}\' (see `python -m retrain config`)')
+                             '\'{"ppo": {"advantage_estimator": "gae"}}\' (see `python -m retrain config`): for '
+                             'experiments; reported results use the shipped defaults')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"),
@@ -633,6 +754,12 @@ def main(argv=None) -> None:
 
     configure_logging()
     args = parse_args(argv)
+    if args.controls:
+        controls = asyncio.run(run_with_controls(args))
+        for report in controls.runs:
+            print_table(report)
+        print_controls(controls)
+        return
     report = asyncio.run(run(args))
     print_table(report)
 

@@ -10,6 +10,10 @@ prompts under the preference, ties counting half.
 
 - concise: fewer words is better; an empty answer is never preferred. Thumbs up at most
   `CONCISE_WORDS` words. Rewrite: the answer cut to its first sentences.
+- verbose: more words is better, the opposite of concise: the control that shows whether the
+  loop follows the votes or its own recipe (which leans towards shorter answers: the no-EOS
+  penalty, the gate's truncation check). Thumbs up at `VERBOSE_WORDS` words or more. Rewrite:
+  the answer kept whole and followed by a sentence that offers more on the prompt's topic.
 - simple: plain language is better: a higher Flesch reading ease (short sentences, short
   words). Thumbs up at `SIMPLE_READING_EASE` or more ("fairly easy" and easier). Rewrite:
   long sentences split at their clauses, long words swapped for short ones, fillers dropped.
@@ -27,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 CONCISE_WORDS = 60
+VERBOSE_WORDS = 80
 SIMPLE_READING_EASE = 70.0
 
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
@@ -147,6 +152,13 @@ def _question_rewrite(answer: str, prompt: str) -> str:
     return f"{body} {question}" if body else question
 
 
+def _verbose_rewrite(answer: str, prompt: str) -> str:
+    # What a person who wants more would add: the whole answer, then more about its subject.
+    more = (f"There is more to say about {topic(prompt)}: the details, the exceptions and the "
+            "reasons behind them all matter, and each deserves a careful explanation.")
+    return f"{answer.strip()} {more}" if answer.strip() else more
+
+
 # Long words and the short ones a plain-language editor puts in their place.
 _PLAIN_WORDS = {
     "utilize": "use", "utilise": "use", "approximately": "about", "additionally": "also",
@@ -203,6 +215,13 @@ PREFERENCES: dict[str, Preference] = {
             _concise_score,
             lambda text: 0 < words(text) <= CONCISE_WORDS,
             _concise_rewrite,
+        ),
+        Preference(
+            "verbose",
+            f"more words is better; thumbs up at {VERBOSE_WORDS} words or more",
+            lambda text: float(words(text)) if words(text) else float("-inf"),
+            lambda text: words(text) >= VERBOSE_WORDS,
+            _verbose_rewrite,
         ),
         Preference(
             "simple",

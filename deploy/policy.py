@@ -48,11 +48,14 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     data_counts: dict[str, int] | None = None,
     metrics: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Manifest:
     """Save a policy as a checkpoint.
 
     `model` is a peft `PeftModel` (kind "lora" by default: only the adapter is saved) or a
     transformers model (kind "full"). A PeftModel saved as "full" is merged first.
+    `extra_files` (relative path -> bytes) travel with it, hashed like the rest: e.g. the
+    trainer's critic, which the next round starts from.
     """
     is_peft = _is_peft_model(model)
     kind = kind or ("lora" if is_peft else "full")
@@ -67,6 +70,12 @@ def save_checkpoint(
             full.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for name, content in (extra_files or {}).items():
+            target = staging / name
+            if target.exists():
+                raise ValueError(f"extra file {name!r} would overwrite the model's own")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
 
     return write_checkpoint(
         directory,

@@ -14,8 +14,12 @@ Rules every reader follows:
 - Every example carries the ids of the rows it came from (messages, comparisons, ratings).
 - Identical examples (same prompt text and same answer texts) are kept once, the earliest;
   a "pair" whose two answers have the same text teaches nothing and is dropped.
-- 'same' verdicts are dropped: the Bradley-Terry loss has no tie term (as in InstructGPT).
-  The rows stay in the database for analysis.
+- 'same' verdicts are read as ties (`Preference.tie`): the reward model's loss has a tie term
+  that pulls the two scores together. `ComparisonGroup.pairs()` yields the strict verdicts only
+  (what a chosen/rejected export can say), `ties()` the ties.
+- Every thumb is a pointwise label (`thumbs`), whether or not its answer was also compared or
+  has an opposite-thumbed sibling: a comparison says which of two answers is better, a thumb
+  says whether this one is good, and a pairwise loss cannot see the latter.
 - A thumb pair whose two answers were also compared directly is left to the comparison: the
   direct judgement is the more deliberate signal, and counting it twice would weight it double.
 - A demonstration (an answer a user edited into the one they wanted) is read by
@@ -51,9 +55,10 @@ class Answer:
 
 @dataclass(frozen=True)
 class Preference:
-    chosen_id: UUID
-    rejected_id: UUID
+    chosen_id: UUID  # for a tie: the message the verdict was given on
+    rejected_id: UUID  # for a tie: the other message
     comparison_id: int  # comparisons.id
+    tie: bool = False  # a 'same' verdict: neither answer is better
 
 
 @dataclass(frozen=True)
@@ -64,13 +69,21 @@ class ComparisonGroup:
     prompt: list[ChatTurn]  # root .. prompt message
     prompt_ids: list[UUID]  # messages.id of each turn of `prompt`
     answers: list[Answer]  # every answer that appears in a preference, oldest first
-    preferences: list[Preference]
+    preferences: list[Preference]  # strict verdicts and ties
 
     def pairs(self) -> Iterator[tuple[Answer, Answer, Preference]]:
-        """(chosen, rejected, preference) for each preference of the group."""
+        """(chosen, rejected, preference) for each strict ('better'/'worse') preference."""
+        yield from self._resolved(tie=False)
+
+    def ties(self) -> Iterator[tuple[Answer, Answer, Preference]]:
+        """(answer, other, preference) for each 'same' verdict of the group."""
+        yield from self._resolved(tie=True)
+
+    def _resolved(self, tie: bool) -> Iterator[tuple[Answer, Answer, Preference]]:
         by_id = {answer.id: answer for answer in self.answers}
         for preference in self.preferences:
-            yield by_id[preference.chosen_id], by_id[preference.rejected_id], preference
+            if preference.tie == tie:
+                yield by_id[preference.chosen_id], by_id[preference.rejected_id], preference
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,7 @@ class ThumbPair:
 
 @dataclass(frozen=True)
 class RatedAnswer:
-    """A thumbed answer with no opposite-thumbed sibling and no comparison: a pointwise label."""
+    """A thumbed answer: a pointwise label (compared or paired or not)."""
 
     prompt_id: UUID
     prompt: list[ChatTurn]
@@ -142,26 +155,27 @@ _COMPARISON_GROUPS = f"""
 WITH RECURSIVE
 judged AS (
     SELECT cmp.id AS comparison_id, a.parent_id AS prompt_id,
-           CASE cmp.verdict WHEN 'better' THEN a.id ELSE b.id END AS chosen_id,
-           CASE cmp.verdict WHEN 'better' THEN b.id ELSE a.id END AS rejected_id
+           CASE cmp.verdict WHEN 'worse' THEN b.id ELSE a.id END AS chosen_id,
+           CASE cmp.verdict WHEN 'worse' THEN a.id ELSE b.id END AS rejected_id,
+           cmp.verdict = 'same' AS tie
     FROM comparisons cmp
     JOIN messages a ON a.id = cmp.message_id
     JOIN messages b ON b.id = cmp.other_id
     JOIN conversations c ON c.id = a.conversation_id
-    WHERE c.allow_data_use AND cmp.verdict IN ('better', 'worse')
+    WHERE c.allow_data_use
       AND a.parent_id IS NOT NULL AND b.parent_id = a.parent_id
       AND a.content <> b.content
 ),
 targets AS (SELECT DISTINCT prompt_id AS id FROM judged),
 {_CONTEXTS},
 pairs AS (
-    SELECT DISTINCT ON (md5(ctx.turns::text), md5(ch.content), md5(rj.content))
-           j.prompt_id, j.comparison_id, j.chosen_id, j.rejected_id
+    SELECT DISTINCT ON (md5(ctx.turns::text), md5(ch.content), md5(rj.content), j.tie)
+           j.prompt_id, j.comparison_id, j.chosen_id, j.rejected_id, j.tie
     FROM judged j
     JOIN contexts ctx ON ctx.id = j.prompt_id
     JOIN messages ch ON ch.id = j.chosen_id
     JOIN messages rj ON rj.id = j.rejected_id
-    ORDER BY md5(ctx.turns::text), md5(ch.content), md5(rj.content), j.comparison_id
+    ORDER BY md5(ctx.turns::text), md5(ch.content), md5(rj.content), j.tie, j.comparison_id
 ),
 answers AS (
     SELECT ids.prompt_id,
@@ -176,7 +190,7 @@ answers AS (
 groups AS (
     SELECT prompt_id,
            json_agg(json_build_object('chosen_id', chosen_id, 'rejected_id', rejected_id,
-                                      'comparison_id', comparison_id)
+                                      'comparison_id', comparison_id, 'tie', tie)
                     ORDER BY comparison_id) AS preferences
     FROM pairs GROUP BY prompt_id
 )
@@ -212,19 +226,10 @@ FROM opposed o JOIN contexts ctx ON ctx.id = o.prompt_id
 ORDER BY md5(ctx.turns::text), md5(o.chosen_content), md5(o.rejected_content),
          o.created_at, o.chosen_id, o.rejected_id"""
 
-_UNPAIRED_THUMBS = f"""
+_THUMBS = f"""
 WITH RECURSIVE
 {_NET_THUMBS},
-paired AS (
-    SELECT good.id FROM net good JOIN net bad ON bad.parent_id = good.parent_id
-    WHERE sign(good.net) = -sign(bad.net) AND good.net <> 0
-  UNION
-    SELECT unnest(ARRAY[message_id, other_id]) FROM comparisons WHERE verdict <> 'same'
-),
-single AS (
-    SELECT * FROM net
-    WHERE net <> 0 AND NOT EXISTS (SELECT 1 FROM paired p WHERE p.id = net.id)
-),
+single AS (SELECT * FROM net WHERE net <> 0),
 targets AS (SELECT DISTINCT parent_id AS id FROM single),
 {_CONTEXTS}
 SELECT DISTINCT ON (md5(ctx.turns::text), md5(s.content), sign(s.net))
@@ -289,7 +294,7 @@ def _answer(row: dict[str, Any], prefix: str = "") -> Answer:
 
 
 def comparison_groups(conn: psycopg.Connection) -> Iterator[ComparisonGroup]:
-    """One group per prompt with every 'better'/'worse' verdict among its answers."""
+    """One group per prompt with every verdict among its answers ('same' ones as ties)."""
     for row in _stream(conn, _COMPARISON_GROUPS):
         yield ComparisonGroup(
             prompt_id=row["prompt_id"],
@@ -297,7 +302,7 @@ def comparison_groups(conn: psycopg.Connection) -> Iterator[ComparisonGroup]:
             prompt_ids=row["prompt_ids"],
             answers=[_answer(a) for a in row["answers"]],
             preferences=[
-                Preference(UUID(p["chosen_id"]), UUID(p["rejected_id"]), p["comparison_id"])
+                Preference(UUID(p["chosen_id"]), UUID(p["rejected_id"]), p["comparison_id"], p["tie"])
                 for p in row["preferences"]
             ],
         )
@@ -316,9 +321,10 @@ def thumb_pairs(conn: psycopg.Connection) -> Iterator[ThumbPair]:
         )
 
 
-def unpaired_thumbs(conn: psycopg.Connection) -> Iterator[RatedAnswer]:
-    """Thumbed answers that are in no pair above, for the reward model's pointwise term."""
-    for row in _stream(conn, _UNPAIRED_THUMBS):
+def thumbs(conn: psycopg.Connection) -> Iterator[RatedAnswer]:
+    """Every thumbed answer (net thumbs not 0), compared or not: the reward model's pointwise
+    term. An answer in a comparison or a thumb pair is also here: the two say different things."""
+    for row in _stream(conn, _THUMBS):
         yield RatedAnswer(
             prompt_id=row["prompt_id"],
             prompt=row["prompt"],

@@ -7,10 +7,13 @@ reach PPO or the reward model's training. Splitting by text rather than by messa
 prompt typed twice (two users saying "hi") on one side.
 
 What the adapter adds to the store's reads (feedback/training_data.py already honours
-allow_data_use, drops ties and same-text pairs, and removes duplicates within each reader):
+allow_data_use, drops same-text pairs, and removes duplicates within each reader):
 - one comparison group per prompt text: a prompt's comparisons and its opposite-thumb pairs
   form one group (InstructGPT: all pairs of one prompt are one example), and the same prompt
   from two conversations is one group, its pairs kept once;
+- 'same' verdicts as ties of their group, every thumb as a pointwise label (compared or not),
+  and on every answer the checkpoint that wrote it (the gate asks how the reward model ranks
+  the serving policy's own answers);
 - a `source` on every example naming the rows it came from (`comparison:12`, `ratings:3,4`,
   `prompt:<message id>`), and the message ids of every prompt, so each number is traceable;
 - counts of everything read, kept and set aside;
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 class RoundData:
     reward_train: RewardData  # comparison groups and thumbs on training-side prompts
     reward_held_out: RewardData  # the same from held-out prompts: the reward model's accuracy
-    ppo_prompts: list[LoggedPrompt]  # training-side prompts, at most max_ppo_prompts
+    ppo_prompts: list[LoggedPrompt]  # a fresh sample of the training-side prompts, at most max_ppo_prompts
     gate_prompts: list[LoggedPrompt]  # held-out prompts, at most max_gate_prompts
     counts: dict[str, int] = field(default_factory=dict)
     demonstrations: list[Demonstration] = field(default_factory=list)  # training-side prompts only
@@ -79,20 +82,23 @@ class _GroupBuilder:
     def __init__(self):
         self.prompts: dict[str, list[dict]] = {}
         self.sources: dict[str, list[str]] = {}
-        self.pairs: dict[str, dict[tuple[str, str], PreferencePair]] = {}
+        self.pairs: dict[str, dict[tuple[str, str, bool], PreferencePair]] = {}
         self.duplicates = 0
 
-    def add(self, prompt: list[dict], prompt_id, chosen: str, rejected: str, source: str) -> None:
+    def add(self, prompt: list[dict], prompt_id, chosen: training_data.Answer, rejected: training_data.Answer,
+            source: str, tie: bool = False) -> None:
         key = prompt_key(prompt)
         self.prompts.setdefault(key, [dict(t) for t in prompt])
         sources = self.sources.setdefault(key, [])
         if f"prompt:{prompt_id}" not in sources:
             sources.append(f"prompt:{prompt_id}")
         pairs = self.pairs.setdefault(key, {})
-        if (chosen, rejected) in pairs:
+        texts = (chosen.content, rejected.content, tie)
+        if texts in pairs:
             self.duplicates += 1
             return
-        pairs[(chosen, rejected)] = PreferencePair(chosen, rejected, source)
+        pairs[texts] = PreferencePair(chosen.content, rejected.content, source, tie,
+                                      (chosen.model_version, rejected.model_version))
 
     def groups(self) -> list[ComparisonGroup]:
         return [
@@ -102,44 +108,59 @@ class _GroupBuilder:
 
 
 def read_reward_data(conn: psycopg.Connection) -> tuple[RewardData, dict[str, int]]:
-    """Every comparison group, thumb pair and unpaired thumb the store allows training on."""
+    """Every comparison group (ties included), thumb pair and thumb the store allows training on."""
     builder = _GroupBuilder()
-    counts = {"comparison_groups": 0, "comparison_pairs": 0, "thumb_pairs": 0, "unpaired_thumbs": 0}
+    counts = {"comparison_groups": 0, "comparison_pairs": 0, "comparison_ties": 0, "thumb_pairs": 0, "thumbs": 0}
     for group in training_data.comparison_groups(conn):
         counts["comparison_groups"] += 1
         for chosen, rejected, preference in group.pairs():
             counts["comparison_pairs"] += 1
-            builder.add(group.prompt, group.prompt_id, chosen.content, rejected.content,
-                        f"comparison:{preference.comparison_id}")
+            builder.add(group.prompt, group.prompt_id, chosen, rejected, f"comparison:{preference.comparison_id}")
+        for answer, other, preference in group.ties():
+            counts["comparison_ties"] += 1
+            builder.add(group.prompt, group.prompt_id, answer, other, f"comparison:{preference.comparison_id}", tie=True)
     for pair in training_data.thumb_pairs(conn):
         counts["thumb_pairs"] += 1
-        builder.add(pair.prompt, pair.prompt_id, pair.chosen.content, pair.rejected.content,
+        builder.add(pair.prompt, pair.prompt_id, pair.chosen, pair.rejected,
                     "ratings:" + ",".join(map(str, pair.rating_ids)))
     thumbs = []
-    for rated in training_data.unpaired_thumbs(conn):
-        counts["unpaired_thumbs"] += 1
+    for rated in training_data.thumbs(conn):
+        counts["thumbs"] += 1
         thumbs.append(ThumbLabel([dict(t) for t in rated.prompt], rated.answer.content, rated.label,
-                                 "ratings:" + ",".join(map(str, rated.rating_ids))))
+                                 "ratings:" + ",".join(map(str, rated.rating_ids)), rated.answer.model_version))
     counts["duplicate_pairs_merged"] = builder.duplicates
     return RewardData(builder.groups(), thumbs), counts
 
 
 def read_prompts(
-    conn: psycopg.Connection, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int
+    conn: psycopg.Connection, held_out_percent: float, max_ppo_prompts: int, max_gate_prompts: int, seed: int = 0
 ) -> tuple[list[LoggedPrompt], list[LoggedPrompt], dict[str, int]]:
-    """(PPO prompts, gate prompts): the store's prompts in its hash order, split, each side
-    capped. Reading stops once both sides are full, so a large store is sampled, not loaded."""
-    ppo, gate = [], []
+    """(PPO prompts, gate prompts), each side capped.
+
+    PPO's are a uniform sample of *all* training-side prompts, drawn afresh with each round's
+    seed (reservoir sampling over the stream, so only the sample is held): a fixed prefix of
+    the hash order would train every round on the same prompts. The gate's are the first of
+    the held-out side in the store's hash order: the same judges round after round."""
+    ppo: list[tuple[int, LoggedPrompt]] = []
+    gate: list[LoggedPrompt] = []
+    rng = random.Random(seed)
+    seen_training = 0
     counts = {"prompts_read": 0}
     with closing(training_data.prompts(conn)) as stream:  # closing: ends the cursor's transaction
         for prompt in stream:
             counts["prompts_read"] += 1
-            side, cap = (gate, max_gate_prompts) if is_held_out(prompt.messages, held_out_percent) else (ppo, max_ppo_prompts)
-            if len(side) < cap:
-                side.append(prompt)
-            if len(ppo) >= max_ppo_prompts and len(gate) >= max_gate_prompts:
-                break
-    return ppo, gate, counts
+            if is_held_out(prompt.messages, held_out_percent):
+                if len(gate) < max_gate_prompts:
+                    gate.append(prompt)
+                continue
+            # Algorithm R: the n-th training prompt replaces a kept one with probability cap/n.
+            seen_training += 1
+            if len(ppo) < max_ppo_prompts:
+                ppo.append((seen_training, prompt))
+            elif (slot := rng.randrange(seen_training)) < max_ppo_prompts:
+                ppo[slot] = (seen_training, prompt)
+    counts["training_prompts"] = seen_training
+    return [prompt for _, prompt in sorted(ppo, key=lambda kept: kept[0])], gate, counts
 
 
 def split(data: RewardData, held_out_percent: float) -> tuple[RewardData, RewardData]:
@@ -182,7 +203,7 @@ def read_round_data(
 ) -> RoundData:
     with psycopg.connect(url) as conn:
         everything, counts = read_reward_data(conn)
-        ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts)
+        ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts, seed)
         demonstrations, demonstration_counts = read_demonstrations(conn, held_out_percent)
     train, held = split(everything, held_out_percent)
     train, counts["reward_examples_over_budget"] = within_budget(train, max_reward_examples, seed)
@@ -190,9 +211,11 @@ def read_round_data(
     counts |= {
         "reward_groups": len(train.groups),
         "reward_pairs": train.counts()["pairs"],
+        "reward_ties": train.counts()["ties"],
         "reward_thumbs": len(train.thumbs),
         "held_out_groups": len(held.groups),
         "held_out_pairs": held.counts()["pairs"],
+        "held_out_ties": held.counts()["ties"],
         "held_out_thumbs": len(held.thumbs),
         "ppo_prompts": len(ppo),
         "gate_prompts": len(gate),

@@ -1,5 +1,13 @@
 """The gate: a candidate is promoted only if, on held-out logged prompts, its reward beats the
-serving policy's, its KL to the reference stays under a bound, and it shows no degeneration.
+serving policy's by more than chance, the reward model judging it is itself accurate enough on
+held-out pairs to be trusted, its KL to the reference stays under a bound, and it shows no
+degeneration. A number that is not a number (NaN, inf) fails whatever it is.
+
+The judge is the reward model PPO just optimised against, so its win rate alone can be met by
+fooling it: hence the floor on its accuracy on the users' held-out comparisons, and the
+confidence bound (5 wins of 5 prompts is not "1.00", it is "at least 0.69 with 90%
+confidence"). The users' own verdicts on the serving policy's held-out answers, when there are
+any, are reported beside: how the judge ranks what the users judged.
 
 This module holds the decision and the degeneration measures; the round generates the answers
 and scores them. Every decision carries its numbers, so it can be recorded as it was made.
@@ -7,16 +15,35 @@ and scores them. Every decision carries its numbers, so it can be recorded as it
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+
+from deploy.canary import wilson_interval
 
 
 @dataclass
 class GateConfig:
     min_win_rate: float = field(
         default=0.5,
-        metadata={"help": "Candidate must win more than this share of held-out prompts "
-                          "against the serving policy under the reward model (ties count half)."},
+        metadata={"help": "The lower confidence bound of the candidate's win rate against the serving "
+                          "policy on held-out prompts, under the reward model (ties count half), must "
+                          "be above this."},
+    )
+    win_rate_confidence: float = field(
+        default=0.9,
+        metadata={"help": "One-sided confidence of that lower bound (a Wilson score bound); 0.5 uses "
+                          "the raw share."},
+    )
+    min_reward_accuracy: float = field(
+        default=0.6,
+        metadata={"help": "The reward model's pairwise accuracy on the held-out side's comparisons must "
+                          "be at least this for its verdict to count."},
+    )
+    min_reward_pairs: int = field(
+        default=8,
+        metadata={"help": "Fewest held-out comparison pairs that accuracy must be measured on (fewer: "
+                          "the judge is untested and the candidate is rejected)."},
     )
     min_reward_gain: float = field(
         default=0.0,
@@ -94,10 +121,25 @@ class GateDecision:
     def summary(self) -> str:
         m = self.metrics
         head = "passed" if self.passed else "rejected: " + "; ".join(self.reasons)
+        accuracy = m["reward_accuracy"]
+        judge = f"{accuracy:.2f} on {m['reward_pairs']} pairs" if accuracy is not None else "untested"
         return (
-            f"gate {head} (win rate {m['win_rate']:.3f}, reward {m['candidate_reward']:+.3f} vs "
-            f"{m['serving_reward']:+.3f}, KL {m['kl']:.3f})"
+            f"gate {head} (win rate {m['win_rate']:.3f}, at least {m['win_rate_lower']:.3f}; reward "
+            f"{m['candidate_reward']:+.3f} vs {m['serving_reward']:+.3f}; KL {m['kl']:.3f}; judge {judge})"
         )
+
+
+def win_rate_lower_bound(wins: float, prompts: int, confidence: float) -> float:
+    """One-sided lower confidence bound of a win rate: the lower end of the two-sided Wilson
+    interval at 2 * confidence - 1 (confidence 0.5: the share itself)."""
+    if confidence <= 0.5:
+        return wins / prompts
+    return wilson_interval(wins, prompts, 2 * confidence - 1)[0]
+
+
+def _not_numbers(named: dict[str, list[float]]) -> list[str]:
+    return [f"{name} is not a finite number ({', '.join(map(str, bad))})"
+            for name, values in named.items() if (bad := [v for v in values if not math.isfinite(v)])]
 
 
 def decide(
@@ -107,27 +149,53 @@ def decide(
     candidate: Degeneration,
     serving: Degeneration,
     config: GateConfig,
+    *,
+    reward_accuracy: float | None,
+    reward_pairs: int,
+    users: dict | None = None,
 ) -> GateDecision:
-    """Compare candidate and serving answers to the same held-out prompts, prompt by prompt."""
+    """Compare candidate and serving answers to the same held-out prompts, prompt by prompt.
+
+    reward_accuracy / reward_pairs: the judge's accuracy on the held-out side's comparisons and
+    how many pairs it was measured on. users: how the judge ranks the users' own held-out
+    verdicts on the serving policy's answers (recorded, not decided on)."""
     if len(candidate_scores) != len(serving_scores) or not candidate_scores:
         raise ValueError("the gate needs one candidate and one serving score per held-out prompt")
+    prompts = len(candidate_scores)
     wins = sum(
         1.0 if c > s else 0.5 if c == s else 0.0
         for c, s in zip(candidate_scores, serving_scores)
     )
-    win_rate = wins / len(candidate_scores)
-    candidate_reward = sum(candidate_scores) / len(candidate_scores)
-    serving_reward = sum(serving_scores) / len(serving_scores)
+    win_rate = wins / prompts
+    win_rate_lower = win_rate_lower_bound(wins, prompts, config.win_rate_confidence)
+    candidate_reward = sum(candidate_scores) / prompts
+    serving_reward = sum(serving_scores) / prompts
 
-    reasons = []
-    if win_rate <= config.min_win_rate:
-        reasons.append(f"win rate {win_rate:.3f} is not above {config.min_win_rate}")
+    reasons = _not_numbers({
+        "a candidate score": candidate_scores, "a serving score": serving_scores, "the KL": [kl],
+        "the reward model's accuracy": [] if reward_accuracy is None else [reward_accuracy],
+    })
+    if win_rate_lower <= config.min_win_rate:
+        reasons.append(
+            f"win rate {win_rate:.3f} on {prompts} prompts is at least {win_rate_lower:.3f} with "
+            f"{config.win_rate_confidence:.0%} confidence, not above {config.min_win_rate}"
+        )
     if candidate_reward - serving_reward <= config.min_reward_gain:
         reasons.append(
             f"mean reward {candidate_reward:+.3f} does not beat serving {serving_reward:+.3f} "
             f"by more than {config.min_reward_gain}"
         )
-    if kl > config.max_kl:
+    if reward_pairs < config.min_reward_pairs:
+        reasons.append(
+            f"the reward model's accuracy is measured on {reward_pairs} held-out pairs "
+            f"(need {config.min_reward_pairs}): an untested judge"
+        )
+    elif reward_accuracy is not None and reward_accuracy < config.min_reward_accuracy:
+        reasons.append(
+            f"the reward model's held-out accuracy {reward_accuracy:.3f} on {reward_pairs} pairs is "
+            f"below {config.min_reward_accuracy}"
+        )
+    if math.isfinite(kl) and kl > config.max_kl:  # a NaN or infinite KL failed above
         reasons.append(f"KL to the reference {kl:.3f} nats exceeds the bound {config.max_kl}")
     if candidate.empty_rate > config.max_empty_rate:
         reasons.append(f"{candidate.empty_rate:.0%} empty answers")
@@ -141,6 +209,10 @@ def decide(
 
     metrics = {
         "win_rate": win_rate,
+        "win_rate_lower": win_rate_lower,
+        "reward_accuracy": reward_accuracy,
+        "reward_pairs": reward_pairs,
+        "users_on_serving_answers": users,
         "candidate_reward": candidate_reward,
         "serving_reward": serving_reward,
         "kl": kl,

@@ -1,17 +1,29 @@
-"""PPO for the chat policy: InstructGPT's recipe, written on plain torch.
+"""PPO for the chat policy: InstructGPT's recipe, written on plain torch, with a choice of
+advantage estimator under the same clipped update.
 
 Read top to bottom: the config, the pure pieces (whitening, the no-EOS penalty, the KL-penalised
-reward, GAE, the KL controllers), the model pieces (value head, answer log-probs, sampling), the
-PPO loss, and `train_ppo`, the loop. One iteration:
+reward, GAE, group advantages, the KL controllers), the model pieces (value head, answer
+log-probs, sampling), the PPO loss, the critic's warm-up, and `train_ppo`, the loop. One
+iteration:
 
-  1. rollouts   a batch of prompts, answers sampled at temperature T (top_p 1, top_k off);
+  1. rollouts   batch_size / group_size prompts, group_size answers to each, sampled at
+                temperature T (top_p 1, top_k off);
   2. forward    old log-probs and values (policy), reference log-probs (adapter off);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
                 the no-EOS penalty;
   4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
-  5. GAE        gamma 1, lambda 0.95 over the answer tokens, whitened advantages;
-  6. update     several epochs of minibatches: clipped policy loss + clipped value loss
-                (+ optional PPO-ptx language-model loss), gradients clipped to norm 1;
+  5. advantages `advantage_estimator`:
+                'rloo' (Ahmadian et al. 2024): each answer's return (score - beta * its KL)
+                    minus the mean return of the other answers to the same prompt; every token
+                    of the answer carries that sequence advantage, so the first word of an
+                    answer learns as much as the last;
+                'grpo' (Shao et al. 2024): the return minus the group's mean, over the group's std;
+                'gae'  gamma 1, lambda 0.95 over the answer tokens with a learnt critic (value
+                    head) that is warmed up on the first batch's returns before the policy moves
+                    and carried from round to round in the checkpoint;
+                whitened over the batch (optional);
+  6. update     several epochs of minibatches: clipped policy loss (+ clipped value loss with
+                'gae') (+ optional PPO-ptx language-model loss), gradients clipped to norm 1;
   7. controller the KL coefficient beta moves towards its target (or stays fixed).
 
 Units: log-probs and KL in nats. "KL per sequence" is the sum over an answer's tokens of
@@ -51,6 +63,7 @@ from transformers import GenerationConfig
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+ADVANTAGE_ESTIMATORS = ("rloo", "grpo", "gae")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -64,7 +77,14 @@ class PPOConfig:
         default=1, metadata={"help": "PPO iterations: each samples a fresh batch of answers and updates on it."}
     )
     batch_size: int = field(
-        default=16, metadata={"help": "Prompts (= sampled answers) per iteration, per process."}
+        default=16, metadata={"help": "Sampled answers per iteration, per process (batch_size / group_size prompts)."}
+    )
+    group_size: int = field(
+        default=4,
+        metadata={
+            "help": "Answers sampled per prompt (k). 'rloo' and 'grpo' need >= 2: an answer's baseline is "
+            "its siblings'; 'gae' works with any (1: one answer per prompt)."
+        },
     )
     max_new_tokens: int = field(
         default=48, metadata={"help": "Answer length cap in tokens; an answer that reaches it without EOS is penalised."}
@@ -118,6 +138,21 @@ class PPOConfig:
         metadata={"help": "Adaptive KL horizon in episodes (answers): how fast beta moves towards the target."},
     )
     # advantages
+    advantage_estimator: str = field(
+        default="rloo",
+        metadata={
+            "help": "'rloo': leave-one-out group baseline, the sequence advantage on every token; 'grpo': "
+            "group-normalised (mean and std of the prompt's answers); 'gae': per-token GAE with the learnt "
+            "critic (value head), warmed up before the policy moves and kept across rounds."
+        },
+    )
+    value_warmup_steps: int = field(
+        default=16,
+        metadata={
+            "help": "'gae' only: optimiser steps fitting the critic to the first batch's returns (reward to "
+            "go, unclipped) before the first policy update, so GAE starts from values that mean something."
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount across answer tokens (1: none)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda: bias/variance trade-off of the advantages."})
     whiten_advantages: bool = field(
@@ -134,9 +169,9 @@ class PPOConfig:
     )
     cliprange: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon for the policy loss."})
     cliprange_value: float = field(
-        default=0.2, metadata={"help": "Value clip range: new values stay within this of the rollout's values."}
+        default=0.2, metadata={"help": "Value clip range: new values stay within this of the rollout's values ('gae')."}
     )
-    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss in the total loss ('gae'; the group estimators have no critic)."})
     value_grad_to_policy: bool = field(
         default=False,
         metadata={
@@ -144,7 +179,11 @@ class PPOConfig:
             "reads detached hidden states, so the critic can never disturb the policy."
         },
     )
-    learning_rate: float = field(default=5e-5, metadata={"help": "AdamW learning rate of the policy (LoRA or full)."})
+    learning_rate: float = field(
+        default=2e-4,
+        metadata={"help": "AdamW learning rate of the policy (LoRA or full; 2e-4 suits a rank-16 LoRA adapter, "
+                          "which starts at zero: the loop's runs on SmolLM2 used it)."},
+    )
     value_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the value head."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping: max global L2 norm per step."})
     # PPO-ptx
@@ -170,7 +209,7 @@ class PPOConfig:
     lora_target_modules: str | list[str] = field(
         default="all-linear", metadata={"help": "Modules that get LoRA adapters ('all-linear': every linear but lm_head)."}
     )
-    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and initialisation."})
+    seed: int = field(default=0, metadata={"help": "Seed for prompt order, sampling and initialisation (a round sets it from its own seed: round.seed)."})
 
     def __post_init__(self):
         if self.reward_norm not in ("none", "batch", "running"):
@@ -183,6 +222,18 @@ class PPOConfig:
             raise ValueError("max_new_tokens must be >= 1")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, not {self.advantage_estimator!r}")
+        if self.group_size < 1 or self.batch_size % self.group_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}) >= 1")
+        if self.advantage_estimator != "gae" and self.group_size < 2:
+            raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2: an answer's baseline is its siblings'")
+        if self.value_warmup_steps < 0:
+            raise ValueError("value_warmup_steps must be >= 0")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage_estimator == "gae"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -321,6 +372,47 @@ def compute_gae(
     return advantages, (advantages + values) * mask
 
 
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Monte-Carlo returns per answer token: sum over t' >= t of gamma^(t'-t) * reward_t' [B, T],
+    0 outside the mask. The critic's warm-up target: it needs no values to compute."""
+    mask = mask.to(rewards.dtype)
+    rewards = rewards * mask
+    running = torch.zeros_like(rewards[:, 0])
+    returns = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        returns.append(running)
+    return torch.stack(returns[::-1], dim=1) * mask
+
+
+def group_advantages(returns: torch.Tensor, group_size: int, estimator: str) -> torch.Tensor:
+    """Sequence advantages [B] from sequence returns [B] laid out prompt by prompt (rows
+    g*k .. g*k+k-1 answer prompt g).
+
+    'rloo': R_i minus the mean of the other k-1 returns of its group (unbiased: the baseline
+    does not depend on the answer it judges); 'grpo': (R_i - group mean) / (group std + 1e-4),
+    the std over the group's k returns (unbiased estimate)."""
+    if returns.numel() % group_size:
+        raise ValueError(f"{returns.numel()} returns do not split into groups of {group_size}")
+    if group_size < 2:
+        raise ValueError("a group baseline needs at least 2 answers per prompt")
+    grouped = returns.reshape(-1, group_size)
+    if estimator == "rloo":
+        baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
+        return (grouped - baseline).flatten()
+    if estimator == "grpo":
+        return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
+    raise ValueError(f"unknown group estimator {estimator!r}")
+
+
+def whiten_sequences(advantages: torch.Tensor) -> torch.Tensor:
+    """Sequence advantages scaled to mean 0, std 1 over the batch (one value per answer, so a
+    long answer does not weigh more in the statistics than a short one)."""
+    if advantages.numel() < 2:
+        return advantages - advantages.mean()
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 class FixedKLController:
     """beta stays where it was set (InstructGPT used a fixed 0.02)."""
 
@@ -421,7 +513,8 @@ class PolicyWithValueHead(nn.Module):
         self.policy, self.value_head, self.value_grad_to_policy = policy, value_head, value_grad_to_policy
 
     def forward(self, query_ids, query_mask, response_ids, response_mask, temperature, lm_batch=None):
-        """Returns (answer logits / T [B, T, V], values [B, T], ptx loss or None)."""
+        """Returns (answer logits / T [B, T, V], values [B, T], ptx loss or None, the hidden
+        states the values were read from [B, T, H])."""
         logits, hidden = answer_logits_and_hidden(
             self.policy, query_ids, query_mask, response_ids, response_mask, temperature
         )
@@ -429,7 +522,7 @@ class PolicyWithValueHead(nn.Module):
             hidden = hidden.detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         lm_loss = ptx_loss(self.policy, lm_batch) if lm_batch is not None else None
-        return logits, values, lm_loss
+        return logits, values, lm_loss, hidden
 
 
 @contextmanager
@@ -572,6 +665,48 @@ def ptx_loss(lm: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return masked_mean(nll, target_mask)
 
 
+def warm_up_critic(
+    value_head: nn.Linear,
+    hidden: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    steps: int,
+    learning_rate: float,
+    accelerator: Accelerator | None = None,
+) -> tuple[float, float]:
+    """Fit the value head to `returns` [B, T] from the (detached) hidden states [B, T, H] it
+    reads, for `steps` AdamW steps of unclipped squared error over the real tokens, the policy
+    untouched. Without it a fresh critic predicts ~0 and can only move cliprange_value a step,
+    so GAE's advantages would be little more than a discounted score on the last tokens.
+    Gradients are averaged across processes, so every process keeps the same head.
+    Returns the mean squared error (per token) before and after."""
+    mask = mask.to(returns.dtype)
+    target = value_head
+    # Fitted as a copy, then copied back: the head may sit inside a DDP wrapper whose gradient
+    # hooks must see only the update's own backward passes.
+    value_head = copy.deepcopy(target).requires_grad_(True)
+    hidden = hidden.detach().to(value_head.weight.dtype)
+    optimizer = torch.optim.AdamW(value_head.parameters(), lr=learning_rate, eps=1e-5)
+
+    def error() -> torch.Tensor:
+        return masked_mean((value_head(hidden).squeeze(-1) - returns) ** 2, mask)
+
+    with torch.no_grad():
+        before = error().item()
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        loss = error()
+        loss.backward()
+        if accelerator is not None and accelerator.num_processes > 1:
+            for param in value_head.parameters():
+                param.grad = accelerator.reduce(param.grad, "mean")
+        optimizer.step()
+    with torch.no_grad():
+        after = error().item()
+        target.load_state_dict(value_head.state_dict())
+    return before, after
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 
@@ -666,8 +801,10 @@ def train_ppo(
     PPOResult whose `stats` has one dict per iteration with: score_mean (raw reward-model score),
     score_std, reward_mean (score after normalisation and no-EOS penalty), non_score_reward
     (-beta*KL summed per sequence), kl (mean KL per sequence to the reference, nats), beta,
-    entropy, clip_frac, value_clip_frac, approx_kl, policy_loss, value_loss, ptx_loss,
-    response_length, eos_rate, and generation_s / forward_s / scoring_s / training_s / iteration_s.
+    entropy, clip_frac, approx_kl, policy_loss, advantage_abs_mean, ptx_loss, response_length,
+    eos_rate, and generation_s / forward_s / scoring_s / training_s / iteration_s; with 'gae'
+    also value_loss, value_clip_frac, value_explained_variance and, on the first iteration,
+    value_warmup_error_before / _after.
     """
     config = config or PPOConfig()
     accelerator = accelerator or Accelerator()
@@ -683,14 +820,13 @@ def train_ppo(
 
     policy, frozen_reference = prepare_policy(policy_model, config)
     value_head = make_value_head(policy.config.hidden_size, value_head_init)
+    # Without a critic the head gets no gradient: frozen, so DDP does not wait for one.
+    value_head.requires_grad_(config.uses_critic)
     module = PolicyWithValueHead(policy, value_head, config.value_grad_to_policy)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate},
-            {"params": list(value_head.parameters()), "lr": config.value_learning_rate},
-        ],
-        eps=1e-5,
-    )
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.learning_rate}]
+    if config.uses_critic:
+        groups.append({"params": list(value_head.parameters()), "lr": config.value_learning_rate})
+    optimizer = torch.optim.AdamW(groups, eps=1e-5)
     module, optimizer = accelerator.prepare(module, optimizer)
     if accelerator.num_processes > 1:
         # Initialisation above is the same everywhere (DDP copies the main process's weights
@@ -709,10 +845,12 @@ def train_ppo(
     )
     score_moments = RunningMoments()
 
-    # Each process walks the same shuffled order and takes its own slice of every global batch.
+    # Each process walks the same shuffled order and takes its own slice of every global batch
+    # of prompts; each prompt is asked group_size times (rows g*k .. g*k+k-1: prompt g).
     order = torch.Generator().manual_seed(config.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    prompt_batches = cycle_batches(len(kept), config.batch_size * world, order)
+    group, prompts_per_batch = config.group_size, config.batch_size // config.group_size
+    prompt_batches = cycle_batches(len(kept), prompts_per_batch * world, order)
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
     ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
@@ -721,8 +859,10 @@ def train_ppo(
     progress = tqdm(range(config.num_iterations), desc="ppo", disable=not accelerator.is_local_main_process)
     for iteration in progress:
         t_start = time.perf_counter()
-        batch = next(prompt_batches)[rank * config.batch_size : (rank + 1) * config.batch_size]
+        mine = next(prompt_batches)[rank * prompts_per_batch : (rank + 1) * prompts_per_batch]
+        batch = [i for i in mine for _ in range(group)]  # one row per answer
         batch_prompts = [prompts[kept[i]] for i in batch]
+        warm_up = config.uses_critic and iteration == 0 and config.value_warmup_steps > 0
 
         # 1. rollouts ------------------------------------------------------------------------------
         query_ids, query_mask = left_pad([prompt_tokens[i] for i in batch], pad_id, device)
@@ -731,13 +871,15 @@ def train_ppo(
         t_generated = time.perf_counter()
 
         # 2. old log-probs and values, reference log-probs (micro-batched, no grad) ---------------
-        old_logp, old_values, ref_logp = [], [], []
+        old_logp, old_values, ref_logp, hidden_states = [], [], [], []
         with torch.no_grad():
             for rows in torch.arange(len(batch)).split(config.micro_batch_size):
                 args = (query_ids[rows], query_mask[rows], response_ids[rows], mask[rows])
-                logits, values, _ = module(*args, config.temperature)
+                logits, values, _, hidden = module(*args, config.temperature)
                 old_logp.append(token_logprobs(logits, response_ids[rows]))
                 old_values.append(values)
+                if warm_up:
+                    hidden_states.append(hidden)
                 with reference_policy(unwrapped.policy, frozen_reference) as reference:
                     ref_logits, _ = answer_logits_and_hidden(reference, *args, config.temperature)
                 ref_logp.append(token_logprobs(ref_logits, response_ids[rows]))
@@ -765,9 +907,31 @@ def train_ppo(
         scores = apply_no_eos_penalty(scores, has_eos, config.no_eos_penalty, config.no_eos_penalty_mode)
         beta = kl_ctl.value
         rewards, kl, non_score = kl_penalised_rewards(scores, old_logp, ref_logp, fmask, beta)
-        advantages, returns = compute_gae(rewards, old_values, fmask, config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages = masked_whiten(advantages, fmask)
+        critic_stats: dict[str, float] = {}
+        if config.uses_critic:
+            if warm_up:  # the critic learns what a return looks like before the policy moves
+                hidden_states = torch.cat(hidden_states)
+                before, after = warm_up_critic(
+                    unwrapped.value_head, hidden_states, reward_to_go(rewards, fmask, config.gamma), fmask,
+                    config.value_warmup_steps, config.value_learning_rate, accelerator,
+                )
+                with torch.no_grad():
+                    old_values = unwrapped.value_head(hidden_states.to(unwrapped.value_head.weight.dtype)).squeeze(-1) * fmask
+                critic_stats = {"value_warmup_error_before": before, "value_warmup_error_after": after}
+            advantages, returns = compute_gae(rewards, old_values, fmask, config.gamma, config.lam)
+            critic_stats["value_explained_variance"] = (
+                1 - masked_var(returns - old_values, fmask) / masked_var(returns, fmask).clamp(min=1e-8)
+            ).item()
+            if config.whiten_advantages:
+                advantages = masked_whiten(advantages, fmask)
+        else:
+            # The answer is one action: its return is the score minus beta times its whole KL
+            # (the per-token rewards summed), and every token carries the sequence advantage.
+            sequence_advantages = group_advantages(rewards.sum(1), group, config.advantage_estimator)
+            if config.whiten_advantages:
+                sequence_advantages = whiten_sequences(sequence_advantages)
+            advantages = sequence_advantages[:, None] * fmask
+            returns = torch.zeros_like(fmask)  # no critic to regress
 
         # 6. PPO epochs over minibatches ------------------------------------------------------------
         step_stats: dict[str, list[float]] = {}
@@ -785,7 +949,7 @@ def train_ppo(
                     )
                     # Gradients are averaged across processes once per minibatch, on its last backward.
                     with nullcontext() if last else accelerator.no_sync(module):
-                        logits, values, lm_loss = module(
+                        logits, values, lm_loss, _ = module(
                             query_ids[rows], query_mask[rows], response_ids[rows], mask[rows], config.temperature,
                             lm_batch=lm_batch,
                         )  # fmt: skip
@@ -793,12 +957,17 @@ def train_ppo(
                             logits, values, response_ids[rows], fmask[rows], old_logp[rows], old_values[rows],
                             advantages[rows], returns[rows], config.cliprange, config.cliprange_value,
                         )  # fmt: skip
-                        loss = (policy_loss + config.vf_coef * value_loss) * len(rows) / len(mini)
+                        total = policy_loss + config.vf_coef * value_loss if config.uses_critic else policy_loss
+                        loss = total * len(rows) / len(mini)
                         if lm_loss is not None:
                             loss = loss + config.ptx_coef * lm_loss
                             micro_stats["ptx_loss"] = lm_loss.item()
                         accelerator.backward(loss)
-                    micro_stats |= {"policy_loss": policy_loss.item(), "value_loss": value_loss.item()}
+                    micro_stats["policy_loss"] = policy_loss.item()
+                    if config.uses_critic:
+                        micro_stats["value_loss"] = value_loss.item()
+                    else:  # no critic: its numbers would mean nothing
+                        micro_stats.pop("value_clip_frac")
                     for key, value in micro_stats.items():
                         step_stats.setdefault(key, []).append(value)
                 accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
@@ -822,6 +991,8 @@ def train_ppo(
             "beta": beta,
             "response_length": across_processes(mask.sum(1)),
             "eos_rate": across_processes(has_eos),
+            "advantage_abs_mean": masked_mean(advantages.abs(), fmask).item(),
+            **critic_stats,
             **{key: sum(values) / len(values) for key, values in step_stats.items()},
             "generation_s": t_generated - t_start,
             "forward_s": t_forward - t_generated,
@@ -833,9 +1004,10 @@ def train_ppo(
         progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{beta:.3g}")
         logger.info(
             "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  entropy %.3f  clip %.3f  "
-            "value loss %.4f  approx kl %.4f  length %.1f  eos %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
+            "value loss %s  approx kl %.4f  length %.1f  eos %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
             iteration, stats["score_mean"], stats["kl"], beta, stats["entropy"], stats["clip_frac"],
-            stats["value_loss"], stats["approx_kl"], stats["response_length"], stats["eos_rate"],
+            f"{stats['value_loss']:.4f}" if "value_loss" in stats else "-", stats["approx_kl"],
+            stats["response_length"], stats["eos_rate"],
             stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["training_s"],
         )  # fmt: skip
 

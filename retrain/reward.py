@@ -13,7 +13,10 @@ zero (every score 0 before training), gives it a learning rate of its own, and h
 Loss per batch (units: nats per item, an item being a comparison group or a thumb):
     Bradley-Terry   -log sigmoid(r_chosen - r_rejected), each group's pairs averaged, so a prompt
                     with K ranked answers (C(K,2) pairs) weighs as much as a prompt with one pair
-    pointwise       thumb_weight * -log sigmoid(label * r) for thumbs with nothing to compare to
+    tie             tie_weight * -(log sigmoid(d) + log sigmoid(-d)) / 2 for a 'same' verdict,
+                    d = r_a - r_b: Bradley-Terry with the target probability 1/2 (a soft label),
+                    least (log 2) at d = 0; a tie shares its group's weight like any pair
+    pointwise       thumb_weight * -log sigmoid(label * r) for every thumbed answer
     centering       center_coef * mean(r)^2: BT cannot see a shared shift of all scores
 Scores are then normalised so the serving policy's answers average 0 with std 1: PPO's KL
 coefficient is in reward units, so a stable scale keeps beta meaningful across rounds.
@@ -49,6 +52,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from deploy.canary import wilson_interval
 
 from .reward_data import (
     ComparisonGroup,
@@ -98,6 +103,7 @@ class RewardConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (global L2 norm)."})
     # loss
     thumb_weight: float = field(default=0.5, metadata={"help": "Weight of one thumb's pointwise loss relative to one comparison group."})
+    tie_weight: float = field(default=1.0, metadata={"help": "Weight of a 'same' verdict's tie term (pulls the two scores together) relative to a strict pair of the same group; 0 leaves ties out."})
     center_coef: float = field(default=0.01, metadata={"help": "Reward centering: coef * mean(score)^2 per batch keeps raw scores near 0."})
     # evaluation and normalisation
     eval_batch_size: int = field(default=16, metadata={"help": "Items per forward pass when evaluating and scoring."})
@@ -313,17 +319,21 @@ def load_reward_model(path: str | os.PathLike, *, base_model: str | None = None,
 
 # -- the loss ----------------------------------------------------------------------------------
 
-def preference_loss(scores: torch.Tensor, batch: dict, thumb_weight: float, center_coef: float) -> tuple[torch.Tensor, dict]:
+def preference_loss(scores: torch.Tensor, batch: dict, thumb_weight: float, center_coef: float,
+                    tie_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Mean loss per item of a batch built by `reward_data.collate` (see the module docstring)."""
     items = batch["items"].clamp(min=1).to(scores.dtype)
     margins = scores[batch["pair_chosen"]] - scores[batch["pair_rejected"]]
     bradley_terry = (batch["pair_weight"] * -F.logsigmoid(margins)).sum()
+    tie_margins = scores[batch["tie_a"]] - scores[batch["tie_b"]]
+    ties = (batch["tie_weight"] * -(F.logsigmoid(tie_margins) + F.logsigmoid(-tie_margins)) / 2).sum()
     pointwise = (-F.logsigmoid(batch["thumb_label"] * scores[batch["thumb_index"]])).sum()
     centering = scores.mean() ** 2
-    loss = (bradley_terry + thumb_weight * pointwise) / items + center_coef * centering
+    loss = (bradley_terry + tie_weight * ties + thumb_weight * pointwise) / items + center_coef * centering
     stats = {
         "pairs": margins.numel(),
         "pairs_correct": float((margins > 0).sum() + 0.5 * (margins == 0).sum()),
+        "ties": tie_margins.numel(),
         "thumbs": batch["thumb_index"].numel(),
     }
     return loss, stats
@@ -332,15 +342,17 @@ def preference_loss(scores: torch.Tensor, batch: dict, thumb_weight: float, cent
 @torch.no_grad()
 def evaluate(model: nn.Module, groups: Sequence[EncodedGroup], thumbs: Sequence[EncodedThumb], batch_size: int,
              pad_id: int, accelerator: Accelerator) -> dict:
-    """Held-out pairwise accuracy (ties count half) and thumb accuracy (sign of the raw score).
-    Each process takes every n-th batch and the sums are added up: exact, no duplicates."""
+    """Held-out pairwise accuracy on the strict pairs (an equal score counts half) with its
+    Wilson interval (`accuracy_interval`, 95%), thumb accuracy (sign of the raw score) likewise,
+    and the mean |margin| on 'same' verdicts. Each process takes every n-th batch and the sums
+    are added up: exact, no duplicates."""
     # The bare model: a DDP forward syncs buffers with the other processes, and processes may
     # have different numbers of batches here (one batch more on some: that would hang).
     model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     device = accelerator.device
-    totals = torch.zeros(5, device=device)  # pairs, pairs correct, sum of margins, thumbs, thumbs correct
+    totals = torch.zeros(7, device=device)  # pairs, correct, sum of margins, thumbs, correct, ties, sum |tie margin|
     items: list[EncodedGroup | EncodedThumb] = [*groups, *thumbs]
     order = sorted(range(len(items)), key=lambda i: item_length(items[i]))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -355,16 +367,30 @@ def evaluate(model: nn.Module, groups: Sequence[EncodedGroup], thumbs: Sequence[
             margins.sum(),
             torch.tensor(float(thumb_scores.numel()), device=device),
             ((thumb_scores > 0) == (batch["thumb_label"].to(device) > 0)).sum(),
+            torch.tensor(float(batch["tie_a"].numel()), device=device),
+            (scores[batch["tie_a"].to(device)] - scores[batch["tie_b"].to(device)]).abs().sum(),
         ]).float()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
-    pairs, correct, margin_sum, n_thumbs, thumbs_correct = totals.tolist()
+    pairs, correct, margin_sum, n_thumbs, thumbs_correct, n_ties, tie_margin_sum = totals.tolist()
+    return accuracy_report(correct, pairs, thumbs_correct, n_thumbs) | {
+        "mean_margin": margin_sum / pairs if pairs else None,
+        "ties": int(n_ties),
+        "tie_mean_abs_margin": tie_margin_sum / n_ties if n_ties else None,
+    }
+
+
+def accuracy_report(correct: float, pairs: float, thumbs_correct: float = 0.0, thumbs: float = 0.0,
+                    confidence: float = 0.95) -> dict:
+    """Pairwise and thumb accuracy, each with its count and Wilson interval: 0.80 on 5 pairs
+    ([0.38, 0.96]) and on 500 ([0.76, 0.83]) are different claims."""
     return {
         "accuracy": correct / pairs if pairs else None,
         "pairs": int(pairs),
-        "mean_margin": margin_sum / pairs if pairs else None,
-        "thumb_accuracy": thumbs_correct / n_thumbs if n_thumbs else None,
-        "thumbs": int(n_thumbs),
+        "accuracy_interval": list(wilson_interval(correct, pairs, confidence)) if pairs else None,
+        "thumb_accuracy": thumbs_correct / thumbs if thumbs else None,
+        "thumbs": int(thumbs),
+        "thumb_accuracy_interval": list(wilson_interval(thumbs_correct, thumbs, confidence)) if thumbs else None,
     }
 
 
@@ -479,7 +505,7 @@ def train_reward_model(
         for batch in loader:
             with accelerator.accumulate(model):
                 scores = model(batch["input_ids"], batch["attention_mask"])
-                loss, stats = preference_loss(scores, batch, config.thumb_weight, config.center_coef)
+                loss, stats = preference_loss(scores, batch, config.thumb_weight, config.center_coef, config.tie_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
@@ -516,8 +542,9 @@ def train_reward_model(
             "train_accuracy": whole_epoch["correct"] / whole_epoch["pairs"] if whole_epoch["pairs"] else None,
             "eval": held_out,
         })
-        log.info("epoch %d: train loss %.4f, held-out accuracy %s on %d pairs", epoch,
-                 epoch_history[-1]["train_loss"], held_out["accuracy"], held_out["pairs"])
+        log.info("epoch %d: train loss %.4f, held-out accuracy %s on %d pairs (95%% interval %s)", epoch,
+                 epoch_history[-1]["train_loss"], held_out["accuracy"], held_out["pairs"],
+                 held_out["accuracy_interval"])
     progress.close()
 
     # Held-out numbers for the final weights (the last epoch's, or a first look with 0 epochs).
@@ -533,6 +560,8 @@ def train_reward_model(
     seen = accelerator.reduce(torch.tensor(float(seen_pairs), device=accelerator.device), reduction="sum").item()
     metrics.update({
         "eval_accuracy": final["accuracy"],
+        "eval_pairs": final["pairs"],
+        "eval_accuracy_interval": final["accuracy_interval"],
         "eval_thumb_accuracy": final["thumb_accuracy"],
         "eval": final,
         "epochs": epoch_history,

@@ -3,11 +3,12 @@
 The round orchestration adapts the store's batch reader (feedback/training_data.py) to these
 classes; benchmarks build them from public data sets. Nothing here touches the database.
 
-- A `ComparisonGroup` is one prompt with every judged pair among its answers. All pairs of a
-  group count as one example (InstructGPT: the C(K,2) pairs of a K-way ranking form one batch
-  element), so a prompt with many answers does not dominate the loss.
-- A `ThumbLabel` is an answer with a +1/-1 thumb and nothing to compare it with: a pointwise
-  example.
+- A `ComparisonGroup` is one prompt with every judged pair among its answers, ties ('same'
+  verdicts) included. All pairs of a group count as one example (InstructGPT: the C(K,2) pairs
+  of a K-way ranking form one batch element), so a prompt with many answers does not dominate
+  the loss.
+- A `ThumbLabel` is an answer with a +1/-1 thumb: a pointwise example, whether or not the
+  answer is also in a pair.
 - A prompt is the conversation up to the answer, as chat turns {"role", "content"} (system
   prompt included if the conversation has one); an answer is the assistant text that follows.
 """
@@ -29,9 +30,11 @@ Conversation = tuple[Sequence[Message], str]  # (prompt turns, answer text): wha
 
 @dataclass(frozen=True)
 class PreferencePair:
-    chosen: str  # the better answer's text
-    rejected: str  # the worse answer's text
+    chosen: str  # the better answer's text (a tie: one of the two)
+    rejected: str  # the worse answer's text (a tie: the other)
     source: str = ""  # where it came from (e.g. a comparison id), for tracing
+    tie: bool = False  # a 'same' verdict: the loss pulls the two scores together
+    versions: tuple[str | None, str | None] = (None, None)  # the checkpoints that wrote chosen, rejected
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class ThumbLabel:
     answer: str
     label: int
     source: str = ""
+    version: str | None = None  # the checkpoint that wrote the answer
 
     def __post_init__(self):
         if self.label not in (1, -1):
@@ -80,11 +84,24 @@ class RewardData:
     thumbs: list[ThumbLabel] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
+        """Groups, strict pairs, ties and thumbs."""
+        ties = sum(pair.tie for group in self.groups for pair in group.pairs)
         return {
             "groups": len(self.groups),
-            "pairs": sum(len(group.pairs) for group in self.groups),
+            "pairs": sum(len(group.pairs) for group in self.groups) - ties,
+            "ties": ties,
             "thumbs": len(self.thumbs),
         }
+
+    def written_by(self, version: str) -> RewardData:
+        """Only the pairs whose two answers, and the thumbs whose answer, `version` wrote: how
+        the users judged that policy's own answers."""
+        groups = []
+        for group in self.groups:
+            pairs = [p for p in group.pairs if p.versions == (version, version)]
+            if pairs:
+                groups.append(ComparisonGroup(group.prompt, pairs, group.source))
+        return RewardData(groups, [t for t in self.thumbs if t.version == version])
 
     def conversations(self) -> list[Conversation]:
         """Every (prompt, answer) in the data, once each."""
@@ -140,6 +157,7 @@ class EncodedGroup:
 
     sequences: list[list[int]]
     pairs: list[tuple[int, int]]  # (chosen index, rejected index) into `sequences`
+    ties: list[tuple[int, int]] = field(default_factory=list)  # (index, index) of 'same' verdicts
 
 
 @dataclass(frozen=True)
@@ -155,7 +173,8 @@ def encode_groups(tokenizer, groups: Sequence[ComparisonGroup], max_tokens: int)
         index = {text: i for i, text in enumerate(answers)}
         encoded.append(EncodedGroup(
             sequences=[encode_conversation(tokenizer, group.prompt, text, max_tokens) for text in answers],
-            pairs=[(index[pair.chosen], index[pair.rejected]) for pair in group.pairs],
+            pairs=[(index[pair.chosen], index[pair.rejected]) for pair in group.pairs if not pair.tie],
+            ties=[(index[pair.chosen], index[pair.rejected]) for pair in group.pairs if pair.tie],
         ))
     return encoded
 
@@ -167,19 +186,25 @@ def encode_thumbs(tokenizer, thumbs: Sequence[ThumbLabel], max_tokens: int) -> l
 def collate(items: Sequence[EncodedGroup | EncodedThumb], pad_id: int) -> dict:
     """One batch: every sequence of every item, right-padded, plus where each loss term reads.
 
-    Weights make each item count once in the batch mean: a group's pairs share its weight
-    (1/len(pairs) each, i.e. 1/C(K,2) for a full K-way ranking) and a thumb has its own."""
+    Weights make each item count once in the batch mean: a group's pairs and ties share its
+    weight (1/(pairs + ties) each, i.e. 1/C(K,2) for a full K-way ranking) and a thumb has its own."""
     sequences: list[list[int]] = []
     chosen, rejected, pair_weight = [], [], []
+    tie_a, tie_b, tie_weight = [], [], []
     thumb_index, thumb_label = [], []
     for item in items:
         offset = len(sequences)
         if isinstance(item, EncodedGroup):
             sequences.extend(item.sequences)
+            share = 1.0 / (len(item.pairs) + len(item.ties))
             for c, r in item.pairs:
                 chosen.append(offset + c)
                 rejected.append(offset + r)
-                pair_weight.append(1.0 / len(item.pairs))
+                pair_weight.append(share)
+            for a, b in item.ties:
+                tie_a.append(offset + a)
+                tie_b.append(offset + b)
+                tie_weight.append(share)
         else:
             sequences.append(item.sequence)
             thumb_index.append(offset)
@@ -196,6 +221,9 @@ def collate(items: Sequence[EncodedGroup | EncodedThumb], pad_id: int) -> dict:
         "pair_chosen": torch.tensor(chosen, dtype=torch.long),
         "pair_rejected": torch.tensor(rejected, dtype=torch.long),
         "pair_weight": torch.tensor(pair_weight, dtype=torch.float32),
+        "tie_a": torch.tensor(tie_a, dtype=torch.long),
+        "tie_b": torch.tensor(tie_b, dtype=torch.long),
+        "tie_weight": torch.tensor(tie_weight, dtype=torch.float32),
         "thumb_index": torch.tensor(thumb_index, dtype=torch.long),
         "thumb_label": torch.tensor(thumb_label, dtype=torch.float32),
         "items": torch.tensor(len(items), dtype=torch.long),

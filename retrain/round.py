@@ -38,6 +38,7 @@ round (or `python -m retrain once` with RETRAIN_LAUNCHER, retrain/launch.py) clo
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import shutil
 import time
@@ -49,6 +50,8 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig
 
@@ -70,7 +73,8 @@ from .ppo import (
     train_ppo,
 )
 from .reward import MANIFEST as REWARD_MANIFEST
-from .reward import load_reward_model, read_manifest, train_reward_model
+from .reward import accuracy_report, load_reward_model, read_manifest, train_reward_model
+from .reward_data import RewardData
 from .ranks import gather, my_share, share, this_process
 from .runs import Run, recorded_run
 from .settings import RetrainConfig, RetrainSettings
@@ -236,9 +240,10 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()
+    critic_init, run.metrics["critic_from"] = critic_start(serving, reward_model, config)
     result = train_ppo(
         policy, tokenizer, [p.messages for p in data.ppo_prompts], reward_model.score_answers,
-        config.ppo, value_head_init=_value_head_init(reward_model),
+        config.ppo, value_head_init=critic_init,
     )
     _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started)
     run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})
@@ -256,11 +261,14 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     with timed("gate_kl"):
         kl_per_answer = gather(ranks, kl_to_reference(candidate, frozen, my_candidate_answers, config.ppo.temperature))
     kl = sum(kl_per_answer) / len(kl_per_answer)
+    with timed("gate_scoring"):
+        users = users_on_serving_answers(reward_model, data.reward_held_out, serving.id)
     decision = decide(
         candidate_scores, serving_scores, kl,
         degeneration(candidate_answers.texts, candidate_answers.ended_with_eos, config.gate),
         degeneration(serving_answers.texts, serving_answers.ended_with_eos, config.gate),
         config.gate,
+        reward_accuracy=reward_metrics["eval_accuracy"], reward_pairs=reward_metrics["eval_pairs"], users=users,
     )
     run.metrics["gate"] = decision.metrics
     run.metrics["decision"] = {"passed": decision.passed, "reasons": decision.reasons, "summary": decision.summary()}
@@ -287,6 +295,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
             data_counts={k: v for k, v in run.counts.items() if isinstance(v, int)},
             metrics={"reward": run.metrics["reward"], "ppo": run.metrics["ppo"], "gate": decision.metrics,
                      "decision": run.metrics["decision"]},
+            extra_files=critic_files(result.value_head) if config.ppo.uses_critic else None,
         )
     summary = _registry_metrics(run, decision, kl)
     promoted = False
@@ -328,13 +337,15 @@ def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
     """The main process's reading: the config, the data, whether to skip, the serving policy and
     the reward model to warm-start from."""
     config = settings.retrain_config()
+    seed = round_seed(config.round.seed, run.id)
+    config.reward.seed = config.ppo.seed = seed  # recorded as such in the checkpoint's config
     data = read_round_data(
         url,
         held_out_percent=config.round.held_out_percent,
         max_ppo_prompts=config.round.max_ppo_prompts,
         max_gate_prompts=config.round.max_gate_prompts,
         max_reward_examples=config.round.max_reward_examples,
-        seed=config.round.seed + run.id,  # each round its own sample of the reward data
+        seed=seed,  # each round its own sample of the reward data and of the PPO prompts
     )
     reason = too_little(data, config.round.min_pairs, config.round.min_prompts, config.round.min_gate_prompts)
     if reason:
@@ -344,6 +355,15 @@ def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
     forget_reward_models(settings.reward_dir, run.abandoned)  # a dead round's is no warm start
     return RoundPlan(config, data, serving=serving, adapter_base=adapter_base,
                      warm_start=previous_reward_model(settings.reward_dir, adapter_base))
+
+
+def round_seed(run_seed: int, run_id: int) -> int:
+    """The seed of one round: derived from the configured seed and the run's id, so rounds
+    differ from each other (their reward-data sample, PPO prompts, sampling, initialisation)
+    and a round can be replayed from its two numbers. A hash rather than a sum: seed 1 run 2
+    and seed 2 run 1 must not collide."""
+    digest = hashlib.sha256(f"{run_seed}:{run_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _serving_policy(url: str, settings: RetrainSettings) -> tuple[registry.Checkpoint, Path]:
@@ -452,17 +472,53 @@ def forget_reward_models(reward_dir: Path, run_ids: Sequence[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _value_head_init(reward_model):
-    """The critic starts as the reward model's head when both read the same features (the
-    base's last layer); a reward model cut to its bottom blocks reads other features, so
-    the critic then starts at zero."""
+def users_on_serving_answers(reward_model, held_out: RewardData, version: str) -> dict | None:
+    """How the reward model ranks the users' own held-out verdicts on answers `version` wrote
+    (pairs whose two answers it wrote; thumbs on its answers): the judge checked against the
+    people, on the policy being replaced. None when the held-out side has none."""
+    theirs = held_out.written_by(version)
+    pairs = [(group.prompt, pair) for group in theirs.groups for pair in group.pairs if not pair.tie]
+    if not pairs and not theirs.thumbs:
+        return None
+    conversations = [c for prompt, pair in pairs for c in ((prompt, pair.chosen), (prompt, pair.rejected))]
+    conversations += [(thumb.prompt, thumb.answer) for thumb in theirs.thumbs]
+    raw = reward_model.score(conversations, normalized=False).tolist()
+    margins = [raw[2 * i] - raw[2 * i + 1] for i in range(len(pairs))]
+    thumb_scores = raw[2 * len(pairs):]
+    correct = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+    thumbs_correct = sum((score > 0) == (thumb.label > 0) for score, thumb in zip(thumb_scores, theirs.thumbs))
+    return {"version": version, **accuracy_report(correct, len(pairs), thumbs_correct, len(theirs.thumbs))}
+
+
+CRITIC_FILE = "critic.safetensors"  # GAE's value head, inside the checkpoint it was trained with
+
+
+def critic_files(value_head) -> dict[str, bytes]:
+    """The trained value head as a checkpoint file: the next round's critic starts from it."""
+    state = {name: tensor.detach().float().cpu().contiguous() for name, tensor in value_head.state_dict().items()}
+    return {CRITIC_FILE: save_safetensors(state)}
+
+
+def critic_start(serving: registry.Checkpoint, reward_model, config: RetrainConfig) -> tuple[Any, str]:
+    """Where GAE's critic starts, and a word saying which: the critic trained with the serving
+    checkpoint (kept across rounds); else the reward model's head, when both read the same
+    features (the base's last layer); else zero (a reward model cut to its bottom blocks reads
+    other features), to be warmed up on the first batch before the policy moves. The group
+    estimators have no critic."""
+    if not config.ppo.uses_critic:
+        return None, "none"
+    saved = Path(serving.path) / CRITIC_FILE
+    if saved.is_file():
+        return load_safetensors(saved), f"checkpoint {serving.id}"
     depth = reward_model.body.config.num_hidden_layers
     policy_depth = AutoConfig.from_pretrained(reward_model.config.base_model).num_hidden_layers
-    return reward_model.head if depth == policy_depth else None
+    if depth == policy_depth:
+        return reward_model.head, "reward model head"
+    return None, "zero"
 
 
 def _reward_summary(metrics: dict, path: Path) -> dict:
-    keep = ("eval_accuracy", "eval_thumb_accuracy", "eval", "counts", "steps", "trainable_parameters",
+    keep = ("eval_accuracy", "eval_pairs", "eval_accuracy_interval", "eval_thumb_accuracy", "eval", "counts", "steps", "trainable_parameters",
             "warm_started_from", "pairs_per_second", "train_seconds", "normalization")
     return {"path": str(path), **{k: metrics.get(k) for k in keep}}
 
@@ -491,18 +547,21 @@ def _registry_metrics(run: Run, decision, kl: float) -> dict[str, Any]:
         "run_id": run.id,
         "gate_passed": decision.passed,
         "win_rate": m["win_rate"],
+        "win_rate_lower": m["win_rate_lower"],
         "candidate_reward": m["candidate_reward"],
         "serving_reward": m["serving_reward"],
         "kl": kl,
-        "reward_accuracy": run.metrics["reward"].get("eval_accuracy"),
+        "reward_accuracy": m["reward_accuracy"],
+        "reward_pairs": m["reward_pairs"],
         "gate_prompts": m["prompts"],
     }
 
 
 def _promote(conn, candidate_id: str, decision, metrics: dict) -> bool:
     m = decision.metrics
-    reason = (f"gate passed: win rate {m['win_rate']:.3f}, reward {m['candidate_reward']:+.3f} vs "
-              f"{m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on {m['prompts']} held-out prompts")
+    reason = (f"gate passed: win rate {m['win_rate']:.3f} (at least {m['win_rate_lower']:.3f}), reward "
+              f"{m['candidate_reward']:+.3f} vs {m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on "
+              f"{m['prompts']} held-out prompts, judge accuracy {m['reward_accuracy']} on {m['reward_pairs']} pairs")
     try:
         registry.promote(conn, candidate_id, actor=ACTOR, reason=reason, auto=True)
     except registry.Pinned as exc:

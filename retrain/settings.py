@@ -23,7 +23,7 @@ import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -85,7 +85,11 @@ class RoundConfig:
         metadata={"help": "Reward model directories kept under DATA_DIR/reward (the newest is "
                           "the next round's warm start)."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the round (reward model, PPO, gate)."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the run: each round's seed is derived from it and the round's run id "
+                          "(retrain.round.round_seed) and seeds the reward model, PPO and the data samples."},
+    )
 
 
 @dataclass
@@ -150,9 +154,10 @@ class RetrainSettings(ModelSettings):
         True, description="Promote a candidate that passes the gate (never while pinned)."
     )
 
-    # Budgets: how long a round takes. With these defaults a round on SmolLM2-135M over 48
-    # seeded conversations (bench/seed_feedback.py) took 12.5 min wall on a busy 2-core machine
-    # (5.3 CPU-minutes; the job got 42% of a core): reward refresh, 2 PPO iterations, gate.
+    # Budgets: how long a round takes. These defaults are also the loop benchmark's (bench/loop.py,
+    # profile `full`): every reported learning result uses them. (With the earlier defaults, 2 PPO
+    # iterations of 8 answers, a round on SmolLM2-135M over 48 seeded conversations took 12.5 min
+    # wall on a busy 2-core machine.)
     retrain_max_prompts: int = Field(
         256, gt=0, description="Most logged prompts PPO samples from (a uniform sample)."
     )
@@ -168,10 +173,19 @@ class RetrainSettings(ModelSettings):
     )
     retrain_min_pairs: int = Field(8, ge=1, description="Fewest preference pairs for a round to run.")
     retrain_min_prompts: int = Field(8, ge=1, description="Fewest PPO prompts for a round to run.")
-    retrain_ppo_iterations: int = Field(2, ge=1, description="PPO iterations per round.")
+    retrain_ppo_iterations: int = Field(4, ge=1, description="PPO iterations per round.")
     retrain_ppo_batch_size: int = Field(
-        8, ge=1, description="Prompts (answers) per PPO iteration, per process (a launch of N "
-        "processes samples N times as many)."
+        16, ge=1, description="Answers per PPO iteration, per process: RETRAIN_PPO_BATCH_SIZE / "
+        "RETRAIN_PPO_GROUP_SIZE prompts (a launch of N processes samples N times as many)."
+    )
+    retrain_ppo_group_size: int = Field(
+        4, ge=1, description="Answers sampled per prompt; rloo and grpo compare each with its siblings "
+        "(need >= 2). RETRAIN_PPO_BATCH_SIZE must be a multiple of it."
+    )
+    retrain_advantage_estimator: Literal["rloo", "grpo", "gae"] = Field(
+        "rloo", description="rloo: each answer's return minus its siblings' mean, on every token of "
+        "the answer; grpo: normalised by the group's std too; gae: per-token GAE with a learnt critic "
+        "(warmed up before the policy moves, kept in the checkpoint across rounds)."
     )
     retrain_ppo_epochs: int = Field(
         2, ge=1, description="PPO passes over each iteration's answers (the update's cost scales with it)."
@@ -221,6 +235,12 @@ class RetrainSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _check(self) -> RetrainSettings:
+        if self.retrain_ppo_batch_size % self.retrain_ppo_group_size:
+            raise ValueError(f"RETRAIN_PPO_BATCH_SIZE={self.retrain_ppo_batch_size} must be a multiple of "
+                             f"RETRAIN_PPO_GROUP_SIZE={self.retrain_ppo_group_size}")
+        if self.retrain_advantage_estimator != "gae" and self.retrain_ppo_group_size < 2:
+            raise ValueError(f"RETRAIN_ADVANTAGE_ESTIMATOR={self.retrain_advantage_estimator} compares an answer with "
+                             "its siblings: RETRAIN_PPO_GROUP_SIZE must be >= 2 (or use gae)")
         if self.retrain_cron:
             from apscheduler.triggers.cron import CronTrigger
 
@@ -274,6 +294,8 @@ class RetrainSettings(ModelSettings):
                 num_iterations=self.retrain_ppo_iterations,
                 ppo_epochs=self.retrain_ppo_epochs,
                 batch_size=batch,
+                group_size=self.retrain_ppo_group_size,
+                advantage_estimator=self.retrain_advantage_estimator,
                 mini_batch_size=min(8, batch) if batch % min(8, batch) == 0 else batch,
                 # 4 answers per forward pass: the same updates, half the peak memory of 8 (the
                 # update's activations through 30 blocks dominate a round's ~7 GB at 8).

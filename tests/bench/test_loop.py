@@ -46,7 +46,51 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
     assert (tmp_path / "out" / "loop.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.stopped_because == "1 rounds done"
     ppo = report.settings["round_config"]["ppo"]  # the profile's config with --round-config over it
-    assert ppo["no_eos_penalty_mode"] == "replace" and ppo["learning_rate"] == 2e-4
+    assert ppo["no_eos_penalty_mode"] == "replace" and ppo["advantage_estimator"] == "rloo"
+    assert report.measured_under == "concise" and after.users_thumbs_up_rate == after.thumbs_up_rate
+
+
+def test_the_full_profile_is_the_shipped_defaults(tiny_model_dir):
+    """One configuration: every reported result uses what `python -m retrain config` prints."""
+    from retrain.settings import RetrainSettings
+
+    assert loop.PROFILES["full"]["retrain"] == {} and loop.PROFILES["full"]["config"] == {}
+    shipped = RetrainSettings(model=str(tiny_model_dir)).retrain_config(tiny_model_dir).to_json()
+    looped = loop.effective_round_config({}, tiny_model_dir)
+    assert looped["ppo"] == shipped["ppo"] and looped["gate"] == shipped["gate"] and looped["reward"] == shipped["reward"]
+
+
+def test_controls_run_beside_the_result_in_the_same_configuration(tmp_path):
+    args = loop.parse_args(["--preference", "concise", "--noise", "0.3", "--controls", "--out", str(tmp_path)])
+    runs = loop.control_runs(args)
+    assert [label for label, _ in runs] == [
+        "result", "control: random votes (noise 1.0)", "control: verbose users, measured under concise"]
+    (_, result), (_, random_votes), (_, verbose) = runs
+    assert (result.preference, result.noise, result.measure_preference) == ("concise", 0.3, None)
+    assert (random_votes.preference, random_votes.noise) == ("concise", 1.0)
+    assert (verbose.preference, verbose.noise, verbose.measure_preference) == ("verbose", 0.3, "concise")
+    same = {"profile", "rounds", "conversations", "round_config", "threads", "seed", "users"}
+    assert all({k: getattr(v, k) for k in same} == {k: getattr(result, k) for k in same} for _, v in runs)
+    assert not any(v.controls for _, v in runs)
+    simple = loop.control_runs(loop.parse_args(["--preference", "simple", "--controls"]))
+    assert [label for label, _ in simple] == ["result", "control: random votes (noise 1.0)"]
+
+
+def test_the_controls_report_puts_the_runs_side_by_side(tmp_path):
+    def report(preference, noise, wins):
+        rows = [loop.RoundRow(round=i, model_version="v", minutes=float(i), score=None, empty_answers=0,
+                              thumbs_up_rate=w / 2, win_rate_vs_round_0=w, users_thumbs_up_rate=w / 2, kl_to_base=0.0,
+                              mean_words=50.0, mean_tokens=60.0, eos_rate=0.5) for i, w in enumerate(wins)]
+        return loop.Report(when="now", preference=preference, description="", noise=noise, measured_under="concise",
+                           profile="full", settings={}, machine={}, kl_bound=8.0, prompts={"held_out": 40}, rounds=rows)
+
+    controls = loop.ControlsReport(["result", "control"], [report("concise", 0.0, [0.5, 0.8]),
+                                                           report("concise", 1.0, [0.5, 0.5])])
+    controls.write(tmp_path)
+    written = json.loads((tmp_path / "controls.json").read_text())
+    assert [(r["label"], r["noise"], [x["win_rate_vs_round_0"] for x in r["rounds"]]) for r in written] == [
+        ("result", 0.0, [0.5, 0.8]), ("control", 1.0, [0.5, 0.5])]
+    assert (tmp_path / "controls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 async def test_a_bad_round_config_is_refused_before_anything_starts(tiny_model_dir, tmp_path):

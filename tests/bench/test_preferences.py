@@ -11,6 +11,7 @@ from bench.preferences import (
 )
 
 concise, simple, question = PREFERENCES["concise"], PREFERENCES["simple"], PREFERENCES["question"]
+verbose = PREFERENCES["verbose"]
 
 
 def test_concise_prefers_fewer_words_and_never_an_empty_answer():
@@ -18,6 +19,14 @@ def test_concise_prefers_fewer_words_and_never_an_empty_answer():
     assert concise.judge("One two three.", "Four five six.") == "same"
     assert concise.judge("", "A long answer that goes on and on.") == "worse"
     assert concise.likes("Short and sweet.") and not concise.likes("") and not concise.likes("word " * 61)
+
+
+def test_verbose_is_the_opposite_of_concise_and_never_prefers_an_empty_answer():
+    short, longer = "Boil it for six minutes.", "Boil the egg for six minutes, then cool it."
+    assert verbose.judge(longer, short) == "better" == concise.judge(short, longer)
+    assert verbose.judge("One two three.", "Four five six.") == "same"
+    assert verbose.judge("", "Yes.") == "worse"
+    assert verbose.likes("word " * 80) and not verbose.likes("word " * 79) and not verbose.likes("")
 
 
 def test_simple_prefers_short_sentences_and_short_words():

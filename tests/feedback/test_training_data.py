@@ -47,14 +47,14 @@ async def chats(own_db_url) -> AsyncIterator[Chats]:
         await say("a2", "q1", "assistant", "5")
         await say("a3", "q1", "assistant", "22")
         await say("a4", "q1", "assistant", "4")  # same text as a1
-        # 2+2: K=4 answers, three judged pairs -> one group; a 'same' and a pair with
-        # identical texts teach nothing and are dropped.
+        # 2+2: K=4 answers, three judged pairs and a tie -> one group; a pair with identical
+        # texts teaches nothing and is dropped.
         await store.record_comparison(conn, alice, m["a1"].id, m["a2"].id, "better")
         await store.record_comparison(conn, alice, m["a1"].id, m["a3"].id, "better")
         await store.record_comparison(conn, alice, m["a2"].id, m["a3"].id, "worse")  # a3 > a2
         await store.record_comparison(conn, alice, m["a2"].id, m["a4"].id, "same")
         await store.record_comparison(conn, alice, m["a1"].id, m["a4"].id, "better")
-        # Thumbs on compared answers: left to the comparison, not a second (thumb) pair.
+        # Thumbs on compared answers: pointwise labels, but not a second (thumb) pair.
         await store.record_rating(conn, alice, m["a1"].id, 1)
         await store.record_rating(conn, alice, m["a2"].id, -1)
 
@@ -119,11 +119,13 @@ def test_comparisons_form_one_group_per_prompt_with_every_judged_pair(conn, chat
     assert group.prompt_id == m["q1"].id
     assert group.prompt == turns(("system", "Answer with a number."), ("user", "2+2?"))
     assert group.prompt_ids == [m["sys"].id, m["q1"].id]
-    assert [a.id for a in group.answers] == [m["a1"].id, m["a2"].id, m["a3"].id]
+    assert [a.id for a in group.answers] == [m["a1"].id, m["a2"].id, m["a3"].id, m["a4"].id]
     assert all(a.model_version == MODEL for a in group.answers)
     assert {(c.content, r.content) for c, r, _ in group.pairs()} == {
         ("4", "5"), ("4", "22"), ("22", "5")
     }
+    # The 'same' verdict on a2 and a4 is a tie, in the order it was given.
+    assert [(a.id, b.id, p.tie) for a, b, p in group.ties()] == [(m["a2"].id, m["a4"].id, True)]
     assert all(isinstance(p.comparison_id, int) for p in group.preferences)
 
 
@@ -143,12 +145,21 @@ def test_opposite_thumbs_among_siblings_are_pairs_with_their_prompt(conn, chats)
         assert len(pair.rating_ids) == 2
 
 
-def test_thumbs_in_no_pair_are_pointwise_labels(conn, chats):
+def test_every_thumb_is_a_pointwise_label_compared_or_not(conn, chats):
+    """Issue 13: a thumb on an answer that is also compared (a1, a2) or in a thumb pair (b1, b2,
+    b3) used to be dropped; it says something a comparison cannot (is this answer good at all),
+    so every thumbed answer is a label. The second conversation's b1'/b2' repeat b1/b2 (same
+    prompt text, answer and sign) and are kept once."""
     m = chats.m
-    singles = list(training_data.unpaired_thumbs(conn))
-    assert [(s.answer.id, s.label) for s in singles] == [(m["c1"].id, 1)]
-    assert singles[0].prompt_ids == [m[n].id for n in ("sys", "q1", "a1", "q2", "b1", "q3")]
-    assert singles[0].prompt[-1] == {"role": "user", "content": "Thanks!"}
+    labels = list(training_data.thumbs(conn))
+    assert sorted((s.answer.content, s.label) for s in labels) == sorted(
+        [("4", 1), ("5", -1), ("6", 1), ("7", -1), ("six", 1), ("You're welcome.", 1)]
+    )
+    by_id = {s.answer.id: s for s in labels}
+    assert set(by_id) == {m[n].id for n in ("a1", "a2", "b1", "b2", "b3", "c1")}
+    assert by_id[m["c1"].id].prompt_ids == [m[n].id for n in ("sys", "q1", "a1", "q2", "b1", "q3")]
+    assert by_id[m["c1"].id].prompt[-1] == {"role": "user", "content": "Thanks!"}
+    assert len(by_id[m["b2"].id].rating_ids) == 1  # one vote per user and message, changed once
 
 
 def test_prompts_are_distinct_user_turns_with_their_context(conn, chats):
@@ -171,7 +182,7 @@ def test_opted_out_conversations_never_appear(conn, chats):
         seen |= {group.prompt_id, *group.prompt_ids, *(a.id for a in group.answers)}
     for pair in training_data.thumb_pairs(conn):
         seen |= {pair.prompt_id, *pair.prompt_ids, pair.chosen.id, pair.rejected.id}
-    for single in training_data.unpaired_thumbs(conn):
+    for single in training_data.thumbs(conn):
         seen |= {single.prompt_id, *single.prompt_ids, single.answer.id}
     for prompt in training_data.prompts(conn):
         seen |= {prompt.message_id, *prompt.message_ids}

@@ -32,7 +32,7 @@ class Seeded:
     prompts: list[str] = field(default_factory=list)  # user turns of usable conversations
     private_prompts: list[str] = field(default_factory=list)  # user turns of opted-out ones
     comparisons: int = 0
-    pointwise_thumbs: int = 0  # thumbs on answers that were not compared
+    thumbs: int = 0  # thumbed answers (compared or not: each is a pointwise label)
 
 
 def seed(url: str, conversations: int, *, private: int = 0, user_token: str = "seed-user") -> Seeded:
@@ -67,7 +67,7 @@ async def _seed(url: str, conversations: int, private: int, user_token: str) -> 
             (seeded.prompts if usable else seeded.private_prompts).extend([question, follow_up])
             if usable:
                 seeded.comparisons += 1
-                seeded.pointwise_thumbs += 1
+                seeded.thumbs += 2
     return seeded
 
 

@@ -73,10 +73,11 @@ def test_counts_match_what_was_seeded(round_db, seed_store):
     c = data.counts
     assert c["comparison_pairs"] == seeded.comparisons == 10
     assert c["thumb_pairs"] == 0
-    # The compared answers' thumbs are left to the comparison; the follow-ups' are pointwise.
-    assert c["unpaired_thumbs"] == seeded.pointwise_thumbs == 10
+    # Every thumb is a pointwise label: the compared answers' as well as the follow-ups'.
+    assert c["thumbs"] == seeded.thumbs == 20
     assert c["reward_pairs"] + c["held_out_pairs"] == 10
-    assert c["reward_thumbs"] + c["held_out_thumbs"] == 10
+    assert c["reward_thumbs"] + c["held_out_thumbs"] == 20
+    assert c["comparison_ties"] == c["reward_ties"] + c["held_out_ties"] == 0
     assert c["reward_groups"] == len(data.reward_train.groups)
     assert c["ppo_prompts"] + c["gate_prompts"] == c["prompts_read"] == 20
     assert c["ppo_prompts"] == len(data.ppo_prompts) and c["gate_prompts"] == len(data.gate_prompts)
@@ -147,3 +148,21 @@ def test_the_reward_budget_samples_the_training_side_and_counts_the_rest(round_d
     other = read_round_data(round_db, held_out_percent=0.01, max_ppo_prompts=100, max_gate_prompts=100,
                             max_reward_examples=5, seed=2)
     assert other.fingerprint() != capped.fingerprint()  # another round, another sample
+
+
+def test_ppo_prompts_are_a_fresh_sample_of_all_training_prompts_each_round(round_db, seed_store):
+    """Issue 13: every round trained on the same md5-ordered prefix. Now each seed draws its
+    own uniform sample of the whole training side; the gate's prompts stay the same."""
+    seed_store(round_db, 10)
+    everything = _read(round_db)
+    training = {p.message_id for p in everything.ppo_prompts}
+    samples = [read_round_data(round_db, held_out_percent=50.0, max_ppo_prompts=3, max_gate_prompts=2, seed=s)
+               for s in range(8)]
+    drawn = [{p.message_id for p in data.ppo_prompts} for data in samples]
+    assert all(len(d) == 3 and d <= training for d in drawn)
+    assert len(set(map(frozenset, drawn))) > 1  # rounds differ
+    assert len(set().union(*drawn)) > 3  # not a fixed prefix
+    assert all(data.counts["training_prompts"] == len(training) for data in samples)
+    assert len({tuple(p.message_id for p in data.gate_prompts) for data in samples}) == 1
+    again = read_round_data(round_db, held_out_percent=50.0, max_ppo_prompts=3, max_gate_prompts=2, seed=5)
+    assert [p.message_id for p in again.ppo_prompts] == [p.message_id for p in samples[5].ppo_prompts]

@@ -1,42 +1,94 @@
-"""The gate's decision: reward must beat serving, KL must stay bounded, no degeneration."""
+"""The gate's decision: reward must beat serving by more than chance under a judge that is
+accurate enough, KL must stay bounded, no degeneration, and NaN fails."""
+
+import math
 
 import pytest
 
-from retrain.gate import GateConfig, decide, degeneration, repetitive
+from retrain.gate import GateConfig, decide, degeneration, repetitive, win_rate_lower_bound
 
 CONFIG = GateConfig()
 HEALTHY = degeneration(["A fine answer."] * 10, [True] * 10, CONFIG)
+TRUSTED = {"reward_accuracy": 0.8, "reward_pairs": 20}  # a judge that passes the floor
+# 10 wins of 12: the candidate scores 1 where serving scores 0, and loses twice.
+WINNING = ([1.0] * 10 + [0.0, 0.0], [0.0] * 10 + [1.0, 1.0])
 
 
-def test_a_better_bounded_healthy_candidate_passes():
-    decision = decide([1.0, 0.5, 0.2, 0.9], [0.0, 0.1, 0.3, 0.0], 2.0, HEALTHY, HEALTHY, CONFIG)
+def test_a_better_bounded_healthy_candidate_passes_with_its_numbers():
+    decision = decide(*WINNING, 2.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
     assert decision.passed, decision.reasons
-    assert decision.metrics["win_rate"] == 0.75
-    assert "passed" in decision.summary()
+    m = decision.metrics
+    assert m["win_rate"] == pytest.approx(10 / 12)
+    # Wilson, two-sided 80% (one-sided 90%), 10 of 12, by hand: z = 1.281552, z^2 = 1.642374,
+    # centre (0.833333 + z^2/24) / (1 + z^2/12) = 0.901766 / 1.136865 = 0.793204, half-width
+    # z sqrt(0.833333 * 0.166667 / 12 + z^2/576) / 1.136865 = 0.135392: lower 0.657813.
+    assert m["win_rate_lower"] == pytest.approx(0.657813, abs=1e-6)
+    assert (m["reward_accuracy"], m["reward_pairs"], m["users_on_serving_answers"]) == (0.8, 20, None)
+    assert "passed" in decision.summary() and "at least 0.658" in decision.summary()
+
+
+def test_the_win_rate_needs_a_confidence_bound_not_a_raw_share():
+    """5 of 5 prompts is a raw 1.00 but only 'at least 0.75' with 90% confidence (Wilson:
+    centre (1 + z^2/10) / (1 + z^2/5) = 1.164237 / 1.328475 = 0.876371, half-width
+    z sqrt(z^2/100) / 1.328475 = 0.123629). 8 of 12 (0.67) is at least 0.48: rejected."""
+    assert win_rate_lower_bound(5, 5, 0.9) == pytest.approx(0.752743, abs=1e-6)
+    assert win_rate_lower_bound(8, 12, 0.5) == pytest.approx(8 / 12)  # 0.5: the raw share
+    eight_of_twelve = ([1.0] * 8 + [0.0] * 4, [0.0] * 8 + [1.0] * 4)
+    decision = decide(*eight_of_twelve, 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
+    assert not decision.passed
+    assert decision.reasons == ["win rate 0.667 on 12 prompts is at least 0.482 with 90% confidence, not above 0.5"]
 
 
 def test_losing_on_reward_is_rejected_with_the_numbers():
-    decision = decide([0.0, 0.0], [1.0, 1.0], 1.0, HEALTHY, HEALTHY, CONFIG)
+    decision = decide([0.0, 0.0], [1.0, 1.0], 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
     assert not decision.passed
     assert any("win rate 0.000" in r for r in decision.reasons)
     assert any("does not beat serving" in r for r in decision.reasons)
 
 
 def test_ties_count_half():
-    decision = decide([1.0, 1.0], [1.0, 1.0], 0.0, HEALTHY, HEALTHY, CONFIG)
+    decision = decide([1.0, 1.0], [1.0, 1.0], 0.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
     assert decision.metrics["win_rate"] == 0.5
     assert not decision.passed
 
 
+def test_a_judge_below_the_accuracy_floor_or_tested_on_too_few_pairs_is_not_trusted():
+    weak = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=0.42, reward_pairs=20)
+    assert weak.reasons == ["the reward model's held-out accuracy 0.420 on 20 pairs is below 0.6"]
+    few = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=1.0, reward_pairs=5)
+    assert few.reasons == ["the reward model's accuracy is measured on 5 held-out pairs (need 8): an untested judge"]
+    at_floor = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=0.6, reward_pairs=8)
+    assert at_floor.passed, at_floor.reasons
+
+
 def test_kl_over_the_bound_is_rejected():
-    decision = decide([2.0], [0.0], CONFIG.max_kl + 0.1, HEALTHY, HEALTHY, CONFIG)
+    decision = decide(*WINNING, CONFIG.max_kl + 0.1, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
     assert decision.reasons == [f"KL to the reference {CONFIG.max_kl + 0.1:.3f} nats exceeds the bound {CONFIG.max_kl}"]
+
+
+def test_nan_anywhere_fails():
+    """Issue 13: `kl > max_kl` is False for NaN, so a NaN KL used to pass."""
+    nan = math.nan
+    kl = decide(*WINNING, nan, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
+    assert kl.reasons == ["the KL is not a finite number (nan)"]
+    scores = decide([nan] + WINNING[0][1:], WINNING[1], 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
+    assert not scores.passed and "a candidate score is not a finite number (nan)" in scores.reasons
+    serving = decide(WINNING[0], [math.inf] + WINNING[1][1:], 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)
+    assert "a serving score is not a finite number (inf)" in serving.reasons
+    judge = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=nan, reward_pairs=20)
+    assert judge.reasons == ["the reward model's accuracy is not a finite number (nan)"]
+
+
+def test_the_users_verdicts_on_serving_answers_are_recorded_with_the_decision():
+    users = {"version": "base", "accuracy": 0.75, "pairs": 4, "thumbs": 0}
+    decision = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED, users=users)
+    assert decision.metrics["users_on_serving_answers"] == users
 
 
 def test_degenerate_answers_are_rejected_even_with_high_reward():
     looping = "yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes"
     candidate = degeneration(["", looping, looping, "ok"], [True, False, False, True], CONFIG)
-    decision = decide([5.0] * 4, [0.0] * 4, 1.0, candidate, HEALTHY, CONFIG)
+    decision = decide([5.0] * 12, [0.0] * 12, 1.0, candidate, HEALTHY, CONFIG, **TRUSTED)
     assert not decision.passed
     joined = " | ".join(decision.reasons)
     assert "empty" in joined and "cut off without EOS" in joined and "repetitive" in joined
@@ -50,4 +102,4 @@ def test_repetition_detector():
 
 def test_mismatched_scores_are_an_error():
     with pytest.raises(ValueError):
-        decide([1.0], [], 0.0, HEALTHY, HEALTHY, CONFIG)
+        decide([1.0], [], 0.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED)

@@ -21,6 +21,7 @@ from retrain.ppo import (
     answer_logits_and_hidden,
     apply_no_eos_penalty,
     compute_gae,
+    group_advantages,
     kl_penalised_rewards,
     left_pad,
     make_value_head,
@@ -29,8 +30,11 @@ from retrain.ppo import (
     normalise_scores,
     prepare_policy,
     reference_policy,
+    reward_to_go,
     token_logprobs,
     train_ppo,
+    warm_up_critic,
+    whiten_sequences,
 )
 
 EOS = 2  # <|im_end|> in SmolLM2's tokenizer, also its pad token
@@ -153,6 +157,64 @@ def test_gae_with_lambda_one_and_no_values_is_reward_to_go():
     advantages, _ = compute_gae(rewards, torch.zeros(1, 4), mask, gamma=0.9, lam=1.0)
     # 1.0 | -0.2 + 0.9 * 1.0 = 0.7 | 0.1 + 0.9 * 0.7 = 0.73
     assert torch.allclose(advantages, torch.tensor([[0.73, 0.7, 1.0, 0.0]]))
+
+
+def test_rloo_advantages_on_a_small_group_by_hand():
+    """Two prompts, k = 3 answers each (rows 0-2: prompt 0, rows 3-5: prompt 1). RLOO: the
+    return minus the mean of the group's other two returns."""
+    returns = torch.tensor([1.0, 2.0, 6.0, -1.0, -1.0, 2.0])
+    advantages = group_advantages(returns, 3, "rloo")
+    # 1 - (2 + 6)/2 = -3 | 2 - (1 + 6)/2 = -1.5 | 6 - (1 + 2)/2 = 4.5
+    # -1 - (-1 + 2)/2 = -1.5 | -1.5 | 2 - (-1 - 1)/2 = 3
+    assert advantages.tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    # Equal returns teach nothing: every advantage 0.
+    assert group_advantages(torch.tensor([0.7, 0.7]), 2, "rloo").tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(returns, 4, "rloo")
+
+
+def test_grpo_normalises_within_the_group():
+    # Group [1, 2, 6]: mean 3, unbiased std sqrt(((-2)^2 + (-1)^2 + 3^2) / 2) = sqrt(7) = 2.645751.
+    advantages = group_advantages(torch.tensor([1.0, 2.0, 6.0]), 3, "grpo")
+    std = math.sqrt(7) + 1e-4
+    assert advantages.tolist() == pytest.approx([-2 / std, -1 / std, 3 / std])
+    assert whiten_sequences(torch.tensor([1.0, 3.0])).tolist() == pytest.approx([-0.707107, 0.707107], abs=1e-6)
+
+
+def test_group_estimators_put_the_sequence_advantage_on_every_token_with_the_kl_in_the_return():
+    """An answer's return under rloo is its score minus beta times its KL summed: the per-token
+    rewards summed. Row 0: 1 - 0.5 * (0.2 + 0.4) = 0.7; row 1: 0 - 0.5 * 0.2 = -0.1 (one token)."""
+    scores = torch.tensor([1.0, 0.0])
+    logp = torch.tensor([[-1.0, -1.0], [-1.0, 0.0]])
+    ref_logp = torch.tensor([[-1.2, -1.4], [-1.2, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    rewards, _, _ = kl_penalised_rewards(scores, logp, ref_logp, mask, beta=0.5)
+    assert rewards.sum(1).tolist() == pytest.approx([0.7, -0.1])
+    advantages = group_advantages(rewards.sum(1), 2, "rloo")  # 0.7 - (-0.1) = 0.8, and -0.8
+    per_token = advantages[:, None] * mask
+    torch.testing.assert_close(per_token, torch.tensor([[0.8, 0.8], [-0.8, 0.0]]))
+
+
+def test_reward_to_go_is_the_critics_warm_up_target():
+    rewards = torch.tensor([[0.0, -0.1, 1.0], [2.0, 5.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    # row 0: 0.9 | 0.9 | 1.0 (gamma 1); row 1 ends after its first token: 2 | 0 | 0
+    torch.testing.assert_close(reward_to_go(rewards, mask), torch.tensor([[0.9, 0.9, 1.0], [2.0, 0.0, 0.0]]))
+
+
+def test_the_critics_warm_start_fits_the_returns_before_the_policy_moves():
+    """A critic starting at zero is fitted to returns it can express exactly (a linear map of
+    its features): the error falls from the returns' mean square to near 0."""
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 3, 8)
+    truth = torch.nn.Linear(8, 1)
+    returns = truth(hidden).squeeze(-1).detach()
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    head = make_value_head(8)
+    before, after = warm_up_critic(head, hidden, returns * mask, mask, steps=300, learning_rate=0.05)
+    expected_before = ((returns * mask) ** 2).sum() / mask.sum()  # zero head: error = mean of returns^2
+    assert before == pytest.approx(expected_before.item(), rel=1e-5)
+    assert after < 0.01 * before
 
 
 def test_kl_penalised_reward_puts_score_on_last_real_token():
@@ -331,7 +393,8 @@ def cats_reward(prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
     return torch.tensor([1.0 if "cats" in answer else 0.0 for answer in answers])
 
 
-def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model):
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "gae"])
+def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model, estimator):
     prompts = [conversation(p) for p in PROMPTS]
     before = [answer_probability(sft_model, tokenizer, p, TARGET) for p in PROMPTS]
     assert 0.1 < sum(before) / len(before) < 0.45  # the SFT mixture: about 1 in 4, room to grow
@@ -343,6 +406,7 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model):
     config = PPOConfig(
         num_iterations=6, batch_size=16, mini_batch_size=8, micro_batch_size=16, max_new_tokens=10,
         temperature=1.0, learning_rate=1e-3, kl_coef=0.1, lora_r=8, lora_alpha=16, seed=0,
+        advantage_estimator=estimator,
     )  # fmt: skip
     result = train_ppo(sft_model, tokenizer, prompts, cats_reward, config)
 
@@ -362,8 +426,11 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model):
     assert stats[-1]["kl"] > 0.3
     for s in stats:
         assert all(math.isfinite(v) for v in s.values())
-        assert {"entropy", "clip_frac", "value_loss", "policy_loss", "approx_kl", "response_length",
+        assert {"entropy", "clip_frac", "policy_loss", "approx_kl", "response_length", "advantage_abs_mean",
                 "eos_rate", "non_score_reward", "generation_s", "scoring_s", "training_s"} <= s.keys()  # fmt: skip
+        assert ("value_loss" in s) == (estimator == "gae")  # only GAE has a critic
+    if estimator == "gae":  # the critic was fitted before the first update
+        assert stats[0]["value_warmup_error_after"] < stats[0]["value_warmup_error_before"]
     assert result.config == asdict(config)
     assert all(f.metadata.get("help") for f in fields(PPOConfig))
 

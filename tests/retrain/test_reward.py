@@ -11,6 +11,7 @@ import torch
 
 from retrain.reward import (
     RewardConfig,
+    accuracy_report,
     last_token_index,
     load_reward_model,
     new_reward_model,
@@ -135,6 +136,45 @@ def test_each_group_counts_once_however_many_pairs_it_has():
     torch.testing.assert_close(centred, expected + 0.1 * scores.mean() ** 2)
 
 
+def test_a_same_verdict_is_a_tie_term_least_at_equal_scores():
+    """A tie is Bradley-Terry with target 1/2: -(log s(d) + log s(-d)) / 2, d = r_a - r_b.
+    By hand: d = 0 gives ln 2 = 0.693147; d = 2 gives (ln(1 + e^-2) + ln(1 + e^2)) / 2
+    = (0.126928 + 2.126928) / 2 = 1.126928. It shares its group's weight with the strict pair."""
+    group = EncodedGroup(sequences=[[1], [2], [3]], pairs=[(0, 1)], ties=[(1, 2)])
+    batch = collate([group], pad_id=0)
+    assert batch["pair_weight"].tolist() == [0.5] and batch["tie_weight"].tolist() == [0.5]
+    assert (batch["tie_a"].tolist(), batch["tie_b"].tolist()) == ([1], [2])
+
+    equal = torch.tensor([1.0, 0.0, 0.0])  # pair margin 1, tie margin 0
+    loss, stats = preference_loss(equal, batch, thumb_weight=0.5, center_coef=0.0, tie_weight=1.0)
+    pair_term = -torch.nn.functional.logsigmoid(torch.tensor(1.0))  # ln(1 + e^-1) = 0.313262
+    torch.testing.assert_close(loss, 0.5 * pair_term + 0.5 * torch.tensor(0.693147), atol=1e-6, rtol=0)
+    assert (stats["pairs"], stats["ties"]) == (1, 1)
+
+    apart = torch.tensor([1.0, 2.0, 0.0])  # pair margin -1, tie margin 2
+    loss, _ = preference_loss(apart, batch, 0.5, 0.0, tie_weight=1.0)
+    torch.testing.assert_close(loss, torch.tensor(0.5 * 1.313262 + 0.5 * 1.126928), atol=1e-6, rtol=0)
+    without, _ = preference_loss(apart, batch, 0.5, 0.0, tie_weight=0.0)  # ties left out
+    torch.testing.assert_close(without, torch.tensor(0.5 * 1.313262), atol=1e-6, rtol=0)
+
+
+def test_a_tie_in_a_group_is_counted_apart_from_the_strict_pairs():
+    prompt = [{"role": "user", "content": "q"}]
+    data = RewardData([ComparisonGroup(prompt, [PreferencePair("a", "b"), PreferencePair("b", "c", tie=True)])])
+    assert data.counts() == {"groups": 1, "pairs": 1, "ties": 1, "thumbs": 0}
+
+
+def test_held_out_accuracy_comes_with_its_pair_count_and_a_wilson_interval():
+    """Wilson 95% for 8 of 10 by hand: z = 1.959964, centre (0.8 + z^2/20) / (1 + z^2/10)
+    = 0.992073 / 1.384146 = 0.716740, half-width z sqrt(0.016 + z^2/400) / 1.384146 = 0.226578:
+    [0.490162, 0.943318] (so 8 of 10 does not yet show the judge beats a coin)."""
+    report = accuracy_report(8, 10, thumbs_correct=3, thumbs=4)
+    assert (report["accuracy"], report["pairs"], report["thumbs"]) == (0.8, 10, 4)
+    assert report["accuracy_interval"] == pytest.approx([0.490162, 0.943318], abs=1e-5)
+    assert report["thumb_accuracy"] == 0.75 and report["thumb_accuracy_interval"][0] < 0.75
+    assert accuracy_report(0, 0)["accuracy_interval"] is None
+
+
 def test_warm_start_resumes_from_the_previous_model(tiny_model_dir, tmp_path):
     train, held_out = planted_rule_data(96, seed=3), planted_rule_data(48, seed=4)
     first = train_reward_model(train, tiny_config(tiny_model_dir, lora_rank=8), tmp_path / "first", eval_data=held_out)
@@ -228,7 +268,7 @@ def test_reads_trl_preference_jsonl(tmp_path):
 
     data = read_preference_jsonl(path)
 
-    assert data.counts() == {"groups": 2, "pairs": 3, "thumbs": 1}
+    assert data.counts() == {"groups": 2, "pairs": 3, "ties": 0, "thumbs": 1}
     assert data.groups[0].answers() == ["a", "b", "c"]
     assert data.thumbs[0].label == -1
 

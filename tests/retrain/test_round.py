@@ -10,24 +10,27 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import torch
 from psycopg.rows import dict_row
 
 from deploy import checkpoint, registry
 from deploy.base_model import resolve_base_model
 from retrain import round as round_module
-from retrain.round import STAGES, RoundFailed, run_round
+from retrain.round import STAGES, RoundFailed, round_seed, run_round
 from retrain.settings import RetrainSettings
 
 # A gate that anything passes (and one that nothing passes): the round's plumbing is under
 # test here, not the tiny random model's answers.
 LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
-                "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0}
+                "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0,
+                "min_reward_accuracy": 0.0, "min_reward_pairs": 0}
 STRICT_GATE = {**LENIENT_GATE, "max_kl": -1.0}
 
 
-def _with_gate(settings: RetrainSettings, tmp_path: Path, gate: dict, **round_fields) -> RetrainSettings:
+def _with_gate(settings: RetrainSettings, tmp_path: Path, gate: dict, ppo: dict | None = None,
+               **round_fields) -> RetrainSettings:
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.json"
-    path.write_text(json.dumps({"gate": gate, "round": round_fields}))
+    path.write_text(json.dumps({"gate": gate, "round": round_fields, "ppo": ppo or {}}))
     return settings.model_copy(update={"retrain_config_file": path})
 
 
@@ -72,8 +75,12 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
     assert set(manifest.config) >= {"round", "reward", "ppo", "gate", "data", "serving"}
     assert manifest.config["ppo"]["num_iterations"] == 1
     assert manifest.config["round"]["run_id"] == result.run_id
+    # The round's seed derives from the run's seed and id, and seeds PPO and the reward model.
+    assert manifest.config["ppo"]["seed"] == manifest.config["reward"]["seed"] == round_seed(0, result.run_id)
     assert manifest.data_counts == {k: v for k, v in row["counts"].items() if isinstance(v, int)}
     assert manifest.metrics["gate"]["win_rate"] == row["metrics"]["gate"]["win_rate"]
+    assert row["metrics"]["critic_from"] == "none"  # the default estimator (rloo) has no critic
+    assert not (Path(candidate.path) / round_module.CRITIC_FILE).exists()
     gate_ids = set(manifest.config["data"]["gate_prompt_ids"])
     assert gate_ids and not gate_ids & set(manifest.config["data"]["ppo_prompt_ids"])
 
@@ -84,6 +91,64 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
         child = registry.get(conn, second.candidate_id)
     assert child.parent_id == result.candidate_id
     assert second.metrics["reward"]["warm_started_from"] == row["metrics"]["reward"]["path"]
+
+
+def test_each_rounds_seed_derives_from_the_run_and_differs_between_rounds():
+    # sha256("0:1") begins ef134f2a; its first 4 bytes with the top bit cleared: 0x6f134f2a.
+    assert round_seed(0, 1) == 0x6F134F2A == 1863536426
+    seeds = {round_seed(0, run) for run in range(1, 50)}
+    assert len(seeds) == 49 and round_seed(1, 2) != round_seed(2, 1)
+    assert round_seed(7, 3) == round_seed(7, 3)
+
+
+def test_gaes_critic_is_kept_in_the_checkpoint_and_the_next_round_starts_from_it(
+    round_db, round_settings, seed_store, tmp_path
+):
+    from safetensors.torch import load_file
+
+    seed_store(round_db, 8)
+    _serving_base(round_db, round_settings)
+    settings = _with_gate(round_settings, tmp_path, LENIENT_GATE, ppo={"advantage_estimator": "gae"})
+    first = run_round(settings, "manual")
+    assert first.status == "succeeded", first.reason
+    # The tiny reward model is as deep as the tiny policy: the critic starts as its head.
+    assert first.metrics["critic_from"] == "reward model head"
+    assert first.metrics["ppo"]["iterations"][0]["value_warmup_error_after"] is not None
+    with registry.connect(round_db) as conn:
+        path = Path(registry.get(conn, first.candidate_id).path)
+    saved = load_file(path / round_module.CRITIC_FILE)
+    assert saved["weight"].shape[0] == 1 and checkpoint.verify(path).files[round_module.CRITIC_FILE]
+
+    second = run_round(settings, "schedule")
+    assert second.metrics["critic_from"] == f"checkpoint {first.candidate_id}"
+
+
+class LengthJudge:
+    """A reward model stand-in for the pure ranking function: raw score = answer length."""
+
+    def score(self, conversations, normalized=True):
+        return torch.tensor([float(len(answer)) for _, answer in conversations])
+
+
+def test_the_users_verdicts_on_the_serving_policys_answers_are_ranked_by_the_judge():
+    from retrain.reward_data import ComparisonGroup, PreferencePair, RewardData, ThumbLabel
+
+    prompt = [{"role": "user", "content": "q"}]
+    mine = ("base", "base")
+    held = RewardData(
+        [ComparisonGroup(prompt, [
+            PreferencePair("a longer answer", "short", versions=mine),  # judge agrees
+            PreferencePair("tiny", "a longer one", versions=mine),  # judge disagrees
+            PreferencePair("abc", "xyz", versions=mine),  # equal length: half
+            PreferencePair("same", "sane", tie=True, versions=mine),  # a tie: not a ranking
+            PreferencePair("a longer answer", "short", versions=("rl-1", "base")),  # not all serving's
+        ])],
+        [ThumbLabel(prompt, "ok", 1, version="base"), ThumbLabel(prompt, "fine", 1, version="other")],
+    )
+    report = round_module.users_on_serving_answers(LengthJudge(), held, "base")
+    assert (report["version"], report["pairs"], report["accuracy"]) == ("base", 3, pytest.approx(1.5 / 3))
+    assert (report["thumbs"], report["thumb_accuracy"]) == (1, 1.0)  # raw score 2 > 0 on a thumb up
+    assert round_module.users_on_serving_answers(LengthJudge(), held, "nobody") is None
 
 
 def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays(
