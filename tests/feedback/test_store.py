@@ -435,6 +435,14 @@ REFUSALS = {
         s, w.alice, w.chat.id, title="t" * (LIMITS.max_title_chars + 1))),
     "NUL in content": (errors.InvalidInput, lambda s, w:
         store.add_message(s, w.alice, w.chat.id, w.b1.id, "user", "a\x00b")),
+    "lone surrogate in content": (errors.InvalidInput, lambda s, w:
+        store.add_message(s, w.alice, w.chat.id, w.b1.id, "user", "a\ud800b")),
+    "lone surrogate in a title": (errors.InvalidInput, lambda s, w:
+        store.update_conversation(s, w.alice, w.chat.id, title="\udfff")),
+    "lone surrogate in a reason": (errors.InvalidInput, lambda s, w:
+        store.record_rating(s, w.alice, w.a1.id, 1, "why \ud83d")),
+    "NUL in a path looked up": (errors.InvalidInput, lambda s, w:
+        store.find_path(s, w.alice, [{"role": "user", "content": "a\x00"}])),
     "unknown role": (errors.InvalidInput, lambda s, w:
         store.add_message(s, w.alice, w.chat.id, w.b1.id, "robot", "beep")),
     "answer without model version": (errors.InvalidInput, lambda s, w:
