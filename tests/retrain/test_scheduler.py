@@ -64,7 +64,7 @@ def test_a_bad_crontab_line_is_refused(round_db):
 def test_feedback_since_the_last_round_is_counted(round_db, seed_store):
     seeded = seed_store(round_db, 3, private=2)
     # Per usable conversation: the comparison and two thumbs; opted-out conversations never count.
-    everything = seeded.comparisons + seeded.pointwise_thumbs + 3
+    everything = seeded.comparisons + seeded.thumbs
     assert new_feedback_since(round_db, None) == everything == 9
     assert enough_new_feedback(round_db, 9) and not enough_new_feedback(round_db, 10)
 
