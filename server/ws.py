@@ -7,7 +7,10 @@ closes the connection. `cancel` stops the connection's running answers (or the o
 `message_id`); each then ends with `done` and finish_reason "cancelled", its partial text
 stored; a cancel with nothing running is ignored (it raced the end of the answer).
 
-When the socket closes, running answers are cancelled and stored the same way.
+When the socket closes, running answers are cancelled and stored the same way. While the
+database is unavailable, frames that need it get `database_unavailable` (a handshake: that
+frame, then close code 1013); on SIGTERM the socket's answers finish (server/shutdown.py) and
+it is closed with 1012, reason "shutting_down".
 Frames larger than MAX_FRAME_BYTES get a `frame_too_large` error; frames beyond the transport's
 hard cap (uvicorn's ws_max_size, 4x that) close the connection with code 1009.
 """
@@ -21,6 +24,7 @@ import logging
 from typing import Annotated
 from uuid import UUID
 
+import psycopg
 from fastapi import APIRouter, Depends, WebSocket
 from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -30,13 +34,15 @@ from feedback.errors import StoreError
 from . import wire
 from .auth import TOKEN_HEADER, authenticate, token_from
 from .chat import Answer, Chat
-from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, to_wire
+from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, ShuttingDown, to_wire
 from .rest import get_chat
+from .shutdown import CLOSE_REASON, SERVICE_RESTART
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 POLICY_VIOLATION = 1008  # websocket close code for a refused identity
+TRY_AGAIN_LATER = 1013  # close code when the handshake could not reach the database
 CLOSE_TIMEOUT_S = 10  # how long a closed socket's answers get to end and be stored
 
 
@@ -148,6 +154,16 @@ class Session:
                 )
             )
 
+    async def close_for_shutdown(self) -> None:
+        """The server drains (server/shutdown.py): once this socket's answers have sent their
+        last frames, close it with 1012 and a reason, so the client knows to reconnect."""
+        tasks = [task for _, task in self.running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code=SERVICE_RESTART, reason=CLOSE_REASON)
+
     async def close(self) -> None:
         """The socket is gone: cancel running answers and wait until they are stored."""
         running = list(self.running.values())
@@ -165,17 +181,22 @@ class Session:
 @router.websocket("/ws")
 async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_chat)]) -> None:
     try:
+        if websocket.app.state.draining:
+            raise ShuttingDown()
         caller = await authenticate(chat.pool, chat.settings, token_from(websocket))
-    except (ServerError, StoreError) as exc:
+    except (ServerError, StoreError, psycopg.OperationalError) as exc:
         # Accept first so the client can read why, then close: a bare 403 explains nothing.
         await websocket.accept()
         _, frame = to_wire(exc)
         await websocket.send_text(frame.model_dump_json())
-        await websocket.close(code=POLICY_VIOLATION, reason=frame.code)
+        code = {ShuttingDown.code: SERVICE_RESTART, "database_unavailable": TRY_AGAIN_LATER}
+        await websocket.close(code=code.get(frame.code, POLICY_VIOLATION), reason=frame.code)
         return
     headers = [(TOKEN_HEADER.lower().encode(), caller.minted_token.encode())] if caller.minted_token else None
     await websocket.accept(headers=headers)
     session = Session(websocket, caller.user, chat)
+    sessions = websocket.app.state.sessions
+    sessions.add(session)
     try:
         while True:
             message = await websocket.receive()
@@ -193,6 +214,7 @@ async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_ch
     except Exception:  # a send on a socket that just went away, mostly
         log.debug("websocket of user %s ended", caller.user.id, exc_info=True)
     finally:
+        sessions.discard(session)
         await session.close()
         if websocket.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
