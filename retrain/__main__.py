@@ -7,7 +7,9 @@
 
 Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the round failed
 (its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate, 4 skipped
-(too little data), 5 another round is running. `--json` prints one JSON document on stdout;
+(too little data), 5 another round is running, 143 stopped by SIGTERM (its row says
+'interrupted'; nothing registered or promoted). `serve` on SIGTERM starts no new round, lets
+the running one stop at its next stage (recorded 'interrupted') and exits 0. `--json` prints one JSON document on stdout;
 logs and progress bars go to stderr.
 
 Several processes: `accelerate launch --num_processes N -m retrain once` runs the round as N
@@ -137,14 +139,30 @@ def _fail(args, speaks: bool, code: str, message: str, exit_code: int, **extra) 
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM ends the round like an exception, so it records itself failed and removes what it
-    wrote: a launcher stops the other processes this way when one of them failed, and so do
-    `kill` and service managers. A second SIGTERM ends the process at once."""
+    """SIGTERM ends the round like an interrupt, so it records itself 'interrupted' (serving
+    untouched) and removes what it wrote: a launcher stops the other processes this way when one
+    of them failed, and so do `kill` and service managers. A second SIGTERM ends the process at
+    once."""
+    from .runs import RoundInterrupted
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if sys.exc_info()[1] is None:  # not in the middle of recording a failure already
-            raise SystemExit(128 + signum)
+            raise RoundInterrupted(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_serving_on_sigterm(scheduler) -> None:
+    """`serve` runs rounds in a worker thread, which a signal cannot interrupt: SIGTERM stops the
+    scheduler (no new rounds) and asks the running round to stop at its next stage, where it is
+    recorded 'interrupted'. A second SIGTERM ends the process at once."""
+    from .runs import request_stop
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        request_stop(signum)
+        raise SystemExit(0)  # out of scheduler.start(); cmd_serve waits for the round
 
     signal.signal(signal.SIGTERM, stop)
 
@@ -234,9 +252,16 @@ def cmd_serve(args, settings) -> int:
     # apscheduler logs every run of the feedback watcher at INFO: once a minute, forever.
     logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
     log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))
+    _stop_serving_on_sigterm(scheduler)
     try:
         scheduler.start()
-    except (KeyboardInterrupt, SystemExit):
+    except (KeyboardInterrupt, SystemExit) as exc:
+        from .runs import request_stop
+
+        if isinstance(exc, KeyboardInterrupt):
+            request_stop(signal.SIGINT)  # Ctrl-C too: a running round stops at its next stage
+        log.info("scheduler stopping: waiting for a running round to stop at its next stage")
+        scheduler.shutdown(wait=True)
         log.info("scheduler stopped")
     return EXIT_OK
 

@@ -69,7 +69,7 @@ from .ppo import (
 from .reward import MANIFEST as REWARD_MANIFEST
 from .reward import load_reward_model, read_manifest, train_reward_model
 from .ranks import gather, my_share, share, this_process
-from .runs import Run, recorded_run
+from .runs import Run, recorded_run, stop_if_asked
 from .settings import RetrainConfig, RetrainSettings
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
 def _stopwatch(timings: dict):
     @contextmanager
     def timed(stage: str) -> Iterator[None]:
+        stop_if_asked(stage)  # `retrain serve` got SIGTERM: the round ends here, interrupted
         started = time.perf_counter()
         try:
             yield
