@@ -18,6 +18,14 @@ How a turn ends is always recorded, one way for every cause:
 - "cancelled": a cancel frame, a closed websocket or a dropped HTTP stream. The partial answer
   (possibly empty) is stored with finish_reason "cancelled", so the tree shows what was seen;
 - "error": the engine failed mid-answer; the partial answer is stored and the client is told.
+What is stored of a cut answer is what the client received: a piece is kept once its consumer
+has sent it on and asked for the next.
+
+Storing the answer is retried while the database is unavailable (ANSWER_STORE_RETRY_S). If it
+still cannot be stored, the turn stays as it was when the answer started - the user's message
+stored, no answer under it - and the client is told exactly that (`answer_not_stored`).
+Shutting down (server/shutdown.py) sets `draining`: no new turn starts, and `running` is what
+the drain waits for.
 """
 
 from __future__ import annotations
@@ -215,12 +223,7 @@ class Answer:
                 if waited + delay > self.chat.settings.answer_store_retry_s:
                     log.error("answer %s not stored: the database stayed unavailable for %.1f s (%s)",
                               self.message_id, waited, exc)
-                    self.finish_reason = "error"
-                    self.error = AnswerNotStored(
-                        self.message_id, self.parent_id, waited, DB_RETRY_AFTER_S
-                    )
-                    if self.chat.metrics:
-                        self.chat.metrics.answers.labels("not_stored", self.model_version).inc()
+                    self._not_stored(f"the database was unavailable for {waited:.0f} s")
                     return
                 log.warning("answer %s: the database is unavailable (%s); retrying in %.2f s",
                             self.message_id, exc, delay)
@@ -228,12 +231,15 @@ class Answer:
                 delay = min(delay * 2, STORE_RETRY_MAX_DELAY_S)
             except Exception as exc:
                 log.exception("could not store answer %s", self.message_id)
-                self.finish_reason = "error"
-                self.error = exc
+                self._not_stored(f"storing it failed ({type(exc).__name__})")
                 return
         if self.chat.metrics:
             self.chat.metrics.answers.labels(self.finish_reason, self.model_version).inc()
             self.chat.metrics.answer_tokens.labels(self.model_version).inc(self.completion_tokens)
+
+    def _not_stored(self, why: str) -> None:
+        self.finish_reason = "error"
+        self.error = AnswerNotStored(self.message_id, self.parent_id, why, DB_RETRY_AFTER_S)
 
     async def _write(self) -> Message:
         async with self.chat.pool.connection() as conn:

@@ -165,18 +165,19 @@ class DatabaseUnavailable(ServerError):
 
 
 class AnswerNotStored(ServerError):
-    """An answer was generated (and streamed) but the database stayed unavailable for
-    ANSWER_STORE_RETRY_S: the turn is left with the user's message stored and no answer."""
+    """An answer was generated (and streamed) but could not be stored (the database stayed
+    unavailable for ANSWER_STORE_RETRY_S, or the write failed): the turn is left with the user's
+    message stored and no answer under it."""
 
     code = "answer_not_stored"
     http_status = 503
 
-    def __init__(self, message_id, question_id, waited_s: float, retry_after_s: float) -> None:
+    def __init__(self, message_id, question_id, why: str, retry_after_s: float) -> None:
         self.retry_after_s = max(1, math.ceil(retry_after_s))
         super().__init__(
-            f"the answer {message_id} could not be stored: the database was unavailable for "
-            f"{waited_s:.0f} s. Your message {question_id} is stored, with no answer under it; "
-            "send it again (or regenerate) once the service is back to get an answer that is kept"
+            f"the answer {message_id} could not be stored: {why}. Your message {question_id} is "
+            "stored, with no answer under it; send it again once the service is back to get an "
+            "answer that is kept"
         )
 
 

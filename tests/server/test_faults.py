@@ -26,6 +26,8 @@ from server_testkit import connect, make_settings, new_token, serve, ws_url
 
 # A long answer: the tiny random model at the highest temperature almost never samples EOS.
 LONG = {"temperature": 2.0, "max_new_tokens": 900}
+# Long enough to outlast stopping the database (well under a second) after its first token.
+MEDIUM = {"temperature": 2.0, "max_new_tokens": 400}
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ async def test_an_answer_finished_while_the_database_is_down_is_retried_then_sto
     settings = make_settings(owned_pg.url, tmp_path, answer_store_retry_s=30,
                              max_new_tokens_limit=900)
     async with serve(settings, engine) as url, connect(url, new_token()) as ws:
-        await ws.send({"type": "message", "content": "a long one", "params": LONG})
+        await ws.send({"type": "message", "content": "a long one", "params": MEDIUM})
         started = await ws.expect("started")
         await ws.expect("token")
         await asyncio.to_thread(owned_pg.stop)
@@ -114,7 +116,7 @@ async def test_an_answer_that_cannot_be_stored_says_so_and_leaves_its_question_a
     settings = make_settings(owned_pg.url, tmp_path, answer_store_retry_s=1.0,
                              max_new_tokens_limit=900)
     async with serve(settings, engine) as url, connect(url, new_token()) as ws:
-        await ws.send({"type": "message", "content": "a long one", "params": LONG})
+        await ws.send({"type": "message", "content": "a long one", "params": MEDIUM})
         started = await ws.expect("started")
         await ws.expect("token")
         await asyncio.to_thread(owned_pg.stop)
