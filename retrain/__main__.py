@@ -26,6 +26,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -154,15 +155,29 @@ def _stop_on_sigterm() -> None:
 
 
 def _stop_serving_on_sigterm(scheduler) -> None:
-    """`serve` runs rounds in a worker thread, which a signal cannot interrupt: SIGTERM stops the
-    scheduler (no new rounds) and asks the running round to stop at its next stage, where it is
-    recorded 'interrupted'. A second SIGTERM ends the process at once."""
+    """`serve` runs rounds in a worker thread, which a signal cannot interrupt: SIGTERM asks the
+    running round to stop at its next stage (recorded 'interrupted') and shuts the scheduler
+    down (no new rounds), waiting for that round; then `scheduler.start()` returns. The shutdown
+    runs in a thread of its own, not in the handler: the handler interrupts the scheduler's
+    thread, possibly inside one of its locks. A second SIGTERM ends the process at once."""
+    import threading
+
     from .runs import request_stop
+
+    def shut_down() -> None:
+        from apscheduler.schedulers import SchedulerNotRunningError
+
+        for _ in range(200):  # a signal just before start(): wait until it runs
+            try:
+                scheduler.shutdown(wait=True)
+                return
+            except SchedulerNotRunningError:
+                time.sleep(0.05)
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         request_stop(signum)
-        raise SystemExit(0)  # out of scheduler.start(); cmd_serve waits for the round
+        threading.Thread(target=shut_down, name="stop-scheduler", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
 
@@ -251,18 +266,18 @@ def cmd_serve(args, settings) -> int:
         return _fail(args, False, "usage", str(exc), EXIT_USAGE)
     # apscheduler logs every run of the feedback watcher at INFO: once a minute, forever.
     logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
-    log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))
-    _stop_serving_on_sigterm(scheduler)
-    try:
-        scheduler.start()
-    except (KeyboardInterrupt, SystemExit) as exc:
-        from .runs import request_stop
+    from .runs import STOP_REQUESTED, request_stop
 
-        if isinstance(exc, KeyboardInterrupt):
-            request_stop(signal.SIGINT)  # Ctrl-C too: a running round stops at its next stage
+    _stop_serving_on_sigterm(scheduler)
+    log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))
+    try:
+        if not STOP_REQUESTED.is_set():
+            scheduler.start()  # returns once SIGTERM's shutdown is done
+    except KeyboardInterrupt:
+        request_stop(signal.SIGINT)  # Ctrl-C: a running round stops at its next stage
         log.info("scheduler stopping: waiting for a running round to stop at its next stage")
         scheduler.shutdown(wait=True)
-        log.info("scheduler stopped")
+    log.info("scheduler stopped")
     return EXIT_OK
 
 

@@ -81,3 +81,34 @@ def test_a_stop_request_interrupts_a_round_at_its_next_stage(round_db, round_set
     (run,) = _rows(round_db, "SELECT status, error FROM retrain_runs")
     assert run == {"status": "interrupted", "error": "interrupted by SIGTERM before read_data"}
     assert _rows(round_db, "SELECT id, status FROM checkpoints") == [{"id": base_id, "status": "serving"}]
+
+
+def test_sigterm_stops_serve_mid_round_and_it_exits_0(round_db, round_settings, seed_store):
+    seed_store(round_db, 8)
+    base_id = _serve_base(round_db, round_settings)
+    budgets = {n: getattr(round_settings, n) for n in type(round_settings).model_fields if n.startswith("retrain_")}
+    env = {
+        **os.environ,
+        **{n.upper(): str(v) for n, v in budgets.items() if v is not None},
+        # A round as soon as the scheduler counts the seeded feedback.
+        "RETRAIN_MIN_NEW_FEEDBACK": "1", "RETRAIN_FEEDBACK_CHECK_SECONDS": "0.5",
+        "DATABASE_URL": round_db, "MODEL": round_settings.model, "DATA_DIR": str(round_settings.data_dir),
+    }
+    process = subprocess.Popen([sys.executable, "-m", "retrain", "serve"], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _rows(round_db, "SELECT id FROM retrain_runs WHERE status = 'running'"):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "no round started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "scheduler stopped" in output and "Traceback" not in output, output[-3000:]
+    (run,) = _rows(round_db, "SELECT status, error FROM retrain_runs")
+    assert run["status"] == "interrupted" and run["error"].startswith("interrupted by SIGTERM before")
+    assert _rows(round_db, "SELECT id, status FROM checkpoints") == [{"id": base_id, "status": "serving"}]

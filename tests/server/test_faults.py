@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,14 @@ async def test_a_database_outage_is_503_with_retry_after_and_service_returns_wit
                 assert response.json()["code"] == "database_unavailable"
                 assert int(response.headers["Retry-After"]) >= 1
                 assert took < 3.0, f"a request waited {took:.1f} s while the database was down"
+            # The OpenAI API in OpenAI's error shape, and a thumb: 503 too.
+            response = await client.post("/v1/chat/completions", headers={"Authorization": f"Bearer {tokens[1]}"},
+                                         json={"messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code == 503 and "Retry-After" in response.headers
+            assert response.json()["error"]["code"] == "database_unavailable"
+            response = await client.post(f"/api/messages/{uuid.uuid4()}/feedback", json={"rating": 1},
+                                         headers={"Authorization": f"Bearer {tokens[2]}"})
+            assert response.status_code == 503 and response.json()["code"] == "database_unavailable"
             # The open websocket answers with the matching frame and stays usable.
             await ws.send({"type": "message", "content": "while it is down"})
             error = await ws.expect("error", timeout=10)
