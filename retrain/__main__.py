@@ -102,7 +102,7 @@ def cmd_once(args, settings) -> int:
         if launcher:
             result = launch_round(settings, args.trigger, url=_database(settings), launcher=launcher)
         else:
-            _stop_on_sigterm()
+            _stop_on_sigterm(interrupted=not in_launch)
             url = _database(settings) if ranks.is_main_process else None  # the others never touch it
             result = run_round(settings, args.trigger, url=url)
     except RoundAlreadyRunning as exc:
@@ -139,17 +139,18 @@ def _fail(args, speaks: bool, code: str, message: str, exit_code: int, **extra) 
     return exit_code
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the round like an interrupt, so it records itself 'interrupted' (serving
-    untouched) and removes what it wrote: a launcher stops the other processes this way when one
-    of them failed, and so do `kill` and service managers. A second SIGTERM ends the process at
+def _stop_on_sigterm(interrupted: bool) -> None:
+    """SIGTERM ends the round at once, and it removes what it wrote. Run on its own (`kill`, a
+    service manager), the round records itself 'interrupted' (serving untouched). Inside a
+    launch of several processes the launcher sends SIGTERM to stop the others when one of them
+    failed, so there the round records itself failed. A second SIGTERM ends the process at
     once."""
     from .runs import RoundInterrupted
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if sys.exc_info()[1] is None:  # not in the middle of recording a failure already
-            raise RoundInterrupted(signum)
+            raise RoundInterrupted(signum) if interrupted else SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
 

@@ -34,7 +34,15 @@ from feedback.errors import StoreError
 from . import wire
 from .auth import TOKEN_HEADER, authenticate, token_from
 from .chat import Answer, Chat
-from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, ShuttingDown, to_wire
+from .errors import (
+    BadFrame,
+    BadJson,
+    DatabaseUnavailable,
+    FrameTooLarge,
+    ServerError,
+    ShuttingDown,
+    to_wire,
+)
 from .rest import get_chat
 from .shutdown import CLOSE_REASON, SERVICE_RESTART
 
@@ -43,6 +51,8 @@ router = APIRouter()
 
 POLICY_VIOLATION = 1008  # websocket close code for a refused identity
 TRY_AGAIN_LATER = 1013  # close code when the handshake could not reach the database
+# How a refused handshake is closed, by error code (any other refusal: POLICY_VIOLATION).
+HANDSHAKE_CLOSE_CODES = {ShuttingDown.code: SERVICE_RESTART, DatabaseUnavailable.code: TRY_AGAIN_LATER}
 CLOSE_TIMEOUT_S = 10  # how long a closed socket's answers get to end and be stored
 
 
@@ -189,8 +199,8 @@ async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_ch
         await websocket.accept()
         _, frame = to_wire(exc)
         await websocket.send_text(frame.model_dump_json())
-        code = {ShuttingDown.code: SERVICE_RESTART, "database_unavailable": TRY_AGAIN_LATER}
-        await websocket.close(code=code.get(frame.code, POLICY_VIOLATION), reason=frame.code)
+        code = HANDSHAKE_CLOSE_CODES.get(frame.code, POLICY_VIOLATION)
+        await websocket.close(code=code, reason=frame.code)
         return
     headers = [(TOKEN_HEADER.lower().encode(), caller.minted_token.encode())] if caller.minted_token else None
     await websocket.accept(headers=headers)
