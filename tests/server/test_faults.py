@@ -57,6 +57,16 @@ async def test_a_database_outage_is_503_with_retry_after_and_service_returns_wit
             for token in tokens:  # every pooled connection has been used before the outage
                 assert (await _status(client, token))[0] == 200
 
+            # Load all along: four clients polling through the outage and the recovery.
+            polled: list[int] = []
+            polling = True
+
+            async def poll(token: str) -> None:
+                while polling:
+                    polled.append((await _status(client, token))[0])
+                    await asyncio.sleep(0.05)
+
+            pollers = [asyncio.create_task(poll(new_token())) for _ in range(4)]
             await asyncio.to_thread(owned_pg.stop)
             for token in tokens:
                 status, response, took = await _status(client, token)
@@ -95,7 +105,10 @@ async def test_a_database_outage_is_503_with_retry_after_and_service_returns_wit
             assert statuses == [200] * 25, statuses
             answer = await ws.chat("after the outage")
             assert answer["done"]["finish_reason"] in ("stop", "length")
+            polling = False
+            await asyncio.gather(*pollers)
     assert recovered_s < 5
+    assert set(polled) == {200, 503}, f"answers under load were {sorted(set(polled))}"
 
 
 async def test_an_answer_finished_while_the_database_is_down_is_retried_then_stored(
