@@ -296,6 +296,11 @@ async def test_sigterm_drains_websocket_and_sse_streams_and_exits_0(db_url, tiny
             await _read_ws(short_ws, short_started, short_frames)
             # Running answers finish: the short one normally, within SHUTDOWN_TIMEOUT.
             assert short_frames[-1]["finish_reason"] in ("stop", "length")
+            # While draining, an open socket gets no new answer, but its thumbs are still stored.
+            await short_ws.send({"type": "message", "content": "one more"})
+            assert (await short_ws.expect("error"))["code"] == "shutting_down"
+            await short_ws.send({"type": "feedback", "message_id": short_started["message_id"], "rating": 1})
+            await short_ws.expect("ack")
             # New work is refused while draining: HTTP 503, a websocket 1012 with a reason.
             refused = await client.get("/health")
             assert refused.status_code == 503 and refused.json()["code"] == "shutting_down"
