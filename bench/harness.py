@@ -80,3 +80,43 @@ async def wait_ready(client, process: subprocess.Popen, timeout: float) -> dict:
             pass
         await asyncio.sleep(0.25)
     raise SystemExit(f"the server was not ready after {timeout:g} s")
+
+
+class OwnedPostgres:
+    """A PostgreSQL of our own (pgserver's binaries, a Unix socket only) that a fault scenario
+    may stop and start again: never the machine's shared server. Its data lives in a fresh
+    directory of the system's temp dir, not under pytest's (pytest resets the permissions of its
+    base directory when any session starts, which would lock out the `pgserver` user pgserver
+    runs PostgreSQL as under root)."""
+
+    def __init__(self):
+        import tempfile
+
+        import pgserver
+
+        self.root = Path(tempfile.mkdtemp(prefix="flywheel-owned-pg-"))
+        self.pgdata = self.root / "pg"
+        self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self.url = self._server.get_uri()
+        self._socket_dir = self._server.get_postmaster_info().socket_dir
+
+    def _pg_ctl(self, args: list[str]) -> None:
+        import pgserver
+
+        pgserver.pg_ctl(args, pgdata=self.pgdata, user=self._server.system_user, timeout=60)
+
+    def stop(self) -> None:
+        """Stop it as an operator or a crash-restart would: fast mode ends every session now."""
+        self._pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def start(self) -> None:
+        """Start it again, on the same socket and data."""
+        self._pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {self._socket_dir}",
+                      "-l", str(self.pgdata / "log"), "start"])
+
+    def close(self) -> None:
+        """Stopped for good, its data removed."""
+        import shutil
+
+        self._server.cleanup()
+        shutil.rmtree(self.root, ignore_errors=True)

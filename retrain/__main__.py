@@ -7,7 +7,9 @@
 
 Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the round failed
 (its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate, 4 skipped
-(too little data), 5 another round is running. `--json` prints one JSON document on stdout;
+(too little data), 5 another round is running, 143 stopped by SIGTERM (its row says
+'interrupted'; nothing registered or promoted). `serve` on SIGTERM starts no new round, lets
+the running one stop at its next stage (recorded 'interrupted') and exits 0. `--json` prints one JSON document on stdout;
 logs and progress bars go to stderr.
 
 Several processes: `accelerate launch --num_processes N -m retrain once` runs the round as N
@@ -24,6 +26,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,7 +102,7 @@ def cmd_once(args, settings) -> int:
         if launcher:
             result = launch_round(settings, args.trigger, url=_database(settings), launcher=launcher)
         else:
-            _stop_on_sigterm()
+            _stop_on_sigterm(interrupted=not in_launch)
             url = _database(settings) if ranks.is_main_process else None  # the others never touch it
             result = run_round(settings, args.trigger, url=url)
     except RoundAlreadyRunning as exc:
@@ -136,15 +139,46 @@ def _fail(args, speaks: bool, code: str, message: str, exit_code: int, **extra) 
     return exit_code
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM ends the round like an exception, so it records itself failed and removes what it
-    wrote: a launcher stops the other processes this way when one of them failed, and so do
-    `kill` and service managers. A second SIGTERM ends the process at once."""
+def _stop_on_sigterm(interrupted: bool) -> None:
+    """SIGTERM ends the round at once, and it removes what it wrote. Run on its own (`kill`, a
+    service manager), the round records itself 'interrupted' (serving untouched). Inside a
+    launch of several processes the launcher sends SIGTERM to stop the others when one of them
+    failed, so there the round records itself failed. A second SIGTERM ends the process at
+    once."""
+    from .runs import RoundInterrupted
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if sys.exc_info()[1] is None:  # not in the middle of recording a failure already
-            raise SystemExit(128 + signum)
+            raise RoundInterrupted(signum) if interrupted else SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _stop_serving_on_sigterm(scheduler) -> None:
+    """`serve` runs rounds in a worker thread, which a signal cannot interrupt: SIGTERM asks the
+    running round to stop at its next stage (recorded 'interrupted') and shuts the scheduler
+    down (no new rounds), waiting for that round; then `scheduler.start()` returns. The shutdown
+    runs in a thread of its own, not in the handler: the handler interrupts the scheduler's
+    thread, possibly inside one of its locks. A second SIGTERM ends the process at once."""
+    import threading
+
+    from .runs import request_stop
+
+    def shut_down() -> None:
+        from apscheduler.schedulers import SchedulerNotRunningError
+
+        for _ in range(200):  # a signal just before start(): wait until it runs
+            try:
+                scheduler.shutdown(wait=True)
+                return
+            except SchedulerNotRunningError:
+                time.sleep(0.05)
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        request_stop(signum)
+        threading.Thread(target=shut_down, name="stop-scheduler", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
 
@@ -233,11 +267,18 @@ def cmd_serve(args, settings) -> int:
         return _fail(args, False, "usage", str(exc), EXIT_USAGE)
     # apscheduler logs every run of the feedback watcher at INFO: once a minute, forever.
     logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+    from .runs import STOP_REQUESTED, request_stop
+
+    _stop_serving_on_sigterm(scheduler)
     log.info("retraining scheduler: %s", ", ".join(str(job.trigger) for job in scheduler.get_jobs()))
     try:
-        scheduler.start()
-    except (KeyboardInterrupt, SystemExit):
-        log.info("scheduler stopped")
+        if not STOP_REQUESTED.is_set():
+            scheduler.start()  # returns once SIGTERM's shutdown is done
+    except KeyboardInterrupt:
+        request_stop(signal.SIGINT)  # Ctrl-C: a running round stops at its next stage
+        log.info("scheduler stopping: waiting for a running round to stop at its next stage")
+        scheduler.shutdown(wait=True)
+    log.info("scheduler stopped")
     return EXIT_OK
 
 

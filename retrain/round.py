@@ -76,7 +76,7 @@ from .reward import MANIFEST as REWARD_MANIFEST
 from .reward import accuracy_report, load_reward_model, read_manifest, train_reward_model
 from .reward_data import RewardData
 from .ranks import gather, my_share, share, this_process
-from .runs import Run, recorded_run
+from .runs import Run, recorded_run, stop_if_asked
 from .settings import RetrainConfig, RetrainSettings
 from .sft import sft_before_ppo
 
@@ -323,6 +323,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
 def _stopwatch(timings: dict):
     @contextmanager
     def timed(stage: str) -> Iterator[None]:
+        stop_if_asked(stage)  # `retrain serve` got SIGTERM: the round ends here, interrupted
         started = time.perf_counter()
         try:
             yield

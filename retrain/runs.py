@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,34 @@ ROUND_LOCK_KEY = 0x466C7977_00000003
 
 class RoundAlreadyRunning(RuntimeError):
     """Another retraining round holds the lock; this one was not started."""
+
+
+class RoundInterrupted(SystemExit):
+    """A stop signal ended the round: its row says 'interrupted' (not 'failed'), nothing it
+    made is registered or promoted, and the process exits 128 + the signal's number. A
+    SystemExit, so it passes through the round's failure handling as an interrupt does."""
+
+    def __init__(self, signum: int, where: str = "") -> None:
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+        self.where = where
+
+
+# Set by a stop signal that cannot interrupt the round where it runs (`retrain serve` runs
+# rounds in a worker thread): the round stops at its next stage (`stop_if_asked`).
+STOP_REQUESTED = threading.Event()
+_stop_signal: list[int] = []
+
+
+def request_stop(signum: int) -> None:
+    _stop_signal.append(signum)
+    STOP_REQUESTED.set()
+
+
+def stop_if_asked(stage: str) -> None:
+    """Raise RoundInterrupted if a stop was requested (called as each stage begins)."""
+    if STOP_REQUESTED.is_set():
+        raise RoundInterrupted(_stop_signal[0] if _stop_signal else signal.SIGTERM, f"before {stage}")
 
 
 @dataclass
@@ -124,12 +154,19 @@ def finish_run(
 @contextmanager
 def recorded_run(url: str, trigger: str) -> Iterator[Run]:
     """Lock, open a `retrain_runs` row, and close it: failed with the traceback if the body
-    raises (the exception propagates; serving is never touched by a failed round)."""
+    raises, interrupted if a stop signal ended it (the exception propagates; serving is never
+    touched by a failed or interrupted round)."""
     with round_lock(url) as conn:
         run = start_run(conn, trigger)
         log.info("retrain run %d started (%s)", run.id, trigger)
         try:
             yield run
+        except (RoundInterrupted, KeyboardInterrupt) as exc:
+            name = getattr(exc, "signal_name", "SIGINT")
+            where = getattr(exc, "where", "")
+            finish_run(conn, run, "interrupted", error=f"interrupted by {name} {where}".strip())
+            log.warning("retrain run %d interrupted by %s %s", run.id, name, where)
+            raise
         except BaseException as exc:
             finish_run(conn, run, "failed", error="".join(traceback.format_exception(exc))[-8000:])
             log.error("retrain run %d failed: %s", run.id, exc)

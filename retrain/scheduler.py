@@ -17,7 +17,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from .runs import RoundAlreadyRunning, last_run
+from .runs import RoundAlreadyRunning, RoundInterrupted, last_run
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def _guarded(round_fn: Callable[[str], object], trigger: str) -> None:
         round_fn(trigger)
     except RoundAlreadyRunning as exc:
         log.info("round not started: %s", exc)
+    except RoundInterrupted:  # `serve` got SIGTERM; the run is recorded 'interrupted'
+        log.info("round interrupted (trigger %s)", trigger)
     except Exception:  # the failure is recorded in retrain_runs; the scheduler keeps going
         log.exception("round failed (trigger %s)", trigger)
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -33,7 +35,7 @@ from feedback.migrate import migrate
 from . import openai_api, rest, serving, ws
 from .auth import TOKEN_HEADER
 from .chat import Chat
-from .errors import BadJson, FrameTooLarge, HttpRefusal, ServerError, from_validation, to_wire
+from .errors import BadJson, FrameTooLarge, HttpRefusal, ServerError, ShuttingDown, from_validation, to_wire, typed
 from .json_depth import too_deep
 from .metrics import Metrics
 from .quotas import Quotas
@@ -56,8 +58,18 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
             min_size=settings.db_pool_min,
             max_size=settings.db_pool_max,
             # Store functions open their own transactions; autocommit keeps every other read
-            # from leaving a connection idle in a transaction.
-            kwargs={"autocommit": True},
+            # from leaving a connection idle in a transaction. connect_timeout: an unreachable
+            # host fails an attempt instead of hanging it.
+            kwargs={"autocommit": True, "connect_timeout": max(2, math.ceil(settings.db_wait_timeout))},
+            # A request waits this long for a connection, then gets 503 database_unavailable.
+            timeout=settings.db_wait_timeout,
+            # Every checkout is checked (an empty query): a connection broken while it sat idle
+            # (the database restarted) is thrown away and replaced, not handed to a request.
+            check=AsyncConnectionPool.check_connection,
+            # A lost connection is retried with backoff for this long, then given up; the next
+            # request starts a fresh attempt. Unbounded, the backoff grows past the outage and
+            # the pool comes back tens of seconds after the database does.
+            reconnect_timeout=settings.db_reconnect_timeout,
             open=False,
         )
         await pool.open(wait=True)
@@ -72,6 +84,7 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
         app.state.pool = pool
         app.state.chat = chat
         app.state.swaps = None
+        app.state.sessions = set()  # open websocket sessions, closed last on shutdown
         starting = asyncio.create_task(
             _serve_model(app, url, owns_engine=engine is None), name="serve-model"
         )
@@ -101,8 +114,10 @@ def create_app(settings: ServerSettings | None = None, engine=None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.draining = False  # set on SIGTERM (server/shutdown.py)
     _install_error_handlers(app)
-    app.add_middleware(HttpGuards, limit=settings.max_frame_bytes, max_depth=settings.max_json_depth)
+    app.add_middleware(HttpGuards, limit=settings.max_frame_bytes, max_depth=settings.max_json_depth,
+                       state=app.state)
     app.include_router(rest.router)
     app.include_router(openai_api.router)
     app.include_router(ws.router)
@@ -168,6 +183,7 @@ async def _load_engine(chat: Chat, settings: ServerSettings) -> bool:
 
 
 def _error_response(request: Request, exc: BaseException) -> JSONResponse:
+    exc = typed(exc)
     status, frame = to_wire(exc)
     metrics = getattr(request.app.state, "metrics", None) if "app" in request.scope else None
     if metrics is not None:
@@ -194,6 +210,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def server_error(request: Request, exc: ServerError):
         return _error_response(request, exc)
 
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_error(request: Request, exc: psycopg.OperationalError):
+        return _error_response(request, exc)  # 503 database_unavailable (errors.to_wire)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         return _error_response(request, from_validation(list(exc.errors())))
@@ -217,19 +237,24 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class HttpGuards:
     """Plain ASGI (not BaseHTTPMiddleware, which gets in the way of streamed responses noticing
-    a client that went away): refuses HTTP bodies over MAX_FRAME_BYTES before the app reads
-    them (by Content-Length, and by reading the body up to the limit), refuses JSON nested
+    a client that went away): refuses every new HTTP request with 503 `shutting_down` once the
+    server drains (server/shutdown.py), refuses HTTP bodies over MAX_FRAME_BYTES before the app
+    reads them (by Content-Length, and by reading the body up to the limit), refuses JSON nested
     deeper than MAX_JSON_DEPTH before anything parses it (bad_json), and hands a minted
     anonymous identity back in a header (see auth.py)."""
 
-    def __init__(self, app, limit: int, max_depth: int):
+    def __init__(self, app, limit: int, max_depth: int, state):
         self.app = app
         self.limit = limit
         self.max_depth = max_depth
+        self.state = state  # the app's state: `draining`
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.state.draining:
+            response = _error_response(Request(scope), ShuttingDown())
+            return await response(scope, receive, send)
         headers = dict(scope.get("headers", ()))
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:

@@ -18,6 +18,14 @@ How a turn ends is always recorded, one way for every cause:
 - "cancelled": a cancel frame, a closed websocket or a dropped HTTP stream. The partial answer
   (possibly empty) is stored with finish_reason "cancelled", so the tree shows what was seen;
 - "error": the engine failed mid-answer; the partial answer is stored and the client is told.
+What is stored of a cut answer is what the client received: a piece is kept once its consumer
+has sent it on and asked for the next.
+
+Storing the answer is retried while the database is unavailable (ANSWER_STORE_RETRY_S). If it
+still cannot be stored, the turn stays as it was when the answer started - the user's message
+stored, no answer under it - and the client is told exactly that (`answer_not_stored`).
+Shutting down (server/shutdown.py) sets `draining`: no new turn starts, and `running` is what
+the drain waits for.
 """
 
 from __future__ import annotations
@@ -30,13 +38,23 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from uuid import UUID
 
+import psycopg
+
 from feedback import store
-from feedback.errors import InvalidInput, TooLong, WrongConversation
+from feedback.errors import AlreadyExists, InvalidInput, TooLong, WrongConversation
 from feedback.store import Message, User
 
 from . import serving
 from .engine.base import InvalidSamplingParams, SamplingParams, TokenEvent, Usage
-from .errors import EngineFailed, InvalidParams, NothingToRegenerate, NotReady
+from .errors import (
+    DB_RETRY_AFTER_S,
+    AnswerNotStored,
+    EngineFailed,
+    InvalidParams,
+    NothingToRegenerate,
+    NotReady,
+    ShuttingDown,
+)
 from .metrics import Metrics
 from .quotas import Quotas
 from .settings import ServerSettings
@@ -48,6 +66,10 @@ TITLE_CHARS = 80  # conversation titles: the start of the first user message
 # Model version recorded for assistant turns an API client supplies in its messages array:
 # the stored path must hold them, but no policy of ours wrote them, so training can tell.
 CLIENT_SUPPLIED = "client-supplied"
+# Storing a finished answer while the database is away: the first retry comes quickly (a
+# dropped connection is replaced at once), later ones back off to this.
+STORE_RETRY_FIRST_DELAY_S = 0.25
+STORE_RETRY_MAX_DELAY_S = 2.0
 
 
 def resolve_params(settings: ServerSettings, asked: SamplingParams | None) -> SamplingParams:
@@ -124,15 +146,17 @@ class Answer:
                 if isinstance(event, TokenEvent):
                     self.completion_tokens = event.completion_tokens
                     if event.text:
-                        if not self.parts and self.chat.metrics:
+                        if not length and self.chat.metrics:
                             self.chat.metrics.time_to_first_token.observe(
                                 time.monotonic() - self.started_at
                             )
                         text = event.text[: limit - length]
                         if text:
                             length += len(text)
-                            self.parts.append(text)
                             yield text
+                            # Kept once the consumer asks for more, i.e. once it has sent this
+                            # piece on: a stream cut mid-send stores what the client received.
+                            self.parts.append(text)
                         if len(text) < len(event.text):
                             # Longer than any answer may be stored: cut here, as max_new_tokens would.
                             log.warning("answer %s reached the %d-character limit for answers: cut there",
@@ -179,31 +203,61 @@ class Answer:
         self.release()
 
     async def _store(self) -> None:
-        try:
-            async with self.chat.pool.connection() as conn:
-                self.stored = await store.add_message(
-                    conn,
-                    self.user,
-                    self.conversation_id,
-                    self.parent_id,
-                    "assistant",
-                    self.text,
-                    model_version=self.model_version,
-                    prompt_tokens=self.prompt.n_tokens,
-                    completion_tokens=self.completion_tokens,
-                    finish_reason=self.finish_reason,
-                    params=self.params.model_dump(),
-                    message_id=self.message_id,
-                    settings=self.chat.answer_settings,
-                )
-        except Exception as exc:
-            log.exception("could not store answer %s", self.message_id)
-            self.finish_reason = "error"
-            self.error = exc
-            return
+        """Store the answer under its announced id. While the database is unavailable the write
+        is retried for ANSWER_STORE_RETRY_S; if it still fails, the turn stays as it was when the
+        answer started (the user's message stored, no answer under it: the one documented
+        state of an answer that could not be kept) and `error` says exactly that."""
+        started = time.monotonic()
+        delay = STORE_RETRY_FIRST_DELAY_S
+        while True:
+            try:
+                self.stored = await self._write()
+                break
+            except AlreadyExists:
+                # An earlier attempt committed but its connection broke before it said so.
+                async with self.chat.pool.connection() as conn:
+                    self.stored = await store.get_message(conn, self.user, self.message_id)
+                break
+            except psycopg.OperationalError as exc:
+                waited = time.monotonic() - started
+                if waited + delay > self.chat.settings.answer_store_retry_s:
+                    log.error("answer %s not stored: the database stayed unavailable for %.1f s (%s)",
+                              self.message_id, waited, exc)
+                    self._not_stored(f"the database was unavailable for {waited:.0f} s")
+                    return
+                log.warning("answer %s: the database is unavailable (%s); retrying in %.2f s",
+                            self.message_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_DELAY_S)
+            except Exception as exc:
+                log.exception("could not store answer %s", self.message_id)
+                self._not_stored(f"storing it failed ({type(exc).__name__})")
+                return
         if self.chat.metrics:
             self.chat.metrics.answers.labels(self.finish_reason, self.model_version).inc()
             self.chat.metrics.answer_tokens.labels(self.model_version).inc(self.completion_tokens)
+
+    def _not_stored(self, why: str) -> None:
+        self.finish_reason = "error"
+        self.error = AnswerNotStored(self.message_id, self.parent_id, why, DB_RETRY_AFTER_S)
+
+    async def _write(self) -> Message:
+        async with self.chat.pool.connection() as conn:
+            return await store.add_message(
+                conn,
+                self.user,
+                self.conversation_id,
+                self.parent_id,
+                "assistant",
+                self.text,
+                model_version=self.model_version,
+                prompt_tokens=self.prompt.n_tokens,
+                completion_tokens=self.completion_tokens,
+                finish_reason=self.finish_reason,
+                params=self.params.model_dump(),
+                message_id=self.message_id,
+                settings=self.chat.answer_settings,
+            )
 
 
 class Chat:
@@ -217,6 +271,10 @@ class Chat:
         self.engine = engine
         self.settings = settings
         self.quotas = quotas
+        # Answers started and not yet stored (or abandoned), by id: what a shutdown waits for.
+        self.running: dict[UUID, Answer] = {}
+        # Set on SIGTERM (server/shutdown.py): no new turn starts; running ones finish.
+        self.draining = False
         # The swap controller (server/swap.py) once the app starts one: the registry's state it
         # last heard decides which version a conversation runs on. None: the engine's default.
         self.swaps = None
@@ -239,6 +297,8 @@ class Chat:
     # failure at any step gives back what was taken (slot, engine request) and writes nothing.
 
     def _ready_engine(self):
+        if self.draining:
+            raise ShuttingDown()
         if not serving.is_ready(self.engine):
             raise NotReady()
         return self.engine
@@ -452,17 +512,25 @@ class Chat:
         return parent
 
     def _answer(self, user: User, question: Message, params, prompt, request, release) -> Answer:
-        return Answer(
+        message_id = uuid.uuid4()
+
+        def done() -> None:  # called once stored, or abandoned (idempotent)
+            self.running.pop(message_id, None)
+            release()
+
+        answer = Answer(
             chat=self,
             user=user,
             conversation_id=question.conversation_id,
             parent_id=question.id,
-            message_id=uuid.uuid4(),
+            message_id=message_id,
             params=params,
             prompt=prompt,
             request=request,
-            release=release,
+            release=done,
         )
+        self.running[message_id] = answer
+        return answer
 
     # -- feedback -------------------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ Codes are part of the contract: short snake_case, never renamed.
 from __future__ import annotations
 
 import logging
+import math
 from typing import ClassVar
 
+import psycopg
 from pydantic import ValidationError
 
 from feedback.errors import StoreError
@@ -22,6 +24,10 @@ from feedback.store import text_problem
 from .wire import CLIENT_FRAME_TYPES, INVALID_TEXT, ErrorFrame
 
 log = logging.getLogger(__name__)
+
+# Retry-After of a `database_unavailable`: about when the pool has tried to reconnect again
+# (DB_RECONNECT_TIMEOUT bounds its backoff, see server/app.py).
+DB_RETRY_AFTER_S = 2
 
 
 class ServerError(Exception):
@@ -185,6 +191,52 @@ class NotReady(ServerError):
         super().__init__("the model is still loading: try again in a few seconds (GET /health)")
 
 
+class DatabaseUnavailable(ServerError):
+    """The store cannot be reached (no pooled connection within DB_WAIT_TIMEOUT, or the
+    connection broke mid-request): nothing of this request was stored."""
+
+    code = "database_unavailable"
+    http_status = 503
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            "the database is unavailable, so nothing of this request was stored: try again in "
+            f"{self.retry_after_s} s"
+        )
+
+
+class AnswerNotStored(ServerError):
+    """An answer was generated (and streamed) but could not be stored (the database stayed
+    unavailable for ANSWER_STORE_RETRY_S, or the write failed): the turn is left with the user's
+    message stored and no answer under it."""
+
+    code = "answer_not_stored"
+    http_status = 503
+
+    def __init__(self, message_id, question_id, why: str, retry_after_s: float) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            f"the answer {message_id} could not be stored: {why}. Your message {question_id} is "
+            "stored, with no answer under it; send it again once the service is back to get an "
+            "answer that is kept"
+        )
+
+
+class ShuttingDown(ServerError):
+    """The server got SIGTERM: it finishes what is running and takes no new work."""
+
+    code = "shutting_down"
+    http_status = 503
+
+    def __init__(self, retry_after_s: float = 1) -> None:
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
+        super().__init__(
+            "the server is shutting down and takes no new requests: retry in a moment "
+            "(another replica, or this one once it is back)"
+        )
+
+
 class EngineFailed(ServerError):
     """The engine failed this request (its own account goes to the server's log, never to the
     client: it may hold torch's messages or a remote engine's URL and reply)."""
@@ -270,10 +322,21 @@ def from_validation(errors: list[dict]) -> ServerError:
     return _BY_CODE[code](message)
 
 
+def typed(exc: BaseException) -> BaseException:
+    """The error a client is told about: validation errors and a database that cannot be
+    reached become their server errors; anything else is returned as it is."""
+    if isinstance(exc, ValidationError):
+        return from_validation(exc.errors())
+    if isinstance(exc, psycopg.OperationalError):
+        # The pool's wait ran out (PoolTimeout is an OperationalError) or the connection broke.
+        log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+        return DatabaseUnavailable(DB_RETRY_AFTER_S)
+    return exc
+
+
 def to_wire(exc: BaseException) -> tuple[int, ErrorFrame]:
     """The HTTP status and the error frame for any failure; unexpected ones are logged."""
-    if isinstance(exc, ValidationError):
-        exc = from_validation(exc.errors())
+    exc = typed(exc)
     if isinstance(exc, (ServerError, StoreError)):
         return exc.http_status, ErrorFrame(code=exc.code, message=exc.message)
     log.exception("unexpected error", exc_info=exc)

@@ -199,8 +199,8 @@ async def chat_completions(request: ChatCompletionRequest, caller: CallerDep, ch
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return AnswerStream(answer, created, include_usage)
     await answer.run()
-    if answer.error is not None and not answer.text:
-        raise answer.error
+    if answer.error is not None and (not answer.text or answer.stored is None):
+        raise answer.error  # nothing said, or not stored (the `id` would name no message)
     return _completion(answer, created)
 
 

@@ -130,6 +130,35 @@ class ServerSettings(ModelSettings, DeploySettings):
         "default; async+redis://HOST shares them between replicas.",
     )
 
+    # Faults: the database going away, and shutting down.
+    db_wait_timeout: float = Field(
+        3.0,
+        gt=0,
+        description="Seconds a request waits for a pooled database connection; past it (the "
+        "database is down, or every connection is busy) it is answered 503 database_unavailable "
+        "with Retry-After.",
+    )
+    db_reconnect_timeout: float = Field(
+        2.0,
+        gt=0,
+        description="Seconds the pool keeps retrying (with backoff) to replace a lost connection "
+        "before it gives that attempt up; the next request starts a fresh one, so service is "
+        "back within about this long once the database returns.",
+    )
+    answer_store_retry_s: float = Field(
+        15.0,
+        ge=0,
+        description="How long an answer finished while the database is unavailable keeps trying "
+        "to be stored before the client is told `answer_not_stored` (its message stays stored, "
+        "with no answer).",
+    )
+    shutdown_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, seconds in-flight answers may run to their end before they are "
+        "cancelled (stored as far as they were delivered, finish_reason cancelled).",
+    )
+
     # Sampling. Defaults are SmolLM2's recommended ones; requests may ask for others within bounds.
     default_temperature: float = Field(0.2, ge=0, description="0 is greedy decoding.")
     default_top_p: float = Field(

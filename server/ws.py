@@ -9,7 +9,10 @@ closes the connection. `cancel` stops the connection's running answers (or the o
 `message_id`); each then ends with `done` and finish_reason "cancelled", its partial text
 stored; a cancel with nothing running is ignored (it raced the end of the answer).
 
-When the socket closes, running answers are cancelled and stored the same way.
+When the socket closes, running answers are cancelled and stored the same way. While the
+database is unavailable, frames that need it get `database_unavailable` (a handshake: that
+frame, then close code 1013); on SIGTERM the socket's answers finish (server/shutdown.py) and
+it is closed with 1012, reason "shutting_down".
 Frames larger than MAX_FRAME_BYTES get a `frame_too_large` error; frames beyond the transport's
 hard cap (uvicorn's ws_max_size, 4x that) close the connection with code 1009. Frames nested
 deeper than MAX_JSON_DEPTH get `bad_json` before they are parsed. A user holds at most
@@ -26,6 +29,7 @@ import logging
 from typing import Annotated
 from uuid import UUID
 
+import psycopg
 from fastapi import APIRouter, Depends, WebSocket
 from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect, WebSocketState
@@ -35,14 +39,27 @@ from feedback.errors import StoreError
 from . import wire
 from .auth import TOKEN_HEADER, authenticate, token_from
 from .chat import Answer, Chat
-from .errors import BadFrame, BadJson, FrameTooLarge, ServerError, TooManyConnections, to_wire
+from .errors import (
+    BadFrame,
+    BadJson,
+    DatabaseUnavailable,
+    FrameTooLarge,
+    ServerError,
+    ShuttingDown,
+    TooManyConnections,
+    to_wire,
+)
 from .json_depth import too_deep
 from .rest import get_chat
+from .shutdown import CLOSE_REASON, SERVICE_RESTART
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 POLICY_VIOLATION = 1008  # websocket close code for a refused identity
+TRY_AGAIN_LATER = 1013  # close code when the handshake could not reach the database
+# How a refused handshake is closed, by error code (any other refusal: POLICY_VIOLATION).
+HANDSHAKE_CLOSE_CODES = {ShuttingDown.code: SERVICE_RESTART, DatabaseUnavailable.code: TRY_AGAIN_LATER}
 CLOSE_TIMEOUT_S = 10  # how long a closed socket's answers get to end and be stored
 
 
@@ -162,6 +179,16 @@ class Session:
                 )
             )
 
+    async def close_for_shutdown(self) -> None:
+        """The server drains (server/shutdown.py): once this socket's answers have sent their
+        last frames, close it with 1012 and a reason, so the client knows to reconnect."""
+        tasks = [task for _, task in self.running.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code=SERVICE_RESTART, reason=CLOSE_REASON)
+
     async def close(self) -> None:
         """The socket is gone: cancel running answers and wait until they are stored."""
         running = list(self.running.values())
@@ -181,14 +208,16 @@ async def _refuse(websocket: WebSocket, exc: BaseException, headers=None) -> Non
     await websocket.accept(headers=headers)
     _, frame = to_wire(exc)
     await websocket.send_text(frame.model_dump_json())
-    await websocket.close(code=POLICY_VIOLATION, reason=frame.code)
+    await websocket.close(code=HANDSHAKE_CLOSE_CODES.get(frame.code, POLICY_VIOLATION), reason=frame.code)
 
 
 @router.websocket("/ws")
 async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_chat)]) -> None:
     try:
+        if websocket.app.state.draining:
+            raise ShuttingDown()
         caller = await authenticate(chat.pool, chat.settings, token_from(websocket))
-    except (ServerError, StoreError) as exc:
+    except (ServerError, StoreError, psycopg.OperationalError) as exc:
         await _refuse(websocket, exc)
         return
     headers = [(TOKEN_HEADER.lower().encode(), caller.minted_token.encode())] if caller.minted_token else None
@@ -207,6 +236,8 @@ async def chat_socket(websocket: WebSocket, chat: Annotated[Chat, Depends(get_ch
 
 async def _serve(websocket: WebSocket, caller, chat: Chat) -> None:
     session = Session(websocket, caller.user, chat)
+    sessions = websocket.app.state.sessions
+    sessions.add(session)
     try:
         while True:
             message = await websocket.receive()
@@ -224,6 +255,7 @@ async def _serve(websocket: WebSocket, caller, chat: Chat) -> None:
     except Exception:  # a send on a socket that just went away, mostly
         log.debug("websocket of user %s ended", caller.user.id, exc_info=True)
     finally:
+        sessions.discard(session)
         await session.close()
         if websocket.client_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):

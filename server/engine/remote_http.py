@@ -5,6 +5,7 @@ what the engine says when one fails. No generation logic: that is server/engine/
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import TYPE_CHECKING, Any
