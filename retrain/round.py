@@ -12,13 +12,18 @@
                 scores normalised so the serving policy's answers average 0.
   3b. SFT       the policy adapter imitates the training side's demonstrations (answers users
                 edited into the ones they wanted; retrain/sft.py), when there are any.
-  4. PPO        >= 1 iteration on the training-side prompts: the serving adapter keeps
-                training (or a fresh one starts on the base); reference = adapter off.
+  4. PPO        >= 1 iteration on a fresh sample of the training-side prompts, seeded by the
+                round's own seed (`round_seed`): the serving adapter keeps training (or a fresh
+                one starts on the base); reference = adapter off; with GAE the critic starts
+                from the serving checkpoint's (`critic_start`).
   5. gate       candidate vs serving on the held-out prompts, both greedy: reward-model win
-                rate and mean reward, the candidate's KL to the reference on its own answers,
-                degeneration -> retrain/gate.decide.
+                rate (with its confidence bound) and mean reward, the reward model's own
+                held-out accuracy and how it ranks the users' verdicts on the serving policy's
+                answers, the candidate's KL to the reference on its own answers, degeneration
+                -> retrain/gate.decide.
   6. save       the adapter as a checkpoint (deploy/checkpoint.py; the manifest holds the full
-                config, the data counts and ids, every metric), registered as a candidate or as
+                config, the data counts and ids, every metric; GAE's critic rides along as
+                critic.safetensors), registered as a candidate or as
                 rejected with the reasons; with AUTO_PROMOTE, a passing one is promoted unless
                 the registry is pinned.
 
