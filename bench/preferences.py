@@ -126,7 +126,7 @@ _STOPWORDS = frozenset(
     "more most much many very so just not no yes please tell explain give write make list describe "
     "help want need know like get have has had best good way ways some into out over up down often "
     "ever than then also only well really things thing something long short quick simple easy "
-    "tonight today tomorrow keep use make".split()
+    "tonight today tomorrow keep use make always never sometimes every each".split()
 )
 _QUESTIONS_BACK = (
     "Would you like more detail about {topic}?",

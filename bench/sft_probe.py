@@ -1,0 +1,112 @@
+"""How far one round's SFT on demonstrations moves the policy, without the whole loop.
+
+    .venv/bin/python bench/sft_probe.py --preference question --demonstrations 16
+
+The base policy (SmolLM2-135M by default) answers `--demonstrations` training-side prompts of
+bench/data/everyday_prompts.txt greedily; a simulated user rewrites each answer into the one the
+preference wants (bench/preferences.py's `rewrite`, as `bench/loop.py --edits` does); the
+round's SFT stage (retrain/sft.py, RETRAIN_SFT* defaults unless given) fine-tunes a fresh LoRA
+adapter on them. Then base and fine-tuned policy answer the held-out prompts greedily, and the
+script prints the preference's thumbs-up rate and win rate of the fine-tuned answers against
+the base's, the answer length, the SFT loss before and after, and the KL to the base (the
+gate's exact per-token measure on the fine-tuned answers, nats per answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from uuid import uuid4
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.loop import load_prompts, split_prompts
+    from bench.preferences import PREFERENCES, win_rate
+    from deploy.base_model import resolve_base_model
+    from feedback.training_data import Answer, Demonstration
+    from retrain.ppo import PPOConfig, tokenize_prompts
+    from retrain.round import greedy_answers, kl_to_reference
+    from retrain.settings import RetrainSettings
+    from retrain.sft import train_sft
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preference", choices=sorted(PREFERENCES), default="question")
+    parser.add_argument("--demonstrations", type=int, default=16)
+    parser.add_argument("--held-out", type=int, default=12, help="held-out prompts measured")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=None, help="SFT epochs (default: RETRAIN_SFT_EPOCHS)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="SFT learning rate (default: RETRAIN_SFT_LEARNING_RATE)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default=None, help="model directory (default: converted SmolLM2)")
+    parser.add_argument("--data-dir", default="var")
+    parser.add_argument("--out", default=None, help="write the numbers and examples as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    preference = PREFERENCES[args.preference]
+    training, held_out = split_prompts(load_prompts(), 40)
+    random.Random(0).shuffle(training)
+    train_prompts, eval_prompts = training[: args.demonstrations], held_out[: args.held_out]
+    model_dir = resolve_base_model(args.model, Path(args.data_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = RetrainSettings(_env_file=None, model=str(model_dir)).retrain_config(model_dir)
+    if args.epochs:
+        config.sft.epochs = args.epochs
+    if args.learning_rate:
+        config.sft.learning_rate = args.learning_rate
+
+    config.round.gate_max_new_tokens = args.max_new_tokens
+
+    def answer(policy, prompts):
+        """Greedy answers, the gate's decoding (retrain/round.py's greedy_answers)."""
+        _, tokens = tokenize_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], 10**6)
+        return greedy_answers(policy, tokenizer, tokens, config, "answers")
+
+    started = time.perf_counter()
+    base_train = answer(model, train_prompts)
+    demos = []
+    for prompt, text in zip(train_prompts, base_train.texts):
+        wanted = preference.rewrite(text, prompt).strip()
+        demos.append(Demonstration(prompt_id=uuid4(), prompt=[{"role": "user", "content": prompt}],
+                                   prompt_ids=[], answer=Answer(uuid4(), wanted, None), edited_from=None,
+                                   author_id=0, created_at=datetime.now(timezone.utc)))
+    base_eval = answer(model, eval_prompts)
+    result = train_sft(model, tokenizer, [d for d in demos if d.answer.content], config.sft, config.ppo)
+    tuned = result.model
+    tuned_eval = answer(tuned, eval_prompts)
+    kl = kl_to_reference(tuned, None, tuned_eval, PPOConfig().temperature)
+    words = lambda texts: sum(len(t.split()) for t in texts) / len(texts)  # noqa: E731
+    report = {
+        "preference": preference.name, "model": str(model_dir), "demonstrations": len(demos),
+        "held_out_prompts": len(eval_prompts), "sft": result.stats,
+        "base": {"thumbs_up_rate": sum(map(preference.likes, base_eval.texts)) / len(eval_prompts),
+                 "words": words(base_eval.texts)},
+        "sft_policy": {"thumbs_up_rate": sum(map(preference.likes, tuned_eval.texts)) / len(eval_prompts),
+                       "words": words(tuned_eval.texts),
+                       "win_rate_vs_base": win_rate(preference, tuned_eval.texts, base_eval.texts),
+                       "kl_to_base": sum(kl) / len(kl)},
+        "seconds": time.perf_counter() - started,
+        "examples": [{"prompt": p, "base": b, "sft": t} for p, b, t in zip(eval_prompts[:4], base_eval.texts, tuned_eval.texts)],
+        "demonstration_examples": [d.answer.content for d in demos[:3]],
+    }
+    print(json.dumps(report, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
