@@ -10,7 +10,7 @@ import pytest
 from support.database import scratch_database
 
 from deploy import registry
-from deploy_helpers import RESET_SQL
+from deploy_testkit import RESET_SQL
 
 
 @pytest.fixture(scope="module")

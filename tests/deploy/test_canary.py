@@ -13,7 +13,7 @@ import pytest
 from deploy import canary, registry
 from deploy.state import PolicyRef, ServingState
 
-from deploy_helpers import ACTOR, fake_model_dir
+from deploy_testkit import ACTOR, fake_model_dir
 
 
 def _ref(checkpoint_id: str) -> PolicyRef:

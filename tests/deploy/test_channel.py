@@ -9,7 +9,7 @@ from deploy import registry
 from deploy.channel import ServingWatcher, watch_serving
 from deploy.state import ServingState
 
-from deploy_helpers import ACTOR, add_base, add_candidate
+from deploy_testkit import ACTOR, add_base, add_candidate
 
 WAIT_S = 10  # generous: the machine is shared; each wait normally ends in milliseconds
 

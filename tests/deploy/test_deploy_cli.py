@@ -12,7 +12,7 @@ import pytest
 
 from deploy import cli, registry
 
-from deploy_helpers import ACTOR, add_candidate, fake_model_dir
+from deploy_testkit import ACTOR, add_candidate, fake_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import pytest
 from deploy import endpoints, registry
 from deploy.channel import CHANNEL, Notice, ServingWatcher
 
-from deploy_helpers import ACTOR, add_base
+from deploy_testkit import ACTOR, add_base
 
 BLUE, GREEN = "http://engine-blue:8000", "http://engine-green:8000/v1"
 

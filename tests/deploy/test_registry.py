@@ -21,7 +21,7 @@ from deploy.errors import (
     Pinned,
 )
 
-from deploy_helpers import ACTOR, RESET_SQL, add_base, add_candidate, corrupt
+from deploy_testkit import ACTOR, RESET_SQL, add_base, add_candidate, corrupt
 
 
 def actions(conn, checkpoint_id: str) -> list[str]:

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from remote_fixtures import ServeLaunch, ServeProcess, blue_and_green
+from remote_testkit import ServeLaunch, ServeProcess, blue_and_green
 from server.engine.local import LocalEngine, LocalEngineConfig, start_local_engine
 from server_testkit import make_settings, new_token, serve
 from swap_testkit import new_engine
@@ -67,7 +67,7 @@ async def db(db_url) -> AsyncIterator[psycopg.AsyncConnection]:
 
 
 # Remote engines: two real `transformers serve` processes per test module that asks for them
-# (remote_fixtures.py), started together; each test waits for the ones it uses.
+# (remote_testkit.py), started together; each test waits for the ones it uses.
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 go there, streams in flight finish on the old one, a bad URL is refused with the old one serving,
 and a replica that starts (or reconnects) reads the URL asked for.
 
-The engines are two real `transformers serve` processes on the tiny model (remote_fixtures.py),
+The engines are two real `transformers serve` processes on the tiny model (remote_testkit.py),
 which count the chat requests they receive in their own logs; the servers are the real app with
 ENGINE=remote, a real PostgreSQL and real NOTIFYs.
 """
@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from deploy import endpoints, registry
-from remote_fixtures import BASE_REPO
+from remote_testkit import BASE_REPO
 from server_testkit import connect, new_token
 from swap_testkit import BASE_ID, in_registry, own_database, swap_server, version_info, wait_for, wait_serving
 

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from deploy.checkpoint import base_model_name
-from remote_fixtures import BASE_REPO, TERSE_ANSWER, TERSE_REPO, serve_app, tgi_wire_app
+from remote_testkit import BASE_REPO, TERSE_ANSWER, TERSE_REPO, serve_app, tgi_wire_app
 from server.engine.base import (
     EngineNotReady,
     FinalEvent,

@@ -3,7 +3,7 @@ the engine before any request asks for it, a refused load leaves the old version
 retired adapters are unloaded.
 
 vLLM needs a GPU build and cannot run on these CPU machines, so the engine here is FakeVllm
-(remote_fixtures.py): a real HTTP server on a real port that implements the routes involved -
+(remote_testkit.py): a real HTTP server on a real port that implements the routes involved -
 /health, /v1/models, /v1/load_lora_adapter, /v1/unload_lora_adapter and a streaming
 /v1/chat/completions - with vLLM's request bodies, answers and error shapes (checked against
 vLLM's source: vllm/entrypoints/openai/api_server.py and serving_models.py). It checks the
@@ -22,7 +22,7 @@ import pytest
 from support.checkpoints import write_files
 
 from deploy import registry
-from remote_fixtures import FakeVllm, serve_app
+from remote_testkit import FakeVllm, serve_app
 from server.engine.remote import AdapterNotLoaded, RemoteEngineConfig, RemoteEngineError, start_remote_engine
 from server_testkit import connect, new_token
 from swap_testkit import (
