@@ -93,6 +93,10 @@ class LocalEngineConfig:
     # Fold a LoRA version's adapter into private copies of the weights it touches, in the
     # background once it serves: base decode speed, for that memory and seconds of CPU per swap.
     merge_adapters: bool = True
+    # How the Llama runner stores its weights (runner.WEIGHT_FORMATS): float32, bfloat16, int8 or
+    # int4 weight-only. The model stays float32 in memory (adapters merge into it); the runner
+    # decodes from its own copy in this format, reading fewer bytes per step.
+    dtype: str = "float32"
     seed: int | None = None  # sampling seed, for reproducible runs
     limits: SamplingLimits = SamplingLimits()
 
@@ -151,7 +155,7 @@ class _Batch:
             n_layers=model_config.num_hidden_layers,
             n_kv_heads=getattr(model_config, "num_key_value_heads", None) or n_heads,
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // n_heads,
-            dtype=model.dtype,
+            dtype=getattr(runner, "dtype", model.dtype),  # what the runner computes in
             device=model.device,
             max_rows=config.max_batch_size,
             max_tokens=context_length,
@@ -290,7 +294,7 @@ class LocalEngine(VersionedEngine):
     def _make_runner(self, model: Any, reuse: Any = None) -> Any:
         _prefer_sdpa(model)
         return make_runner(model, fast=self.config.fast_path, batch_hint=min(self.config.max_batch_size, 16),
-                           reuse=reuse)
+                           reuse=reuse, weight_format=self.config.dtype)
 
     def _batch(self, name: str, model: Any, runner: Any, tokenizer: Any) -> _Batch:
         """Everything the worker needs to serve a version, its KV cache allocated, built here so
