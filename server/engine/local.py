@@ -139,7 +139,7 @@ class _Batch:
     """Worker-side state of one version: its model, KV cache and sequences."""
 
     def __init__(self, name: str, model: Any, runner: Any, tokenizer: Any, stop_ids: frozenset[int],
-                 config: LocalEngineConfig, context_length: int):
+                 config: LocalEngineConfig, context_length: int, initial_rows: int = 4):
         self.name = name
         self.model = model  # its config, dtype and device (a LoRA version's: the base model)
         self.tokenizer = tokenizer
@@ -159,6 +159,7 @@ class _Batch:
             device=model.device,
             max_rows=config.max_batch_size,
             max_tokens=context_length,
+            initial_rows=initial_rows,
         )
         self.runner = runner
 
@@ -303,7 +304,19 @@ class LocalEngine(VersionedEngine):
         shares_base = base is not None and model is base.model and tokenizer is base.tokenizer
         stop_ids = self._base_stops if shares_base else _stop_token_ids(model, tokenizer)
         context_length = _context_length(model, self.config.context_length)
-        return _Batch(name, model, runner, tokenizer, stop_ids, self.config, context_length)
+        return _Batch(name, model, runner, tokenizer, stop_ids, self.config, context_length, self._rows_hint())
+
+    def _rows_hint(self) -> int:
+        """Rows a new version's KV cache starts with: the rows in use now (rounded up to a power of
+        two, at least 4), since after a swap every stream moves over to it. Allocated here, off
+        the worker; growing 4 -> 8 -> 16 on the worker instead zeroed and copied the cache while
+        every stream waited (50-800 ms a growth, measured on a busy 2-core machine)."""
+        with self._stats_lock:
+            active = self._stats.active + self._stats.waiting
+        rows = 4
+        while rows < active:
+            rows *= 2
+        return min(rows, self.config.max_batch_size)
 
     def _prepare_version(self, name: str, path: Path) -> _Batch:
         base, base_runner = self._base, self._base_runner
