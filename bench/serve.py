@@ -556,7 +556,11 @@ async def bench_target(target: Target, args, tokenizer) -> list[RunResult]:
         runs = []
         for repeat in range(1, args.repeat + 1):
             for streams in args.streams:
-                run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
+                profiler = start_profile(target, args, f"{target.name}-{streams}-pass{repeat}")
+                try:
+                    run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
+                finally:
+                    stop_profile(profiler)
                 run.repeat = repeat
                 run.extra = target.details()
                 log.info("%s x%d (pass %d): %.1f tok/s, TTFT p50 %s ms, ITL p50 %s ms, %d failed, load %.1f-%.1f",
@@ -566,6 +570,30 @@ async def bench_target(target: Target, args, tokenizer) -> list[RunResult]:
         return runs
     finally:
         await target.stop()
+
+
+def start_profile(target: Target, args, label: str) -> subprocess.Popen | None:
+    """With --profile DIR: py-spy sampling the serving process (every thread, native frames
+    left out) for one run, as DIR/LABEL.txt in py-spy's collapsed-stack format."""
+    pid = getattr(getattr(target, "process", None), "pid", None)
+    if not args.profile or pid is None:
+        return None
+    out = Path(args.profile) / f"{label}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    executable = Path(sys.executable).with_name("py-spy")
+    command = [str(executable), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--threads",
+               "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "w"))
+
+
+def stop_profile(profiler: subprocess.Popen | None) -> None:
+    if profiler is not None and profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            profiler.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
 
 
 def print_table(runs: list[RunResult], ratios: list[dict]) -> None:
@@ -672,6 +700,8 @@ def parse_args(argv=None):
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"),
                         help="PostgreSQL server for the server's scratch database (default: an embedded one)")
     parser.add_argument("--start-timeout-s", type=float, default=600.0, help="longest wait for a server to start")
+    parser.add_argument("--profile", default=None,
+                        help="directory for py-spy profiles of the serving process, one per run")
     parser.add_argument("--build-jobs", type=int, default=2, help="ninja -j for building llama-server (once)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "serve.json"))
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 streams, 16 new tokens, 1 request each")
