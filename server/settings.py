@@ -81,6 +81,13 @@ class ServerSettings(ModelSettings, DeploySettings):
     engine_threads: int | None = Field(
         None, gt=0, description="torch threads of the local engine. Unset: torch's default."
     )
+    engine_dtype: Literal["float32", "bfloat16", "int8", "int4"] = Field(
+        "float32",
+        description="Local engine: how the decode path stores the weights. float32; bfloat16; int8 or "
+        "int4: weight-only quantized (int8 per output channel, int4 in groups of 32 with a zero point: "
+        "the grid of the Q4_1 GGUF the default is converted from), computed in bfloat16. Fewer bytes "
+        "read per decode step; a Llama-architecture model is needed for anything but float32.",
+    )
     engine_merge_adapters: bool = Field(
         True,
         description="Local engine: once a LoRA version serves (its adapter applied on the fly), fold "

@@ -18,6 +18,13 @@ half the speed of the other layers. So this runner:
 Results match transformers' forward to float32 rounding (tests hold them to it). The weights
 are read from the model, never changed; packed copies are the runner's own.
 
+`weight_format` (ENGINE_DTYPE) chooses those copies: float32 (oneDNN-packed), bfloat16, or
+int8 / int4 weight-only quantized and multiplied by torch's own CPU kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: what torchao's CPU layouts dispatch to,
+without its tensor-subclass dispatch on every call); every format but float32 computes its
+activations, and keeps its KV cache, in bfloat16. The model stays float32, so adapters merge
+into float32 master weights and are quantized once afterwards.
+
 A LoRA version is the base runner plus its adapter applied on the fly (`with_adapter`): every
 projection the adapter touches adds x A^T B^T (two small matmuls per fused projection) to the
 base's packed product, so a version costs its adapter's few MB and is ready in the time it
@@ -66,25 +73,48 @@ class TransformersRunner:
         return output.logits[:, -1, :].float()
 
 
+# What ENGINE_DTYPE may name: how the runner stores the projections' weights. float32 and
+# bfloat16 are plain copies; int8 and int4 are weight-only quantized, multiplied by torch's own
+# CPU kernels (the ones torchao's CPU layouts dispatch to) with bfloat16 activations.
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+# Weights per int4 scale/zero pair, along the input dimension: GGUF's Q4_0/Q4_1 block size, so a
+# model converted from a Q4_1 file (the default SmolLM2) falls back onto its own 16-level grid.
+INT4_GROUP = 32
+
+
+def activation_dtype(weight_format: str) -> torch.dtype:
+    """The dtype a runner computes in (and keeps its KV cache in) for a weight format: the
+    int8/int4 kernels take bfloat16 inputs (their float32 paths are several times slower)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}: one of {', '.join(WEIGHT_FORMATS)}")
+    return torch.float32 if weight_format == "float32" else torch.bfloat16
+
+
 class _Linear:
-    """y = x W^T (+ b) with W packed once for oneDNN when available, else plain F.linear.
+    """y = x W^T (+ b) with W stored in the runner's weight format: float32 packed once for
+    oneDNN when available (else plain F.linear), bfloat16, or int8 / int4 weight-only.
 
     Built from the model's Linear modules (several are fused by concatenating their outputs).
     `reuse` is the same projection in another runner: when it was built from the very same
-    tensors (a LoRA version shares all the base weights its adapter leaves alone), its packed
-    weight is shared instead of packed again, which keeps a hot swap fast and small.
+    tensors in the same format (a LoRA version shares all the base weights its adapter leaves
+    alone), its prepared weight is shared instead of prepared again, which keeps a hot swap fast
+    and small.
     """
 
     packed_available: bool | None = None
 
-    def __init__(self, modules: list[Any], batch_hint: int, reuse: _Linear | None = None):
+    def __init__(self, modules: list[Any], batch_hint: int, reuse: _Linear | None = None,
+                 weight_format: str = "float32"):
         self.modules = modules  # the model's own (a later merge reads their weights)
+        self.format = weight_format
+        self.dtype = activation_dtype(weight_format)
         sources = [t for m in modules for t in (m.weight, getattr(m, "bias", None)) if t is not None]
-        self.key = tuple((id(t), t.data_ptr(), tuple(t.shape)) for t in sources)
+        self.key = (weight_format, *((id(t), t.data_ptr(), tuple(t.shape)) for t in sources))
         self.in_features = modules[0].weight.shape[1]
         self.parts = [m.weight.shape[0] for m in modules]  # output rows of each fused module
         if reuse is not None and reuse.key == self.key:
-            self.weight, self.bias, self.packed = reuse.weight, reuse.bias, reuse.packed
+            self.weight, self.bias, self.packed, self.kernel = reuse.weight, reuse.bias, reuse.packed, reuse.kernel
+            self.scales = reuse.scales
             return
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)
         biases = [getattr(m, "bias", None) for m in modules]
@@ -92,16 +122,30 @@ class _Linear:
         if any(b is not None for b in biases):
             self.bias = torch.cat([
                 b.detach() if b is not None else weight.new_zeros(m.weight.shape[0]) for m, b in zip(modules, biases)
-            ])
+            ]).to(self.dtype)
         self._pack(weight, batch_hint)
 
     def _pack(self, weight: torch.Tensor, batch_hint: int) -> None:
-        self.weight, self.packed = weight.contiguous(), None
-        if _Linear.packed_available is not False and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        """Prepare `weight` (float32, the model's master copy or a merge of it) in this
+        projection's format; `kernel` says which multiply __call__ runs."""
+        self.packed = self.scales = None
+        self.kernel = "linear"
+        on_cpu = weight.device.type == "cpu"
+        if self.format == "int4" and on_cpu and self.in_features % INT4_GROUP == 0:
+            self.weight, self.scales = _quantize_int4(weight.float())
+            self.kernel = "int4"
+            return
+        if self.format in ("int8", "int4") and on_cpu:  # int4 where the groups do not fit: int8
+            self.weight, self.scales = _quantize_int8(weight.float())
+            self.kernel = "int8"
+            return
+        self.weight = weight.to(self.dtype).contiguous()
+        if _Linear.packed_available is not False and on_cpu and self.weight.dtype == torch.float32:
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_hint)
                 _Linear.packed_available = True
                 self.weight = None  # the packed copy is all this runner needs
+                self.kernel = "packed"
             except (RuntimeError, AttributeError):
                 _Linear.packed_available = False
                 log.info("oneDNN packed linear unavailable: using F.linear")
@@ -110,16 +154,51 @@ class _Linear:
         """This projection with low-rank updates folded into a private weight (see _LowRank)."""
         clone = copy.copy(self)
         clone.key = ()  # its weight is its own: nothing may share it by key
-        weight = torch.cat([m.weight.detach() for m in self.modules], dim=0)
+        # Folded into the float32 master weights, then prepared (quantized) once: the merged
+        # version is as close to its float32 maths as the base is to the base's.
+        weight = torch.cat([m.weight.detach() for m in self.modules], dim=0).float()
         for u_columns, out_columns, b_t in updates:
-            weight[out_columns].addmm_(b_t.t(), a[u_columns])
+            weight[out_columns].addmm_(b_t.t().float(), a[u_columns].float())
         clone._pack(weight, batch_hint)
         return clone
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.kernel == "packed":
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.kernel == "linear":
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "int4":
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.weight, INT4_GROUP, self.scales)
+        else:
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 (torchao's int8 weight-only scheme): (int8 [out, in],
+    bfloat16 scales [out]) for torch._weight_int8pack_mm."""
+    scales = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    quantized = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized.contiguous(), scales.to(torch.bfloat16)
+
+
+def _quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of INT4_GROUP inputs with a float zero point (torchao's
+    Int4CPULayout scheme, = GGUF's Q4_1): w ~ (q - 8) * scale + zero, q in [0, 15]. Returns
+    (packed weight, bfloat16 [groups, out, 2] scales and zeros) for
+    torch._weight_int4pack_mm_for_cpu."""
+    out, inputs = weight.shape
+    groups = weight.view(out, inputs // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=1e-12)
+    quantized = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(quantized.view(out, inputs), 1)
+    zeros = low + 8 * scales
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return packed, scales_and_zeros.to(torch.bfloat16)
 
 
 class _LowRank:
@@ -182,14 +261,16 @@ _LAYER_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class _Layer:
-    def __init__(self, layer: Any, batch_hint: int, reuse: _Layer | None):
+    def __init__(self, layer: Any, batch_hint: int, reuse: _Layer | None, weight_format: str):
         attention, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], batch_hint, reuse and reuse.qkv)
-        self.o = _Linear([attention.o_proj], batch_hint, reuse and reuse.o)
-        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], batch_hint, reuse and reuse.gate_up)
-        self.down = _Linear([mlp.down_proj], batch_hint, reuse and reuse.down)
-        self.input_norm = layer.input_layernorm.weight.detach()
-        self.post_norm = layer.post_attention_layernorm.weight.detach()
+        fmt = weight_format
+        self.qkv = _Linear([attention.q_proj, attention.k_proj, attention.v_proj], batch_hint, reuse and reuse.qkv, fmt)
+        self.o = _Linear([attention.o_proj], batch_hint, reuse and reuse.o, fmt)
+        self.gate_up = _Linear([mlp.gate_proj, mlp.up_proj], batch_hint, reuse and reuse.gate_up, fmt)
+        self.down = _Linear([mlp.down_proj], batch_hint, reuse and reuse.down, fmt)
+        dtype = activation_dtype(weight_format)
+        self.input_norm = layer.input_layernorm.weight.detach().to(dtype)
+        self.post_norm = layer.post_attention_layernorm.weight.detach().to(dtype)
         self.intermediate = mlp.gate_proj.weight.shape[0]
 
     def adapted(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float,
@@ -229,10 +310,13 @@ class LlamaRunner:
             and model.dtype == torch.float32
         )
 
-    def __init__(self, model: Any, batch_hint: int = 16, reuse: LlamaRunner | None = None):
+    def __init__(self, model: Any, batch_hint: int = 16, reuse: LlamaRunner | None = None,
+                 weight_format: str = "float32"):
         config = model.config
         self.model = model
         self.batch_hint = batch_hint
+        self.weight_format = weight_format
+        self.dtype = activation_dtype(weight_format)  # activations and the KV cache
         self.adapted = False  # some projections carry LoRA updates applied on the fly
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -243,13 +327,14 @@ class LlamaRunner:
         self.hidden = config.hidden_size
         self.embed = model.model.embed_tokens
         self.rotary = model.model.rotary_emb
-        self.final_norm = model.model.norm.weight.detach()
+        self.final_norm = model.model.norm.weight.detach().to(self.dtype)
         if reuse is not None and len(reuse.layers) != len(model.model.layers):
             reuse = None
         self.layers = [
-            _Layer(layer, batch_hint, reuse.layers[i] if reuse else None) for i, layer in enumerate(model.model.layers)
+            _Layer(layer, batch_hint, reuse.layers[i] if reuse else None, weight_format)
+            for i, layer in enumerate(model.model.layers)
         ]
-        self.head = _Linear([model.lm_head], batch_hint, reuse.head if reuse else None)
+        self.head = _Linear([model.lm_head], batch_hint, reuse.head if reuse else None, weight_format)
         self.split = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def with_adapter(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> LlamaRunner | None:
@@ -280,11 +365,13 @@ class LlamaRunner:
         clone.adapted = False
         return clone
 
-    def forward(self, input_ids, positions, mask, step_cache) -> torch.Tensor:
+    def forward(self, input_ids, positions, mask, step_cache, every_position: bool = False) -> torch.Tensor:
+        """Logits [n, vocab] of each row's last position ([n, q, vocab] of every position with
+        `every_position`: perplexity checks of a weight format, bench/quality.py)."""
         n, q_len = input_ids.shape
         # sdpa turns a boolean mask into an additive one on every call: do it once per step.
-        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
-        hidden = self.embed(input_ids)
+        mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, float("-inf"))
+        hidden = self.embed(input_ids).to(self.dtype)
         cos, sin = self.rotary(hidden, positions)  # [n, q, head_dim]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for index, layer in enumerate(self.layers):
@@ -300,6 +387,8 @@ class LlamaRunner:
             normed = F.rms_norm(hidden, (self.hidden,), layer.post_norm, self.eps)
             gate, up = layer.gate_up(normed).split(layer.intermediate, dim=-1)
             hidden = hidden + layer.down(F.silu(gate) * up)
+        if every_position:
+            return self.head(F.rms_norm(hidden, (self.hidden,), self.final_norm, self.eps)).float()
         last = F.rms_norm(hidden[:, -1:, :], (self.hidden,), self.final_norm, self.eps)
         return self.head(last)[:, -1, :].float()
 
@@ -322,9 +411,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def make_runner(model: Any, *, fast: bool = True, batch_hint: int = 16, reuse: Any = None):
-    """The fastest runner that supports `model`; `reuse`: a runner whose packed weights may be
-    shared where `model` has the very same tensors (the base of a LoRA version)."""
+def make_runner(model: Any, *, fast: bool = True, batch_hint: int = 16, reuse: Any = None,
+                weight_format: str = "float32"):
+    """The fastest runner that supports `model`; `reuse`: a runner whose prepared weights may be
+    shared where `model` has the very same tensors (the base of a LoRA version).
+    `weight_format` (WEIGHT_FORMATS) needs the Llama runner unless it is float32."""
+    activation_dtype(weight_format)  # a clear error for an unknown format
     if fast and LlamaRunner.supports(model):
-        return LlamaRunner(model, batch_hint, reuse if isinstance(reuse, LlamaRunner) else None)
+        return LlamaRunner(model, batch_hint, reuse if isinstance(reuse, LlamaRunner) else None, weight_format)
+    if weight_format != "float32":
+        raise ValueError(
+            f"weight format {weight_format} needs the lean Llama runner (a float32 LlamaForCausalLM on "
+            f"CPU, fast path on); this model is {type(model).__name__} in {model.dtype}: use float32"
+        )
     return TransformersRunner(model)

@@ -361,8 +361,8 @@ def run_forward(runner, config):
     """One padded prefill and one decode step through `runner` (fixed inputs)."""
     from server.engine.kv_cache import SlotKVCache
 
-    cache = SlotKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, torch.float32,
-                        max_rows=4, max_tokens=64)
+    cache = SlotKVCache(config.num_hidden_layers, config.num_key_value_heads, config.head_dim,
+                        getattr(runner, "dtype", torch.float32), max_rows=4, max_tokens=64)
     ids = torch.randint(3, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(6).expand(2, 6)
     mask = (torch.arange(6)[None, None, :] <= positions[:, :, None])[:, None]
