@@ -24,7 +24,7 @@ def main(args) -> None:
     import torch
 
     from deploy.base_model import resolve_base_model
-    from deploy.checkpoint import load_base_policy
+    from deploy.policy import load_base_policy
     from server.engine.kv_cache import SlotKVCache
     from server.engine.runner import make_runner
 

@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     from deploy.base_model import resolve_base_model
-    from deploy.checkpoint import load_base_policy
+    from deploy.policy import load_base_policy
     from retrain.ppo import tokenize_prompts, train_ppo
     from retrain.round import greedy_answers, kl_to_reference
     from retrain.settings import RetrainSettings

@@ -90,7 +90,7 @@ def perplexity(model_dir: Path, dtype: str, texts: list[str], tokens_per_text: i
     import torch
     import torch.nn.functional as F
 
-    from deploy.checkpoint import load_base_policy
+    from deploy.policy import load_base_policy
     from server.engine.kv_cache import SlotKVCache
     from server.engine.runner import make_runner
 

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import admin_url, free_port, start_process, stop_process, wait_ready  # noqa: E402
-from feedback.migrate import scratch_database  # noqa: E402
+from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 
 log = logging.getLogger("bench.serve")
 

@@ -11,7 +11,7 @@ import torch
 from support.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 from test_engine_local import ALL_PROJECTIONS, GREEDY, chat_prompt, make_lora_checkpoint, run_forward
 
-from deploy.checkpoint import load_adapter, load_base_policy, load_policy
+from deploy.policy import load_adapter, load_base_policy, load_policy
 from server.engine.local import LocalEngineConfig, start_local_engine
 from server.engine.runner import WEIGHT_FORMATS, LlamaRunner, make_runner
 from server.settings import ServerSettings
