@@ -152,11 +152,24 @@ def _question_rewrite(answer: str, prompt: str) -> str:
     return f"{body} {question}" if body else question
 
 
+_MORE_ABOUT = (
+    "There is more to say about {topic}, and the details matter as much as the main idea.",
+    "To go a little deeper into {topic}: it helps to know why each step works, not only what it is.",
+    "A common mistake with {topic} is to stop at the first answer, so it is worth checking the exceptions too.",
+    "If you want to learn more about {topic}, trying it yourself and comparing the results is the best teacher.",
+)
+
+
 def _verbose_rewrite(answer: str, prompt: str) -> str:
-    # What a person who wants more would add: the whole answer, then more about its subject.
-    more = (f"There is more to say about {topic(prompt)}: the details, the exceptions and the "
-            "reasons behind them all matter, and each deserves a careful explanation.")
-    return f"{answer.strip()} {more}" if answer.strip() else more
+    # What a person who wants more would write: the whole answer, then more about its subject,
+    # until it is as long as the thumb asks for.
+    about = topic(prompt)
+    out = answer.strip()
+    for n in range(4 * len(_MORE_ABOUT)):
+        if words(out) >= VERBOSE_WORDS:
+            break
+        out = f"{out} {_MORE_ABOUT[n % len(_MORE_ABOUT)].format(topic=about)}".strip()
+    return out
 
 
 # Long words and the short ones a plain-language editor puts in their place.

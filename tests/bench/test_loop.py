@@ -81,7 +81,7 @@ def test_the_controls_report_puts_the_runs_side_by_side(tmp_path):
         rows = [loop.RoundRow(round=i, model_version="v", minutes=float(i), score=None, empty_answers=0,
                               thumbs_up_rate=w / 2, win_rate_vs_round_0=w, users_thumbs_up_rate=w / 2, kl_to_base=0.0,
                               mean_words=50.0, mean_tokens=60.0, eos_rate=0.5) for i, w in enumerate(wins)]
-        return loop.Report(when="now", preference=preference, description="", noise=noise, measured_under="concise",
+        return loop.Report(when="now", preference=preference, description="", noise=noise, edits=0.0, measured_under="concise",
                            profile="full", settings={}, machine={}, kl_bound=8.0, prompts={"held_out": 40}, rounds=rows)
 
     controls = loop.ControlsReport(["result", "control"], [report("concise", 0.0, [0.5, 0.8]),

@@ -112,9 +112,17 @@ def test_sft_trainer_trains_on_the_export_unchanged(demos_db, tmp_path, tiny_mod
             output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2,
             learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
             max_length=256, dataloader_num_workers=0,
+            bf16=False,  # SFTConfig turns bf16 on by default; the tiny model trains in float32
         ),
     )
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        # The Trainer leaves accelerate's process-wide state set up with its mixed precision;
+        # the retraining code later in this process makes Accelerators of its own.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert result.global_step == 3
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
