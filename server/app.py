@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from psycopg_pool import AsyncConnectionPool
 from pydantic import ValidationError
@@ -33,10 +33,9 @@ from feedback.errors import StoreError
 from feedback.migrate import migrate
 
 from . import openai_api, rest, serving, ws
-from .auth import TOKEN_HEADER
 from .chat import Chat
-from .errors import BadJson, FrameTooLarge, HttpRefusal, ServerError, ShuttingDown, from_validation, to_wire, typed
-from .json_depth import too_deep
+from .errors import HttpRefusal, ServerError, from_validation, http_response
+from .http_guards import HttpGuards
 from .metrics import Metrics
 from .quotas import Quotas
 from .settings import ServerSettings
@@ -182,124 +181,35 @@ async def _load_engine(chat: Chat, settings: ServerSettings) -> bool:
         return False
 
 
-def _error_response(request: Request, exc: BaseException) -> JSONResponse:
-    exc = typed(exc)
-    status, frame = to_wire(exc)
-    metrics = getattr(request.app.state, "metrics", None) if "app" in request.scope else None
-    if metrics is not None:
-        metrics.refusals.labels(frame.code).inc()
-    headers = {}
-    retry = getattr(exc, "retry_after_s", None)
-    if retry:
-        headers["Retry-After"] = str(retry)
-    if request.url.path.startswith("/v1/"):
-        # OpenAI's error shape, which its clients parse into APIStatusError.message.
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": frame.message, "type": kind, "code": frame.code, "param": None}}
-    else:
-        body = {"code": frame.code, "message": frame.message}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StoreError)
     async def store_error(request: Request, exc: StoreError):
-        return _error_response(request, exc)
+        return http_response(request, exc)
 
     @app.exception_handler(ServerError)
     async def server_error(request: Request, exc: ServerError):
-        return _error_response(request, exc)
+        return http_response(request, exc)
 
     @app.exception_handler(psycopg.OperationalError)
     async def database_error(request: Request, exc: psycopg.OperationalError):
-        return _error_response(request, exc)  # 503 database_unavailable (errors.to_wire)
+        return http_response(request, exc)  # 503 database_unavailable (errors.to_wire)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        return _error_response(request, from_validation(list(exc.errors())))
+        return http_response(request, from_validation(list(exc.errors())))
 
     @app.exception_handler(ValidationError)
     async def invalid_model(request: Request, exc: ValidationError):
-        return _error_response(request, from_validation(exc.errors()))
+        return http_response(request, from_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def refused_by_starlette(request: Request, exc: StarletteHTTPException):
         # No such route, a method the route does not take, a body FastAPI could not read: in
         # the same shapes as every other error (OpenAI's under /v1), not {"detail": ...}.
-        return _error_response(request, HttpRefusal(exc.status_code, str(exc.detail)))
+        return http_response(request, HttpRefusal(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         # Starlette answers these with a plain-text 500; to_wire logs the traceback and says
         # nothing of it to the client. (The exception is still re-raised after, for uvicorn.)
-        return _error_response(request, exc)
-
-
-class HttpGuards:
-    """Plain ASGI (not BaseHTTPMiddleware, which gets in the way of streamed responses noticing
-    a client that went away): refuses every new HTTP request with 503 `shutting_down` once the
-    server drains (server/shutdown.py), refuses HTTP bodies over MAX_FRAME_BYTES before the app
-    reads them (by Content-Length, and by reading the body up to the limit), refuses JSON nested
-    deeper than MAX_JSON_DEPTH before anything parses it (bad_json), and hands a minted
-    anonymous identity back in a header (see auth.py)."""
-
-    def __init__(self, app, limit: int, max_depth: int, state):
-        self.app = app
-        self.limit = limit
-        self.max_depth = max_depth
-        self.state = state  # the app's state: `draining`
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.state.draining:
-            response = _error_response(Request(scope), ShuttingDown())
-            return await response(scope, receive, send)
-        headers = dict(scope.get("headers", ()))
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(scope, receive, send, FrameTooLarge(int(length), self.limit))
-        if length is not None or headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-            # Bodies are small (the limit above): read it whole, check it, hand it on.
-            body, more = b"", True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client left
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > self.limit:
-                    return await self._refuse(scope, receive, send, FrameTooLarge(len(body), self.limit))
-            if too_deep(body.decode("utf-8", "replace"), self.max_depth):
-                return await self._refuse(scope, receive, send, BadJson.too_deep(self.max_depth, "body"))
-            receive = _replay(body, receive)
-
-        async def send_with_token(message):
-            if message["type"] == "http.response.start":
-                minted = scope.get("state", {}).get("minted_token")
-                if minted:
-                    message["headers"] = [
-                        *message.get("headers", []),
-                        (TOKEN_HEADER.lower().encode(), minted.encode()),
-                    ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_token)
-
-    async def _refuse(self, scope, receive, send, error: ServerError) -> None:
-        response = _error_response(Request(scope), error)
-        await response(scope, receive, send)
-
-
-def _replay(body: bytes, receive):
-    """A receive that gives the already-read body once, then defers to the real one."""
-    sent = False
-
-    async def replayed():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
+        return http_response(request, exc)

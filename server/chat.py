@@ -31,6 +31,7 @@ the drain waits for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -294,7 +295,8 @@ class Chat:
     # Order in every start_*: checks that need no database (engine ready, params, length, rate,
     # a free slot), then read the path, build the prompt, submit to the engine (which refuses an
     # unknown version or an overload at once), and only then write, in one transaction. A
-    # failure at any step gives back what was taken (slot, engine request) and writes nothing.
+    # failure at any step gives back what was taken (slot, engine request) and writes nothing:
+    # `_starting` does that part for all of them.
 
     def _ready_engine(self):
         if self.draining:
@@ -313,6 +315,26 @@ class Chat:
         if len(content) > self.settings.max_message_chars:
             raise TooLong("content", len(content), self.settings.max_message_chars, "max_message_chars")
 
+    @contextlib.asynccontextmanager
+    async def _starting(
+        self, user: User, *, transaction: bool = True
+    ) -> AsyncIterator[tuple[psycopg.AsyncConnection, _Start]]:
+        """Where every start_* does its database part: counts against the rate limit, takes a
+        generation slot, then yields a connection (in one transaction unless told otherwise) and
+        the `_Start` to submit with. If anything fails before the block has ended (and the
+        transaction committed), the submitted request is cancelled and the slot given back."""
+        await self.quotas.hit(user.id)
+        start = _Start(self.quotas.take_slot(user.id))
+        try:
+            async with self.pool.connection() as conn:
+                async with conn.transaction() if transaction else contextlib.nullcontext():
+                    yield conn, start
+        except BaseException:
+            if start.request is not None:
+                start.request.cancel()
+            start.release()
+            raise
+
     async def start_message(
         self,
         user: User,
@@ -330,50 +352,41 @@ class Chat:
                 "parent_id was given without conversation_id: send the conversation_id the "
                 "parent belongs to, or neither to start a new conversation"
             )
-        await self.quotas.hit(user.id)
-        release = self.quotas.take_slot(user.id)
-        request = None
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                if conversation_id is None:
-                    path: list[Message] = []
-                elif parent_id is None:
-                    newest = await store.newest_message(conn, user, conversation_id)
-                    path = [] if newest is None else await store.path_to_root(conn, user, newest.id)
-                else:
-                    path = await store.path_to_root(conn, user, parent_id)
-                    if path[-1].conversation_id != conversation_id:
-                        raise WrongConversation(parent_id, conversation_id)
-                turns = _turns(path) + [{"role": "user", "content": content}]
-                prompt = serving.prompt_for(engine, self.settings, turns, params)
-                if conversation_id is None:
-                    # Created first: a new conversation's version is chosen by its id. A
-                    # refusal below rolls it back with the rest of the transaction.
-                    conversation = await store.create_conversation(
-                        conn, user, _title(content), settings=self.settings
-                    )
-                    conversation_id, assigned = conversation.id, None
-                else:
-                    assigned = await _assigned_version(conn, conversation_id)
-                request = serving.submit(
-                    engine, prompt, params, self._version_for(conversation_id, assigned)
+        async with self._starting(user) as (conn, start):
+            if conversation_id is None:
+                path: list[Message] = []
+            elif parent_id is None:
+                newest = await store.newest_message(conn, user, conversation_id)
+                path = [] if newest is None else await store.path_to_root(conn, user, newest.id)
+            else:
+                path = await store.path_to_root(conn, user, parent_id)
+                if path[-1].conversation_id != conversation_id:
+                    raise WrongConversation(parent_id, conversation_id)
+            turns = _turns(path) + [{"role": "user", "content": content}]
+            prompt = serving.prompt_for(engine, self.settings, turns, params)
+            if conversation_id is None:
+                # Created first: a new conversation's version is chosen by its id. A
+                # refusal below rolls it back with the rest of the transaction.
+                conversation = await store.create_conversation(
+                    conn, user, _title(content), settings=self.settings
                 )
-                await _remember_version(conn, conversation_id, assigned, request.model_version)
-                question = await store.add_message(
-                    conn,
-                    user,
-                    conversation_id,
-                    path[-1].id if path else None,
-                    "user",
-                    content,
-                    settings=self.settings,
-                )
-        except BaseException:
-            if request is not None:
-                request.cancel()
-            release()
-            raise
-        return self._answer(user, question, params, prompt, request, release)
+                conversation_id, assigned = conversation.id, None
+            else:
+                assigned = await _assigned_version(conn, conversation_id)
+            request = start.submit(
+                engine, prompt, params, self._version_for(conversation_id, assigned)
+            )
+            await _remember_version(conn, conversation_id, assigned, request.model_version)
+            question = await store.add_message(
+                conn,
+                user,
+                conversation_id,
+                path[-1].id if path else None,
+                "user",
+                content,
+                settings=self.settings,
+            )
+        return self._answer(user, question, params, prompt, start)
 
     async def start_regenerate(
         self, user: User, message_id: UUID, asked: SamplingParams | None = None
@@ -382,31 +395,22 @@ class Chat:
         the same prompt, and the new answer is stored as a sibling of `message_id`."""
         engine = self._ready_engine()
         params = resolve_params(self.settings, asked)
-        await self.quotas.hit(user.id)
-        release = self.quotas.take_slot(user.id)
-        request = None
-        try:
-            async with self.pool.connection() as conn:
-                path = await store.path_to_root(conn, user, message_id)
-                answer = path[-1]
-                if answer.role != "assistant" or len(path) < 2:
-                    raise NothingToRegenerate(
-                        f"message {message_id} is a {answer.role} message: regenerate takes the "
-                        "id of an assistant answer, and the new answer becomes its sibling"
-                    )
-                question = path[-2]
-                prompt = serving.prompt_for(engine, self.settings, _turns(path[:-1]), params)
-                assigned = await _assigned_version(conn, answer.conversation_id)
-                request = serving.submit(
-                    engine, prompt, params, self._version_for(answer.conversation_id, assigned)
+        async with self._starting(user, transaction=False) as (conn, start):
+            path = await store.path_to_root(conn, user, message_id)
+            answer = path[-1]
+            if answer.role != "assistant" or len(path) < 2:
+                raise NothingToRegenerate(
+                    f"message {message_id} is a {answer.role} message: regenerate takes the "
+                    "id of an assistant answer, and the new answer becomes its sibling"
                 )
-                await _remember_version(conn, answer.conversation_id, assigned, request.model_version)
-        except BaseException:
-            if request is not None:
-                request.cancel()
-            release()
-            raise
-        return self._answer(user, question, params, prompt, request, release)
+            question = path[-2]
+            prompt = serving.prompt_for(engine, self.settings, _turns(path[:-1]), params)
+            assigned = await _assigned_version(conn, answer.conversation_id)
+            request = start.submit(
+                engine, prompt, params, self._version_for(answer.conversation_id, assigned)
+            )
+            await _remember_version(conn, answer.conversation_id, assigned, request.model_version)
+        return self._answer(user, question, params, prompt, start)
 
     async def start_edit_question(
         self, user: User, message_id: UUID, content: str, asked: SamplingParams | None = None
@@ -418,25 +422,16 @@ class Chat:
         engine = self._ready_engine()
         params = resolve_params(self.settings, asked)
         self._check_length(content)
-        await self.quotas.hit(user.id)
-        release = self.quotas.take_slot(user.id)
-        request = None
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                question = await store.edit_question(conn, user, message_id, content, settings=self.settings)
-                path = await store.path_to_root(conn, user, question.id)
-                prompt = serving.prompt_for(engine, self.settings, _turns(path), params)
-                assigned = await _assigned_version(conn, question.conversation_id)
-                request = serving.submit(
-                    engine, prompt, params, self._version_for(question.conversation_id, assigned)
-                )
-                await _remember_version(conn, question.conversation_id, assigned, request.model_version)
-        except BaseException:
-            if request is not None:
-                request.cancel()
-            release()
-            raise
-        return self._answer(user, question, params, prompt, request, release)
+        async with self._starting(user) as (conn, start):
+            question = await store.edit_question(conn, user, message_id, content, settings=self.settings)
+            path = await store.path_to_root(conn, user, question.id)
+            prompt = serving.prompt_for(engine, self.settings, _turns(path), params)
+            assigned = await _assigned_version(conn, question.conversation_id)
+            request = start.submit(
+                engine, prompt, params, self._version_for(question.conversation_id, assigned)
+            )
+            await _remember_version(conn, question.conversation_id, assigned, request.model_version)
+        return self._answer(user, question, params, prompt, start)
 
     async def start_from_messages(
         self,
@@ -455,25 +450,16 @@ class Chat:
         for m in messages:
             self._check_length(m["content"])
         prompt = serving.prompt_for(engine, self.settings, messages, params)
-        await self.quotas.hit(user.id)
-        release = self.quotas.take_slot(user.id)
-        request = None
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
-                place = await _api_place(conn, user, messages)
-                assigned = None if place.conversation_id is None else await _assigned_version(
-                    conn, place.conversation_id
-                )
-                version = named or self._api_version(user, place.conversation_id, assigned)
-                request = serving.submit(engine, prompt, params, version)
-                question = await self._store_api_path(conn, user, place, messages)
-                await _remember_version(conn, question.conversation_id, assigned, request.model_version)
-        except BaseException:
-            if request is not None:
-                request.cancel()
-            release()
-            raise
-        return self._answer(user, question, params, prompt, request, release)
+        async with self._starting(user) as (conn, start):
+            place = await _api_place(conn, user, messages)
+            assigned = None if place.conversation_id is None else await _assigned_version(
+                conn, place.conversation_id
+            )
+            version = named or self._api_version(user, place.conversation_id, assigned)
+            request = start.submit(engine, prompt, params, version)
+            question = await self._store_api_path(conn, user, place, messages)
+            await _remember_version(conn, question.conversation_id, assigned, request.model_version)
+        return self._answer(user, question, params, prompt, start)
 
     def _api_version(self, user: User, conversation_id: UUID | None, assigned: str | None) -> str:
         """The version an API request for "default" runs on. A conversation the client continues
@@ -511,12 +497,12 @@ class Chat:
         assert parent is not None
         return parent
 
-    def _answer(self, user: User, question: Message, params, prompt, request, release) -> Answer:
+    def _answer(self, user: User, question: Message, params, prompt, start: _Start) -> Answer:
         message_id = uuid.uuid4()
 
         def done() -> None:  # called once stored, or abandoned (idempotent)
             self.running.pop(message_id, None)
-            release()
+            start.release()
 
         answer = Answer(
             chat=self,
@@ -526,7 +512,7 @@ class Chat:
             message_id=message_id,
             params=params,
             prompt=prompt,
-            request=request,
+            request=start.request,
             release=done,
         )
         self.running[message_id] = answer
@@ -586,6 +572,20 @@ def api_client_key(user: User) -> str:
     """What the canary decision hashes for an API client's new conversations: its user, so the
     same client keeps getting the same version (the same on every replica)."""
     return f"user:{user.id}"
+
+
+@dataclass
+class _Start:
+    """A turn being started (Chat._starting): its generation slot, and its engine request once
+    submitted, both given back if the start fails."""
+
+    release: Callable[[], None]  # gives the generation slot back (idempotent)
+    request: serving.EngineRequest | None = None  # None until submitted
+
+    def submit(self, engine, prompt: serving.Prompt, params: SamplingParams, version: str) -> serving.EngineRequest:
+        """serving.submit, remembering the request so a failed start cancels it."""
+        self.request = serving.submit(engine, prompt, params, version)
+        return self.request
 
 
 @dataclass(frozen=True)

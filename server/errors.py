@@ -17,6 +17,8 @@ from typing import ClassVar
 
 import psycopg
 from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from feedback.errors import StoreError
 from feedback.store import text_problem
@@ -345,3 +347,27 @@ def to_wire(exc: BaseException) -> tuple[int, ErrorFrame]:
         code="internal_error",
         message="the server failed; nothing was stored for this request",
     )
+
+
+def http_response(request: Request, exc: BaseException) -> JSONResponse:
+    """The HTTP answer to any failure, from the app's error handlers and from the middleware
+    that refuses before the app runs (server/http_guards.py): the status, Retry-After where the
+    error has one, the body in OpenAI's shape under /v1 and `{"code", "message"}` elsewhere; each
+    refusal is counted by code."""
+    exc = typed(exc)
+    status, frame = to_wire(exc)
+    metrics = getattr(request.app.state, "metrics", None) if "app" in request.scope else None
+    if metrics is not None:
+        metrics.refusals.labels(frame.code).inc()
+    headers = {}
+    retry = getattr(exc, "retry_after_s", None)
+    if retry:
+        headers["Retry-After"] = str(retry)
+    if request.url.path.startswith("/v1/"):
+        # OpenAI's error shape, which its clients parse into APIStatusError.message.
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": frame.message, "type": kind, "code": frame.code, "param": None}}
+    else:
+        body = {"code": frame.code, "message": frame.message}
+    return JSONResponse(body, status_code=status, headers=headers)
+

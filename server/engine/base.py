@@ -20,16 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-from ..prompt import Prompt
+from ..prompt import Prompt, PromptTooLong
 
 log = logging.getLogger(__name__)
 
@@ -349,20 +350,91 @@ class Engine(ABC):
         """Engine side of Generation.cancel()."""
 
 
+@dataclass
+class VersionRecord:
+    """Loop-side record of a version an engine serves; each engine's own record adds what it
+    needs to run requests on it (a tokenizer, a served name)."""
+
+    name: str  # what requests and stored messages call it (a checkpoint id)
+    accepting: bool = field(default=True, kw_only=True)  # False once it is being unloaded
+    in_flight: int = field(default=0, kw_only=True)  # requests submitted on it and not finished
+    drained: asyncio.Event = field(default_factory=asyncio.Event, kw_only=True)  # set at in_flight 0
+
+
 class VersionedEngine(Engine):
     """The version bookkeeping both engines share: which versions are live, which one new
-    requests get, and how a replaced version drains before it is freed.
+    requests get, what every submit checks, how many requests each version has in flight, and
+    how a replaced version drains before it is freed.
 
-    Subclasses keep `_versions` (name -> a record with `accepting`, `in_flight` and a `drained`
-    event set when in_flight drops to 0) and `_default`, and say which generations are live.
+    Subclasses keep `_versions` (name -> a `VersionRecord`) and `_default`, call `_submitting`
+    at the start of `submit` and `_count_in` / `_count_out` as requests begin and finish, and
+    say which requests are live and how many more fit.
     """
 
-    _versions: dict[str, Any]
+    _versions: dict[str, VersionRecord]
     _default: str | None
+    config: Any  # the engine's config: its `limits` bound every request's params
+
+    @abstractmethod
+    def _live(self) -> Mapping[str, Any]:
+        """The requests submitted and not yet finished, by request id."""
 
     @abstractmethod
     def _live_generations(self) -> Iterable[Generation]:
         """Every generation submitted and not yet finished."""
+
+    @abstractmethod
+    def _context_length_of(self, record: VersionRecord) -> int:
+        """Most tokens (prompt plus answer) a request on this version may hold."""
+
+    @abstractmethod
+    def _overloaded(self) -> str | None:
+        """Why one more request does not fit now (EngineOverloaded's message), or None."""
+
+    def versions(self) -> list[str]:
+        return [name for name, record in self._versions.items() if record.accepting]
+
+    def in_flight(self, version: str | None = None) -> int:
+        if version is None:
+            return len(self._live())
+        record = self._versions.get(version)
+        return record.in_flight if record else 0
+
+    def _submitting(
+        self, prompt: Prompt, params: SamplingParams, version: str | None, request_id: str | None
+    ) -> tuple[VersionRecord, SamplingParams, int, str]:
+        """What every submit checks once the engine is ready, in this order: the params within
+        the limits (unset ones defaulted), the version (default: the default one) accepting, a
+        prompt that leaves room for an answer, room for one more request, a fresh request id.
+        Returns the version's record, the checked params, its context length and the id."""
+        params = params.checked(self.config.limits)
+        name = version or self._default
+        record = self._versions.get(name)
+        if record is None or not record.accepting:
+            raise UnknownModelVersion(name, self.versions())
+        context_length = self._context_length_of(record)
+        n_prompt = len(prompt.token_ids)
+        if not n_prompt or n_prompt >= context_length:
+            raise PromptTooLong(n_prompt, context_length - 1, context_length, params.max_new_tokens)
+        if (problem := self._overloaded()) is not None:
+            raise EngineOverloaded(problem)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._live():
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        return record, params, context_length, request_id
+
+    def _count_in(self, record: VersionRecord) -> None:
+        """A request was submitted on this version: it is not drained until that one ends."""
+        record.in_flight += 1
+        record.drained.clear()
+
+    def _count_out(self, generation: Generation) -> None:
+        """A request finished (once per request): its version drains when it was the last."""
+        record = self._versions.get(generation.model_version)
+        if record is not None:
+            record.in_flight -= 1
+            if record.in_flight == 0:
+                record.drained.set()
 
     def set_default_version(self, version: str) -> None:
         record = self._versions.get(version)

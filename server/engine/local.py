@@ -41,7 +41,6 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,20 +52,18 @@ from deploy.base_model import is_model_dir
 from deploy.checkpoint import MANIFEST_NAME, read_manifest
 from deploy.policy import Policy, load_adapter, load_base_policy, load_policy
 
-from ..prompt import Prompt, PromptTooLong
+from ..prompt import Prompt
 from .base import (
-    Engine,
     EngineNotReady,
-    EngineOverloaded,
     EngineStats,
     FinalEvent,
     Generation,
     SamplingLimits,
     SamplingParams,
     TokenEvent,
-    UnknownModelVersion,
     Usage,
     VersionedEngine,
+    VersionRecord,
 )
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import SlotKVCache
@@ -103,15 +100,11 @@ class LocalEngineConfig:
 
 
 @dataclass
-class _Version:
-    """Loop-side record of a loaded version."""
+class _Version(VersionRecord):
+    """Loop-side record of a loaded version: what requests on it are built with."""
 
-    name: str
     tokenizer: Any
     context_length: int
-    accepting: bool = True
-    in_flight: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass(eq=False)
@@ -259,9 +252,6 @@ class LocalEngine(VersionedEngine):
     def default_version(self) -> str:
         return self._require_default().name
 
-    def versions(self) -> list[str]:
-        return [name for name, v in self._versions.items() if v.accepting]
-
     async def load_base(self, path: str | Path, *, make_default: bool = True) -> str:
         """Load the base model directory (verified if it is a checkpoint); LoRA versions are
         applied to its weights. Returns its version name."""
@@ -366,8 +356,19 @@ class LocalEngine(VersionedEngine):
             self._default = name
         log.info("serving version %s%s", name, " (default)" if self._default == name else "")
 
+    def _live(self) -> dict[str, Generation]:
+        return self._generations
+
     def _live_generations(self) -> list[Generation]:
         return list(self._generations.values())
+
+    def _context_length_of(self, record: _Version) -> int:
+        return record.context_length
+
+    def _overloaded(self) -> str | None:
+        if len(self._generations) >= self.config.max_batch_size + self.config.max_waiting:
+            return f"{len(self._generations)} requests are already running or waiting: retry shortly"
+        return None
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
         await self._drain_and_forget(version, timeout)
@@ -376,12 +377,6 @@ class LocalEngine(VersionedEngine):
             merging.cancel()
         self._commands.put(("drop_version", version))
         log.info("unloaded version %s", version)
-
-    def in_flight(self, version: str | None = None) -> int:
-        if version is None:
-            return len(self._generations)
-        record = self._versions.get(version)
-        return record.in_flight if record else 0
 
     def stats(self) -> EngineStats:
         with self._stats_lock:
@@ -404,29 +399,14 @@ class LocalEngine(VersionedEngine):
     ) -> Generation:
         if not self.ready:
             raise EngineNotReady("the model is not loaded yet" if not self._closed else "the engine is closed")
-        params = params.checked(self.config.limits)
-        name = version or self._default
-        record = self._versions.get(name)
-        if record is None or not record.accepting:
-            raise UnknownModelVersion(name, self.versions())
+        record, params, context_length, request_id = self._submitting(prompt, params, version, request_id)
         prompt_ids = [int(t) for t in prompt.token_ids]
-        context_length = record.context_length
-        if not prompt_ids or len(prompt_ids) >= context_length:
-            raise PromptTooLong(len(prompt_ids), context_length - 1, context_length, params.max_new_tokens)
-        if len(self._generations) >= self.config.max_batch_size + self.config.max_waiting:
-            raise EngineOverloaded(
-                f"{len(self._generations)} requests are already running or waiting: retry shortly"
-            )
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._generations:
-            raise ValueError(f"request id {request_id!r} is already in flight")
-        generation = Generation(self, request_id, name, len(prompt_ids), params)
+        generation = Generation(self, request_id, record.name, len(prompt_ids), params)
         self._generations[request_id] = generation
-        record.in_flight += 1
-        record.drained.clear()
+        self._count_in(record)
         sequence = _Sequence(
             generation=generation,
-            version=name,
+            version=record.name,
             prompt_ids=prompt_ids,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -445,11 +425,7 @@ class LocalEngine(VersionedEngine):
         for generation, event in events:
             generation._push(event)
             if isinstance(event, FinalEvent) and self._generations.pop(generation.request_id, None):
-                record = self._versions.get(generation.model_version)
-                if record is not None:
-                    record.in_flight -= 1
-                    if record.in_flight == 0:
-                        record.drained.set()
+                self._count_out(generation)
 
     # ------------------------------------------------------------------ the worker thread
 

@@ -50,17 +50,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from deploy.checkpoint import base_model_name
 
-from ..prompt import Prompt, PromptTooLong
+from ..prompt import Prompt
 from .base import (
     EngineNotReady,
-    EngineOverloaded,
     EngineStats,
     FinalEvent,
     FinishReason,
@@ -68,9 +66,9 @@ from .base import (
     SamplingLimits,
     SamplingParams,
     TokenEvent,
-    UnknownModelVersion,
     Usage,
     VersionedEngine,
+    VersionRecord,
 )
 from .remote_http import (
     AdapterNotLoaded,
@@ -120,13 +118,11 @@ class RemoteEngineConfig:
 
 
 @dataclass
-class _Version:
-    name: str  # what requests and stored messages call it (a checkpoint id)
+class _Version(VersionRecord):
+    """Loop-side record of a registered version: the name the remote serves it under."""
+
     served_name: str | None  # openai: the `model` field; tgi: the adapter id (None: the base)
     adapter_path: str | None = None  # where the remote loads its LoRA adapter from (lora_loading only)
-    accepting: bool = True
-    in_flight: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class RemoteGeneration(Generation):
@@ -310,9 +306,6 @@ class RemoteEngine(VersionedEngine):
     def default_version(self) -> str:
         return self._default
 
-    def versions(self) -> list[str]:
-        return [name for name, version in self._versions.items() if version.accepting]
-
     async def load_version(self, version: str, path: str | Path, *, make_default: bool = False,
                            served_name: str | None = None) -> None:
         """Serve `version`, which the remote serves as `served_name` (default: `version`; the
@@ -347,8 +340,19 @@ class RemoteEngine(VersionedEngine):
         log.info("serving version %s as %r on %s (checkpoint %s)%s", version, served, endpoint.url, path,
                  " (default)" if make_default else "")
 
+    def _live(self) -> dict[str, _Request]:
+        return self._requests
+
     def _live_generations(self) -> list[Generation]:
         return [request.generation for request in self._requests.values()]
+
+    def _context_length_of(self, record: _Version) -> int:
+        return self.context_length  # the default version's: the remote allocates one for all
+
+    def _overloaded(self) -> str | None:
+        if len(self._requests) >= self.config.max_in_flight:
+            return f"{len(self._requests)} requests are already streaming from the remote engine: retry shortly"
+        return None
 
     async def unload_version(self, version: str, *, timeout: float | None = None) -> None:
         record = self._versions.get(version)
@@ -416,12 +420,6 @@ class RemoteEngine(VersionedEngine):
 
     # ------------------------------------------------------------------ requests
 
-    def in_flight(self, version: str | None = None) -> int:
-        if version is None:
-            return len(self._requests)
-        record = self._versions.get(version)
-        return record.in_flight if record else 0
-
     def stats(self) -> EngineStats:
         stats = self._stats.copy()
         stats.active = len(self._requests)
@@ -439,28 +437,14 @@ class RemoteEngine(VersionedEngine):
             if not self._closed:
                 self._kick_probe()
             raise EngineNotReady(self.problem or "the remote engine is not ready")
-        params = params.checked(self.config.limits)
-        name = version or self._default
-        record = self._versions.get(name)
-        if record is None or not record.accepting:
-            raise UnknownModelVersion(name, self.versions())
-        context_length = self.context_length
+        record, params, context_length, request_id = self._submitting(prompt, params, version, request_id)
         n_prompt = len(prompt.token_ids)
-        if not n_prompt or n_prompt >= context_length:
-            raise PromptTooLong(n_prompt, context_length - 1, context_length, params.max_new_tokens)
-        if len(self._requests) >= self.config.max_in_flight:
-            raise EngineOverloaded(f"{len(self._requests)} requests are already streaming from the remote engine: retry shortly")
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self._requests:
-            raise ValueError(f"request id {request_id!r} is already in flight")
-
         endpoint = self._endpoint
-        generation = RemoteGeneration(self, request_id, name, n_prompt, params, url=endpoint.url)
+        generation = RemoteGeneration(self, request_id, record.name, n_prompt, params, url=endpoint.url)
         request = _Request(generation, endpoint, prompt, record.served_name,
                            max_new_tokens=min(params.max_new_tokens, context_length - n_prompt))
         self._requests[request_id] = request
-        record.in_flight += 1
-        record.drained.clear()
+        self._count_in(record)
         request.task = asyncio.create_task(self._run(request), name=f"remote-engine {request_id}")
         endpoint.tasks.add(request.task)
         request.task.add_done_callback(lambda _task: self._closed_stream(request))
@@ -574,11 +558,7 @@ class RemoteEngine(VersionedEngine):
         self._stats.generated_tokens += usage.completion_tokens
         self._stats.prefill_tokens += usage.prompt_tokens
         self._requests.pop(request.generation.request_id, None)
-        record = self._versions.get(request.generation.model_version)
-        if record is not None:
-            record.in_flight -= 1
-            if record.in_flight == 0:
-                record.drained.set()
+        self._count_out(request.generation)
 
     def _counted_usage(self, request: _Request, reason: FinishReason) -> Usage:
         """Usage when the remote gave none (a cancel, an error, a server that does not send it):

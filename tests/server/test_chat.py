@@ -4,9 +4,12 @@ when the engine fails."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections import Counter
 from types import SimpleNamespace
 
+import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from feedback import store
@@ -107,3 +110,43 @@ async def test_engine_failures_reach_the_client_typed_never_verbatim(db_url, tmp
                 stored = await store.get_message(conn, user, answer.message_id)
             assert stored.finish_reason == "error" and stored.content == answer.text
     assert FailingRequest.DETAIL in caplog.text, "the operator's log keeps the engine's account"
+
+
+async def test_a_refused_start_gives_back_its_slot_and_its_engine_request(db_url, engine, tmp_path, db):
+    """Each start_* takes a generation slot, then reads, submits and writes (Chat._starting): a
+    refusal before the submit, or after it, leaves the slot free, nothing running in the engine
+    and nothing stored."""
+    settings = make_settings(db_url, tmp_path)
+    quotas = Quotas(1000, 1)  # one slot: a slot kept by a refused start would refuse the next one
+    async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
+        chat = Chat(pool, engine, settings, quotas)
+        async with pool.connection() as conn:
+            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
+            conversation = await store.create_conversation(conn, user, "refusals")
+            question = await store.add_message(conn, user, conversation.id, None, "user", "Hi.")
+        refusals = [
+            # Before the submit: a question is not an answer to regenerate, no such question,
+            # a messages array the store cannot look up (PostgreSQL takes no NUL).
+            (lambda: chat.start_regenerate(user, question.id), 0),
+            (lambda: chat.start_edit_question(user, uuid.uuid4(), "an edit of nothing"), 0),
+            (lambda: chat.start_from_messages(user, [{"role": "user", "content": "NUL \x00"}], None, None), 0),
+            # After the submit: the store refuses to write the user's message.
+            (lambda: chat.start_message(user, conversation.id, question.id, "a NUL \x00 here"), 1),
+        ]
+        for refused, submitted in refusals:
+            before = engine.stats().finished
+            with pytest.raises(Exception):  # noqa: B017 - the kind is each caller's; the state is checked here
+                await refused()
+            assert quotas.running(user.id) == 0
+            for _ in range(500):  # a local engine's cancel reaches its worker a step later
+                if engine.in_flight() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.in_flight() == 0
+            assert engine.stats().finished - before == Counter(cancelled=submitted), "cancelled, not run"
+        row = await (await db.execute(
+            "SELECT count(DISTINCT c.id) AS conversations, count(m.id) AS messages FROM conversations c "
+            "LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.user_id = %s", (user.id,))).fetchone()
+        assert row == {"conversations": 1, "messages": 1}, "only what was written before"
+        answer = await chat.start_message(user, conversation.id, question.id, "And now?")
+        assert await answer.run()
