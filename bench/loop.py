@@ -4,6 +4,7 @@
     .venv/bin/python bench/loop.py --preference simple --noise 0.3
     .venv/bin/python bench/loop.py --preference question --edits 0.25  # users also edit answers
     .venv/bin/python bench/loop.py --preference concise --controls   # the result and its controls
+    .venv/bin/python bench/loop.py --preference concise --controls --parallel --threads 1  # at once
     make demo                                                        # --quick: 2 short rounds
 
 It starts the real system on a scratch database (DATABASE_URL's server, or a private embedded
@@ -558,19 +559,29 @@ def print_controls(controls: ControlsReport) -> None:
 
 
 async def run_with_controls(args) -> ControlsReport:
+    """The runs of control_runs(args), one after another, or with --parallel all at once (each
+    its own server, retraining service and database, and --threads torch threads of a round):
+    on two cores three runs at one thread each finish sooner than three in a row at two, and
+    every run still has its own budget."""
     runs = control_runs(args)
     controls = ControlsReport([label for label, _ in runs], [])
+    out = Path(runs[0][1].out).parent
     for label, variant in runs:
         log.info("--- %s: preference %s, noise %.0f%%", label, variant.preference, variant.noise * 100)
-        controls.runs.append(await run(variant))
-        controls.write(Path(runs[0][1].out).parent)
+    if args.parallel:
+        controls.runs.extend(await asyncio.gather(*(run(variant, label) for label, variant in runs)))
+        controls.write(out)
+        return controls
+    for label, variant in runs:
+        controls.runs.append(await run(variant, label))
+        controls.write(out)
     return controls
 
 
 # -- the run --------------------------------------------------------------------------------------
 
 
-async def run(args) -> Report:
+async def run(args, label: str = "") -> Report:
     import httpx
 
     from deploy.base_model import resolve_base_model
@@ -606,8 +617,10 @@ async def run(args) -> Report:
     )
     started = time.monotonic()
 
+    tag = f"{label}: " if label else ""  # which run, when controls run side by side
+
     def say(message: str) -> None:
-        log.info("[%5.1f min] %s", (time.monotonic() - started) / 60, message)
+        log.info("[%5.1f min] %s%s", (time.monotonic() - started) / 60, tag, message)
 
     config_file = workdir / "retrain-config.json"
     config_file.write_text(json.dumps(config_overrides))
@@ -717,6 +730,9 @@ def parse_args(argv=None):
     parser.add_argument("--controls", action="store_true",
                         help="also run the controls in the same configuration (--noise 1.0; for concise, "
                              "verbose users measured under concise) and write them side by side")
+    parser.add_argument("--parallel", action="store_true",
+                        help="with --controls: run the result and its controls at the same time (use "
+                             "--threads 1 on two cores)")
     parser.add_argument("--quick", dest="profile", action="store_const", const="quick", default="full",
                         help="2 short rounds on small budgets: shows the loop working, not learning much")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (days) to run (default: the profile's)")
@@ -746,6 +762,8 @@ def parse_args(argv=None):
         parser.error(f"--noise is a share of votes between 0 and 1, not {args.noise}")
     if not 0.0 <= args.edits <= 1.0:
         parser.error(f"--edits is a share of conversations between 0 and 1, not {args.edits}")
+    if args.parallel and not args.controls:
+        parser.error("--parallel runs the controls beside the result: it needs --controls")
     return args
 
 

@@ -129,6 +129,29 @@ async def test_users_who_edit_answers_feed_the_rounds_sft(tiny_model_dir, admin_
     assert report.edits == 1.0 and json.loads((tmp_path / "out" / "loop.json").read_text())["edits"] == 1.0
 
 
+async def test_parallel_controls_run_at_once_and_land_side_by_side(tiny_model_dir, admin_url, tmp_path):
+    args = loop.parse_args([
+        "--quick", "--preference", "simple", "--controls", "--parallel", "--rounds", "1", "--conversations", "8",
+        "--held-out", "4", "--max-new-tokens", "8", "--users", "2", "--threads", "1",
+        "--model", str(tiny_model_dir), "--database-url", admin_url, "--out", str(tmp_path),
+        "--start-timeout-s", "120", "--round-timeout-s", "300",
+    ])
+    controls = await loop.run_with_controls(args)
+
+    assert controls.labels == ["result", "control: random votes (noise 1.0)"]
+    assert [r.noise for r in controls.runs] == [0.0, 1.0]
+    written = json.loads((tmp_path / "controls.json").read_text())
+    assert [w["label"] for w in written] == controls.labels
+    assert all(len(w["rounds"]) == 2 for w in written)  # round 0 and the day's round, each run
+    for sub in ("result", "noise100"):
+        assert json.loads((tmp_path / sub / "loop.json").read_text())["rounds"]
+
+
+def test_parallel_needs_controls():
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--parallel"])
+
+
 def test_edits_must_be_a_share():
     with pytest.raises(SystemExit):
         loop.parse_args(["--edits", "1.5"])
