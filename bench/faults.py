@@ -50,7 +50,7 @@ import psutil  # noqa: E402
 import psycopg  # noqa: E402
 import websockets  # noqa: E402
 
-from bench.harness import OwnedPostgres, free_port, start_process  # noqa: E402
+from bench.harness import OwnedPostgres, free_port, run_until_terminated, start_process  # noqa: E402
 
 log = logging.getLogger("bench.faults")
 
@@ -678,7 +678,7 @@ def main(argv=None) -> None:
 
     configure_logging()
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    report = run_until_terminated(run(args))
     print_report(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

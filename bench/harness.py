@@ -38,6 +38,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_until_terminated(coro):
+    """asyncio.run(coro), where SIGTERM (a `kill`, a CI timeout) cancels it as Ctrl-C does: the
+    benchmark's finally blocks then stop the servers and services it started and drop its
+    scratch database, instead of leaving them running on the machine; the process then exits
+    143, as a SIGTERM-killed one would."""
+    terminated = False
+
+    async def main():
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def cancel() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, cancel)
+        try:
+            return await coro
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            print("terminated (SIGTERM): stopped what the benchmark had started", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
+
+
 def start_process(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     """`python -m module args` from the project root with `env` over this process's, its output
     to `log_path`."""

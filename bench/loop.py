@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import (  # noqa: E402  (after the path)
-    admin_url, free_port, start_process, stop_process, version_info, wait_ready,
+    admin_url, free_port, run_until_terminated, start_process, stop_process, version_info, wait_ready,
 )
 from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 from bench.preferences import PREFERENCES, Preference, SimulatedUser, win_rate, words  # noqa: E402
@@ -773,12 +773,12 @@ def main(argv=None) -> None:
     configure_logging()
     args = parse_args(argv)
     if args.controls:
-        controls = asyncio.run(run_with_controls(args))
+        controls = run_until_terminated(run_with_controls(args))
         for report in controls.runs:
             print_table(report)
         print_controls(controls)
         return
-    report = asyncio.run(run(args))
+    report = run_until_terminated(run(args))
     print_table(report)
 
 

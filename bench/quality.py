@@ -170,7 +170,7 @@ async def main(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n| dtype | greedy tokens agreeing with float32 | identical answers | perplexity | vs float32 |")
+    print("\n| dtype | greedy tokens agreeing with float32 | identical answers | perplexity | vs float32 |")
     print("|---|---|---|---|---|")
     for row in results.values():
         print(f"| {row['dtype']} | {row['greedy_token_agreement']:.3f} | {row['greedy_identical_answers']:.3f} | "

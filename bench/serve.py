@@ -55,7 +55,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.harness import admin_url, free_port, start_process, stop_process, wait_ready  # noqa: E402
+from bench.harness import (  # noqa: E402  (after the path)
+    admin_url, free_port, run_until_terminated, start_process, stop_process, wait_ready,
+)
 from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 
 log = logging.getLogger("bench.serve")
@@ -716,4 +718,4 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    asyncio.run(main(parse_args()))
+    run_until_terminated(main(parse_args()))

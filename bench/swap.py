@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import (  # noqa: E402  (after the path)
-    admin_url, free_port, start_process, stop_process, version_info, wait_ready,
+    admin_url, free_port, run_until_terminated, start_process, stop_process, version_info, wait_ready,
 )
 from support.database import scratch_database  # noqa: E402  (tests/support, via bench.harness)
 from support.ws_load import StreamLoad  # noqa: E402
@@ -407,7 +407,7 @@ def main(argv=None) -> None:
 
     configure_logging()
     args = parse_args(argv)
-    report = asyncio.run(run(args))
+    report = run_until_terminated(run(args))
     print_report(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
