@@ -420,6 +420,13 @@ class Report:
         (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str, allow_nan=False))
         plot(self, out / "loop.png")
 
+    @classmethod
+    def read(cls, out: Path) -> Report:
+        """The report a run wrote under `out` (its loop.json)."""
+        fields = json.loads((Path(out) / "loop.json").read_text())
+        fields["rounds"] = [RoundRow(**row) for row in fields["rounds"]]
+        return cls(**fields)
+
 
 def plot(report: Report, path: Path) -> None:
     import matplotlib
@@ -491,14 +498,44 @@ def control_runs(args) -> list[tuple[str, argparse.Namespace]]:
     no-preference control votes at random (--noise 1.0) under the same preference; for
     `concise`, the opposite users (`verbose`) are measured under `concise`."""
     out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}-controls")
-    runs = [("result", argparse.Namespace(**{**vars(args), "controls": False, "out": str(out / "result")}))]
-    runs.append(("control: random votes (noise 1.0)",
-                 argparse.Namespace(**{**vars(args), "controls": False, "noise": 1.0, "out": str(out / "noise100")})))
+    variants = [{"out": str(out / "result")}, {"noise": 1.0, "out": str(out / "noise100")}]
     if args.preference == "concise":
-        runs.append(("control: verbose users, measured under concise", argparse.Namespace(**{
-            **vars(args), "controls": False, "preference": "verbose", "measure_preference": "concise",
-            "out": str(out / "verbose")})))
+        variants.append({"preference": "verbose", "measure_preference": "concise", "out": str(out / "verbose")})
+    runs = []
+    for index, change in enumerate(variants):
+        variant = argparse.Namespace(**{**vars(args), "controls": False, **change})
+        runs.append(("result" if index == 0 else control_label(
+            variant.preference, variant.noise, variant.measure_preference or variant.preference), variant))
     return runs
+
+
+def control_label(preference: str, noise: float, measured_under: str) -> str:
+    """What a control run is, in the words the report and the plot use."""
+    if preference != measured_under:
+        return f"control: {preference} users, measured under {measured_under}"
+    return f"control: random votes (noise {noise:.1f})"
+
+
+def side_by_side(result_dir: Path, control_dirs: list[Path], out: Path) -> ControlsReport:
+    """A result and its controls run separately (one at a time, or at another moment) put side by
+    side as --controls would: the controls must be the result's configuration with only the
+    votes changed, which is checked, so nothing else can explain a difference."""
+    result = Report.read(result_dir)
+    controls = ControlsReport(["result"], [result])
+    same = ("profile", "edits", "kl_bound", "prompts")
+    for path in control_dirs:
+        control = Report.read(path)
+        differs = [k for k in same if getattr(control, k) != getattr(result, k)]
+        differs += [k for k in ("round_config", "max_new_tokens", "conversations", "users", "days")
+                    if control.settings.get(k) != result.settings.get(k)]
+        if control.measured_under != result.measured_under:
+            differs.append("measured_under")
+        if differs:
+            raise ValueError(f"{path} is not {result_dir}'s configuration: {sorted(set(differs))} differ")
+        controls.labels.append(control_label(control.preference, control.noise, control.measured_under))
+        controls.runs.append(control)
+    controls.write(out)
+    return controls
 
 
 @dataclass
@@ -733,6 +770,9 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", action="store_true",
                         help="with --controls: run the result and its controls at the same time (use "
                              "--threads 1 on two cores)")
+    parser.add_argument("--side-by-side", nargs="+", metavar="DIR", default=None,
+                        help="run nothing: put the runs written under these directories (the result "
+                             "first, then its controls) side by side under --out, as --controls does")
     parser.add_argument("--quick", dest="profile", action="store_const", const="quick", default="full",
                         help="2 short rounds on small budgets: shows the loop working, not learning much")
     parser.add_argument("--rounds", type=int, default=None, help="rounds (days) to run (default: the profile's)")
@@ -772,6 +812,11 @@ def main(argv=None) -> None:
 
     configure_logging()
     args = parse_args(argv)
+    if args.side_by_side:
+        first, *rest = (Path(d) for d in args.side_by_side)
+        controls = side_by_side(first, rest, Path(args.out or first.parent / "controls"))
+        print_controls(controls)
+        return
     if args.controls:
         controls = run_until_terminated(run_with_controls(args))
         for report in controls.runs:

@@ -76,21 +76,43 @@ def test_controls_run_beside_the_result_in_the_same_configuration(tmp_path):
     assert [label for label, _ in simple] == ["result", "control: random votes (noise 1.0)"]
 
 
-def test_the_controls_report_puts_the_runs_side_by_side(tmp_path):
-    def report(preference, noise, wins):
-        rows = [loop.RoundRow(round=i, model_version="v", minutes=float(i), score=None, empty_answers=0,
-                              thumbs_up_rate=w / 2, win_rate_vs_round_0=w, users_thumbs_up_rate=w / 2, kl_to_base=0.0,
-                              mean_words=50.0, mean_tokens=60.0, eos_rate=0.5) for i, w in enumerate(wins)]
-        return loop.Report(when="now", preference=preference, description="", noise=noise, edits=0.0, measured_under="concise",
-                           profile="full", settings={}, machine={}, kl_bound=8.0, prompts={"held_out": 40}, rounds=rows)
+def _report(preference, noise, wins, measured_under="concise", settings=None):
+    rows = [loop.RoundRow(round=i, model_version="v", minutes=float(i), score=None, empty_answers=0,
+                          thumbs_up_rate=w / 2, win_rate_vs_round_0=w, users_thumbs_up_rate=w / 2, kl_to_base=0.0,
+                          mean_words=50.0, mean_tokens=60.0, eos_rate=0.5) for i, w in enumerate(wins)]
+    return loop.Report(when="now", preference=preference, description="", noise=noise, edits=0.0,
+                       measured_under=measured_under, profile="full", settings=settings or {}, machine={},
+                       kl_bound=8.0, prompts={"held_out": 40}, rounds=rows)
 
-    controls = loop.ControlsReport(["result", "control"], [report("concise", 0.0, [0.5, 0.8]),
-                                                           report("concise", 1.0, [0.5, 0.5])])
+
+def test_the_controls_report_puts_the_runs_side_by_side(tmp_path):
+    controls = loop.ControlsReport(["result", "control"], [_report("concise", 0.0, [0.5, 0.8]),
+                                                           _report("concise", 1.0, [0.5, 0.5])])
     controls.write(tmp_path)
     written = json.loads((tmp_path / "controls.json").read_text())
     assert [(r["label"], r["noise"], [x["win_rate_vs_round_0"] for x in r["rounds"]]) for r in written] == [
         ("result", 0.0, [0.5, 0.8]), ("control", 1.0, [0.5, 0.5])]
     assert (tmp_path / "controls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_made_apart_go_side_by_side_only_in_the_same_configuration(tmp_path):
+    config = {"round_config": {"ppo": {"advantage_estimator": "rloo"}}, "conversations": 24}
+    _report("concise", 0.0, [0.5, 0.8], settings=config).write(tmp_path / "result")
+    _report("concise", 1.0, [0.5, 0.55], settings=config).write(tmp_path / "noise100")
+    _report("verbose", 0.0, [0.5, 0.3], settings=config).write(tmp_path / "verbose")
+
+    loop.main(["--side-by-side", str(tmp_path / "result"), str(tmp_path / "noise100"), str(tmp_path / "verbose"),
+               "--out", str(tmp_path / "side")])
+    written = json.loads((tmp_path / "side" / "controls.json").read_text())
+    assert [(r["label"], [x["win_rate_vs_round_0"] for x in r["rounds"]]) for r in written] == [
+        ("result", [0.5, 0.8]), ("control: random votes (noise 1.0)", [0.5, 0.55]),
+        ("control: verbose users, measured under concise", [0.5, 0.3])]
+
+    other = {**config, "round_config": {"ppo": {"advantage_estimator": "gae"}}}
+    _report("concise", 1.0, [0.5, 0.9], settings=other).write(tmp_path / "gae")
+    with pytest.raises(ValueError, match="round_config"):
+        loop.side_by_side(tmp_path / "result", [tmp_path / "gae"], tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 async def test_a_bad_round_config_is_refused_before_anything_starts(tiny_model_dir, tmp_path):
