@@ -560,11 +560,17 @@ def plot_controls(controls: ControlsReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("win_rate_vs_round_0", "win rate vs round 0"), ("thumbs_up_rate", "thumbs-up rate (no noise)"),
-              ("mean_words", "answer length (words)"), ("kl_to_base", "KL to base (nats)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 4.2))
+              ("mean_words", "answer length (words)"), ("kl_to_base", "KL to base (nats)"),
+              ("reward_accuracy", "judge: reward model's held-out accuracy")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(20, 4.2))
     for ax, (key, title) in zip(axes, panels):
         for label, report in zip(controls.labels, controls.runs):
-            ax.plot([r.round for r in report.rounds], [getattr(r, key) for r in report.rounds], marker="o", label=label)
+            # The judge is measured by each round (its run row), the others on what served after it.
+            values = [_run_number(r.run, key) if key == "reward_accuracy" else getattr(r, key) for r in report.rounds]
+            ax.plot([r.round for r in report.rounds], values, marker="o", label=label)
+        if key == "reward_accuracy":
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
         if key in ("win_rate_vs_round_0", "thumbs_up_rate"):
             ax.set_ylim(-0.02, 1.02)
             ax.axhline(0.5 if key == "win_rate_vs_round_0" else controls.runs[0].rounds[0].thumbs_up_rate,
@@ -578,6 +584,12 @@ def plot_controls(controls: ControlsReport, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _run_number(run: dict, key: str) -> float:
+    """A number of a round's run row, NaN where the round did not measure it (round 0, a skip)."""
+    value = (run or {}).get(key)
+    return float("nan") if value is None else float(value)
 
 
 def print_controls(controls: ControlsReport) -> None:
