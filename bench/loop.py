@@ -214,9 +214,11 @@ async def run_users(ws_url: str, tokens: list[str], prompts: list[str], work) ->
 async def chat_day(ws_url: str, tokens: list[str], prompts: list[str], users: list[SimulatedUser],
                    params: dict, progress) -> dict:
     """Each prompt: ask, (on the user's edit share: edit the answer into the one wanted), thumb,
-    regenerate, compare, thumb. Returns the day's vote and edit counts."""
+    regenerate, compare, thumb. Returns the day's vote and edit counts, and how many of the
+    comparisons were between two answers both cut at the cap (`compared_both_cut`): for a
+    length preference those votes can only say "fewer words in the same tokens"."""
     counts = {"conversations": 0, "thumbs_up": 0, "thumbs_down": 0, "better": 0, "worse": 0, "same": 0,
-              "edits": 0}
+              "edits": 0, "compared_both_cut": 0}
     by_token = dict(zip(tokens, users))
 
     async def converse(session: Session, prompt: str) -> None:
@@ -234,6 +236,7 @@ async def chat_day(ws_url: str, tokens: list[str], prompts: list[str], users: li
         verdict = judge.compare(second.text, first.text)
         await session.compare(second.message_id, first.message_id, verdict)
         counts[verdict] += 1
+        counts["compared_both_cut"] += first.finish_reason == second.finish_reason == "length"
         counts["conversations"] += 1
         progress(counts["conversations"])
 

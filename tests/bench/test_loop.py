@@ -34,6 +34,8 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
     assert run["status"] in ("succeeded", "rejected") and run["decision"].startswith("gate")
     assert run["day_votes"]["conversations"] == 12
     assert run["day_votes"]["thumbs_up"] + run["day_votes"]["thumbs_down"] == 24
+    compared = sum(run["day_votes"][v] for v in ("better", "worse", "same"))
+    assert compared == 12 and 0 <= run["day_votes"]["compared_both_cut"] <= compared
     if run["promoted"]:
         assert after.model_version == run["candidate"] and after.kl_to_base >= 0
     else:
