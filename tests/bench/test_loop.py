@@ -8,6 +8,7 @@ and that its report and plot are written. The real numbers come from SmolLM2 (RE
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
 
@@ -164,6 +165,10 @@ async def test_parallel_controls_run_at_once_and_land_side_by_side(tiny_model_di
 
     assert controls.labels == ["result", "control: random votes (noise 1.0)"]
     assert [r.noise for r in controls.runs] == [0.0, 1.0]
+    # At once: the control started before the result had finished (in a row, it starts after).
+    result, control = controls.runs
+    started = [datetime.fromisoformat(r.when) for r in (result, control)]
+    assert abs((started[1] - started[0]).total_seconds()) < result.minutes * 60
     written = json.loads((tmp_path / "controls.json").read_text())
     assert [w["label"] for w in written] == controls.labels
     assert all(len(w["rounds"]) == 2 for w in written)  # round 0 and the day's round, each run
