@@ -104,6 +104,13 @@ class _EngineCollector(Collector):
         waiting.add_metric([], s.waiting)
         generated = CounterMetricFamily("flywheel_engine_generated_tokens", "Tokens generated.")
         generated.add_metric([], s.generated_tokens)
+        prefilled = CounterMetricFamily("flywheel_engine_prefill_tokens", "Prompt tokens run through the model.")
+        prefilled.add_metric([], s.prefill_tokens)
+        reused = CounterMetricFamily(
+            "flywheel_engine_reused_prompt_tokens",
+            "Prompt tokens not prefilled: a reused KV cache row already held them (the same prefix).",
+        )
+        reused.add_metric([], s.reused_prompt_tokens)
         steps = CounterMetricFamily(
             "flywheel_engine_decode_steps",
             "Decode forward passes, by how many sequences they carried.",
@@ -111,7 +118,7 @@ class _EngineCollector(Collector):
         )
         for size, count in sorted(s.decode_batch_sizes.items()):
             steps.add_metric([str(size)], count)
-        yield from (active, waiting, generated, steps)
+        yield from (active, waiting, generated, prefilled, reused, steps)
 
 
 class _ServingCollector(Collector):

@@ -81,6 +81,7 @@ async def load(settings: ServerSettings) -> Engine:
         context_length=settings.context_length,
         threads=settings.engine_threads,
         merge_adapters=settings.engine_merge_adapters,
+        reuse_prefixes=settings.engine_prefix_reuse,
         dtype=settings.engine_dtype,
         limits=sampling_limits(settings),
     )

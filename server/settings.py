@@ -88,6 +88,12 @@ class ServerSettings(ModelSettings, DeploySettings):
         "the grid of the Q4_1 GGUF the default is converted from), computed in bfloat16. Fewer bytes "
         "read per decode step; a Llama-architecture model is needed for anything but float32.",
     )
+    engine_prefix_reuse: bool = Field(
+        True,
+        description="Local engine: admit a request into the KV cache row that already holds the longest "
+        "prefix of its prompt (a conversation's next turn, the same prompt again), so only the rest is "
+        "prefilled. false: prefill every prompt from its first token.",
+    )
     engine_merge_adapters: bool = Field(
         True,
         description="Local engine: once a LoRA version serves (its adapter applied on the fly), fold "

@@ -248,6 +248,7 @@ class EngineStats:
     decode_batch_sizes: Counter[int] = field(default_factory=Counter)
     prefill_batch_sizes: Counter[int] = field(default_factory=Counter)
     prefill_tokens: int = 0  # prompt tokens run through the model
+    reused_prompt_tokens: int = 0  # prompt tokens whose keys/values a reused row already held
     generated_tokens: int = 0
     finished: Counter[str] = field(default_factory=Counter)  # finish_reason -> requests
     active: int = 0  # sequences holding a batch slot right now
@@ -258,6 +259,7 @@ class EngineStats:
             decode_batch_sizes=Counter(self.decode_batch_sizes),
             prefill_batch_sizes=Counter(self.prefill_batch_sizes),
             prefill_tokens=self.prefill_tokens,
+            reused_prompt_tokens=self.reused_prompt_tokens,
             generated_tokens=self.generated_tokens,
             finished=Counter(self.finished),
             active=self.active,

@@ -22,6 +22,16 @@ How a step works (one worker thread, off the event loop):
    and its row reused (the batch stays dense: the last row moves into the hole).
 4. Events are handed to the loop in one `call_soon_threadsafe` per step.
 
+Prefix reuse: a row that a sequence leaves keeps its keys and values (`_Batch.resident`
+records which tokens they are for), and a new request starts from the free row sharing the
+longest prefix with its prompt, so only the rest is prefilled. The next turn of a conversation
+is the last turn's prompt and answer plus the new message, and the same prompt asked again (a
+regenerate, an API client retrying) shares all but its last token: their prefill shrinks to
+the new tokens, which is most of their time to first token. A row is taken over when the
+shared prefix is at least half of what it holds; a smaller match (the system prompt every
+conversation starts with) is copied into another row, an empty one first, then the least
+recently left.
+
 Versions: each has its own runner and KV cache. One base weight set is loaded (and packed)
 once; a LoRA version is that runner plus the adapter's A/B matrices, applied on the fly
 (runner.py `with_adapter`), so loading one costs reading and hashing its file - tens of ms,
@@ -44,7 +54,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -95,6 +105,9 @@ class LocalEngineConfig:
     # int4 weight-only. The model stays float32 in memory (adapters merge into it); the runner
     # decodes from its own copy in this format, reading fewer bytes per step.
     dtype: str = "float32"
+    # Admit a request into the free row holding the longest prefix of its prompt (see above);
+    # False prefills every prompt from its first token.
+    reuse_prefixes: bool = True
     seed: int | None = None  # sampling seed, for reproducible runs
     limits: SamplingLimits = SamplingLimits()
 
@@ -129,6 +142,14 @@ class _Sequence:
         return self.generation.request_id
 
 
+class _Held(NamedTuple):
+    """What a free KV cache row holds: the keys/values of `tokens` at its first positions, left
+    by a request whose prompt was the first `prompt_length` of them."""
+
+    tokens: list[int]
+    prompt_length: int
+
+
 class _Batch:
     """Worker-side state of one version: its model, KV cache and sequences."""
 
@@ -143,6 +164,9 @@ class _Batch:
         self.prefilling: list[_Sequence] = []
         self.decoding: list[_Sequence] = []  # decoding[i].row == i, always
         self.occupant: dict[int, _Sequence] = {}
+        # Free rows that still hold a sequence's keys/values: row -> the tokens at its first
+        # positions. Always free rows; in the order they were left (least recently used first).
+        self.resident: dict[int, _Held] = {}
         model_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         n_heads = model_config.num_attention_heads
         self.cache = SlotKVCache(
@@ -164,10 +188,48 @@ class _Batch:
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.decoding)
 
-    def free_row(self) -> int:
-        row = next(r for r in itertools.count() if r not in self.occupant)
-        self.cache.reserve(row + 1, self.cache.tokens)
-        return row
+    def take_row(self, prompt_ids: list[int], reuse: bool) -> tuple[int, int]:
+        """A free row for a new sequence, and how many of its prompt's first positions that row
+        already holds. The resident row sharing the longest prefix with the prompt (when `reuse`)
+        is taken over when the prompt extends the prompt of the request that left it (that
+        conversation's next turn, or the same prompt again: what the row holds past it is that
+        request's answer, of no use to anyone else); a smaller match (the system prompt every
+        conversation starts with) is copied into an empty row, or, with no empty row left, into
+        the least recently left resident one, so the row keeps its tokens for its own
+        conversation. The prompt's last token is always
+        prefilled (its logits give the first token)."""
+        best, shared = None, 0
+        if reuse:
+            for candidate, held in self.resident.items():
+                length = _common_prefix(held.tokens, prompt_ids)
+                if length > shared:
+                    best, shared = candidate, length
+        shared = min(shared, len(prompt_ids) - 1)
+        if best is not None and shared >= self.resident[best].prompt_length - 1:
+            row = best
+        else:
+            row = next((r for r in range(self.cache.rows) if r not in self.occupant and r not in self.resident), None)
+            if row is None:  # every free row holds a prefix: evict the oldest; else grow the cache
+                row = next(iter(self.resident), None)
+                if row is None:
+                    row = next(r for r in itertools.count() if r not in self.occupant)
+            self.cache.reserve(row + 1, self.cache.tokens)
+            if best is not None and best != row:
+                self.cache.copy_row(best, row, shared)
+            elif best is None:
+                shared = 0
+        self.resident.pop(row, None)
+        return row, shared
+
+    def leave_row(self, row: int, held: _Held) -> None:
+        """Row `row` is free and holds the keys/values of `held.tokens` at its first positions."""
+        self.resident.pop(row, None)
+        if held.tokens:
+            self.resident[row] = held
+
+    def release_cache(self) -> None:
+        self.cache.release()
+        self.resident.clear()
 
 
 class LocalEngine(VersionedEngine):
@@ -504,7 +566,7 @@ class LocalEngine(VersionedEngine):
             if batch.decoding:
                 self._decode(batch)
             if not batch.active and batch.cache.oversized:
-                batch.cache.release()
+                batch.release_cache()  # a burst's memory goes back, and the prefixes it held
         except Exception as error:  # e.g. out of memory in a forward: fail this batch, keep serving
             # (A forward runs every row at once and has already written the KV cache of some
             # layers: no row can be kept. Per-row failures are caught in _sample/_accept_token.)
@@ -518,7 +580,10 @@ class LocalEngine(VersionedEngine):
         total_active = sum(b.active for b in self._batches.values())
         while batch.waiting and total_active < self.config.max_batch_size:
             sequence = batch.waiting.popleft()
-            sequence.row = batch.free_row()
+            sequence.row, sequence.cached = batch.take_row(sequence.prompt_ids, self.config.reuse_prefixes)
+            if sequence.cached:
+                with self._stats_lock:
+                    self._stats.reused_prompt_tokens += sequence.cached
             sequence.state = "prefilling"
             batch.occupant[sequence.row] = sequence
             batch.prefilling.append(sequence)
@@ -661,9 +726,15 @@ class LocalEngine(VersionedEngine):
             if other is not None:  # a sequence still prefilling: swap the two rows
                 batch.cache.swap_rows(sequence.row, target, sequence.cached, other.cached)
                 other.row, batch.occupant[sequence.row] = sequence.row, other
+            elif target in batch.resident:  # a free row holding a prefix: it moves, not lost
+                held = batch.resident.pop(target)
+                batch.cache.swap_rows(sequence.row, target, sequence.cached, len(held.tokens))
+                del batch.occupant[sequence.row]
+                batch.leave_row(sequence.row, held)
             else:
                 batch.cache.copy_row(sequence.row, target, sequence.cached)
                 del batch.occupant[sequence.row]
+                batch.leave_row(sequence.row, _held_by(sequence))
             sequence.row = target
             batch.occupant[target] = sequence
         sequence.state = "decoding"
@@ -684,19 +755,20 @@ class LocalEngine(VersionedEngine):
         elif sequence.state == "decoding":
             last = batch.decoding.pop()
             if last is not sequence:  # fill the hole with the last row: rows stay [0, n)
-                batch.cache.copy_row(last.row, sequence.row, last.cached)
+                # (swapped, not copied: the freed row keeps this sequence's keys and values)
+                batch.cache.swap_rows(last.row, sequence.row, last.cached, sequence.cached)
                 batch.decoding[sequence.row] = last
                 batch.occupant[sequence.row] = last
-                last.row = sequence.row
-                del batch.occupant[len(batch.decoding)]
-            else:
-                del batch.occupant[sequence.row]
+                last.row, sequence.row = sequence.row, last.row
+            del batch.occupant[sequence.row]
+            batch.leave_row(sequence.row, _held_by(sequence))
             sequence.row = -1
         sequence.state = "finished"
 
     def _release_row(self, batch: _Batch, sequence: _Sequence) -> None:
         if batch.occupant.get(sequence.row) is sequence:
             del batch.occupant[sequence.row]
+            batch.leave_row(sequence.row, _held_by(sequence))
         sequence.row = -1
         sequence.state = "finished"
 
@@ -730,6 +802,21 @@ class LocalEngine(VersionedEngine):
 
 
 # ---------------------------------------------------------------------- model introspection
+
+
+def _held_by(sequence: _Sequence) -> _Held:
+    """What the sequence's row holds: its prompt, then what it generated (the last sampled token
+    is never fed back, so it is not among them), as far as it got."""
+    return _Held((sequence.prompt_ids + sequence.generated)[: sequence.cached], len(sequence.prompt_ids))
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _stop_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

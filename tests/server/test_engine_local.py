@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from pydantic import ValidationError
-from support.tiny_model import tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
+from support.tiny_model import reference_greedy, tiny_engine, tiny_model_dir  # noqa: F401  (fixtures)
 
 from deploy.policy import load_base_policy, save_checkpoint
 from server.engine.base import (
@@ -33,20 +33,6 @@ GREEDY = SamplingParams(temperature=0, top_p=1.0, max_new_tokens=12)
 
 def chat_prompt(tokenizer, text: str) -> Prompt:
     return build_prompt([{"role": "user", "content": text}], tokenizer, context_length=2048, max_new_tokens=64)
-
-
-def reference_greedy(model, prompt: Prompt, max_new_tokens: int) -> list[int]:
-    """transformers' generate, greedy, with no stop token: the ids the engine must produce."""
-    with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([prompt.token_ids]),
-            attention_mask=torch.ones(1, len(prompt.token_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt.token_ids) :].tolist()
 
 
 async def collect(generation):

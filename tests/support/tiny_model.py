@@ -140,3 +140,20 @@ async def tiny_engine(tiny_model_dir):
     engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(max_batch_size=32, seed=0))
     yield engine
     await engine.close()
+
+
+def reference_greedy(model, prompt, max_new_tokens: int) -> list[int]:
+    """transformers' generate on a `server.prompt.Prompt`, greedy, with no stop token: the ids
+    an engine serving `model` must produce."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt.token_ids]),
+            attention_mask=torch.ones(1, len(prompt.token_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt.token_ids) :].tolist()
