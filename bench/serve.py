@@ -71,6 +71,9 @@ TOPICS = [
     "the history of the internet", "how vaccines work", "the Great Wall of China",
 ]
 PROMPTS = [f"Write a long, detailed essay about {topic}." for topic in TOPICS]
+# With --conversation, a stream's later requests are the next turns of its conversation: the
+# whole history so far, then one of these.
+FOLLOW_UPS = ["Go on.", "Can you say that more simply?", "Give me an example.", "Why is that?"]
 
 
 @dataclass
@@ -511,12 +514,15 @@ async def one_request(target: Target, messages, max_new_tokens: int, tokenizer, 
 
 
 async def run_streams(target: Target, streams: int, requests_per_stream: int, max_new_tokens: int,
-                      tokenizer) -> RunResult:
+                      tokenizer, conversation: bool = False) -> RunResult:
     async def stream_worker(index: int) -> list[RequestResult]:
-        results = []
+        results, messages = [], []
         for round_ in range(requests_per_stream):
-            prompt = PROMPTS[(index + round_ * streams) % len(PROMPTS)]
-            messages = [{"role": "user", "content": prompt}]
+            if conversation and results:  # the next turn: the history, its answer, a follow-up
+                messages = [*messages, {"role": "assistant", "content": results[-1].text},
+                            {"role": "user", "content": FOLLOW_UPS[(round_ - 1) % len(FOLLOW_UPS)]}]
+            else:
+                messages = [{"role": "user", "content": PROMPTS[(index + round_ * streams) % len(PROMPTS)]}]
             results.append(await one_request(target, messages, max_new_tokens, tokenizer, user=index))
         return results
 
@@ -560,7 +566,8 @@ async def bench_target(target: Target, args, tokenizer) -> list[RunResult]:
             for streams in args.streams:
                 profiler = start_profile(target, args, f"{target.name}-{streams}-pass{repeat}")
                 try:
-                    run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer)
+                    run = await run_streams(target, streams, args.requests_per_stream, args.max_new_tokens, tokenizer,
+                                            args.conversation)
                 finally:
                     stop_profile(profiler)
                 run.repeat = repeat
@@ -694,6 +701,9 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=os.environ.get("ENGINE_DTYPE", "float32"),
                         choices=["float32", "bfloat16", "int8", "int4"], help="ENGINE_DTYPE of the server and engine")
     parser.add_argument("--requests-per-stream", type=int, default=2)
+    parser.add_argument("--conversation", action="store_true",
+                        help="a stream's requests after its first are the next turns of one conversation "
+                        "(the history, then a follow-up question), as a chat user sends them")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-batch-size", type=int, default=32, help="our engine's batch limit")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for every system (default: all cores)")
