@@ -80,6 +80,10 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 # Weights per int4 scale/zero pair, along the input dimension: GGUF's Q4_0/Q4_1 block size, so a
 # model converted from a Q4_1 file (the default SmolLM2) falls back onto its own 16-level grid.
 INT4_GROUP = 32
+# The output projection's format where it differs from the layers': int4 keeps it in int8, as
+# GGUF's 4-bit files keep it in 8 bits (the default SmolLM2's, tied to its embeddings, is Q8_0):
+# every logit goes through it, and 4 bits there cost more perplexity than all the layers' do.
+HEAD_FORMAT = {"int4": "int8"}
 
 
 def activation_dtype(weight_format: str) -> torch.dtype:
@@ -189,14 +193,32 @@ def _quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric int4 per group of INT4_GROUP inputs with a float zero point (torchao's
     Int4CPULayout scheme, = GGUF's Q4_1): w ~ (q - 8) * scale + zero, q in [0, 15]. Returns
     (packed weight, bfloat16 [groups, out, 2] scales and zeros) for
-    torch._weight_int4pack_mm_for_cpu."""
+    torch._weight_int4pack_mm_for_cpu.
+
+    A group that already lies on a 16-level grid (every group of a model converted from a
+    Q4_1 GGUF, like the default SmolLM2) keeps that grid: its step is the smallest gap between
+    its distinct values, so the codes reproduce it exactly, where a min/max grid would move
+    every value of a group that does not use both extreme levels. Other groups get the min/max
+    grid. The scale is rounded to bfloat16 (what the kernel reads) before the zero point is
+    fitted to the codes, so the rounding of the one cannot shift the grid of the other."""
     out, inputs = weight.shape
     groups = weight.view(out, inputs // INT4_GROUP, INT4_GROUP)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((high - low) / 15).clamp(min=1e-12)
-    quantized = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15).to(torch.int32)
-    packed = torch._convert_weight_to_int4pack_for_cpu(quantized.view(out, inputs), 1)
-    zeros = low + 8 * scales
+    spread = (high - low).clamp(min=1e-12)
+    ordered = groups.sort(dim=-1).values
+    gaps = ordered[..., 1:] - ordered[..., :-1]
+    gaps = torch.where(gaps > 1e-4 * spread[..., None], gaps, torch.full_like(gaps, float("inf")))
+    step = gaps.amin(dim=-1)
+    on_grid = torch.isfinite(step) & (spread / step <= 15 + 1e-3)
+    if on_grid.any():
+        codes = (groups - low[..., None]) / step[..., None]
+        off = (codes - codes.round()).abs().amax(dim=-1)
+        on_grid &= off < 1e-2
+    scales = torch.where(on_grid, step, spread / 15).to(torch.bfloat16).float()
+    quantized = torch.round((groups - low[..., None]) / scales[..., None]).clamp(0, 15)
+    # The zero point that fits these codes best (least squares), then rounded like the scale.
+    zeros = (groups - (quantized - 8) * scales[..., None]).mean(dim=-1)
+    packed = torch._convert_weight_to_int4pack_for_cpu(quantized.to(torch.int32).view(out, inputs), 1)
     scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
     return packed, scales_and_zeros.to(torch.bfloat16)
 
@@ -334,7 +356,7 @@ class LlamaRunner:
             _Layer(layer, batch_hint, reuse.layers[i] if reuse else None, weight_format)
             for i, layer in enumerate(model.model.layers)
         ]
-        self.head = _Linear([model.lm_head], batch_hint, reuse.head if reuse else None, weight_format)
+        self.head = _Linear([model.lm_head], batch_hint, reuse.head if reuse else None, HEAD_FORMAT.get(weight_format, weight_format))
         self.split = [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
 
     def with_adapter(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], scaling: float) -> LlamaRunner | None:

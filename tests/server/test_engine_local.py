@@ -356,7 +356,10 @@ def run_forward(runner, config):
         prefill = runner.forward(ids, positions, mask, cache.prefill_view(torch.arange(2), positions, 6))
         step = torch.tensor([6, 6])
         decode_mask = (torch.arange(7)[None, :] <= step[:, None])[:, None, None]
-        decode = runner.forward(prefill.argmax(-1)[:, None], step[:, None], decode_mask, cache.decode_view(2, step, 7))
+        # A fixed next token, not the argmax: a near-tie that rounding flips would feed the two
+        # runners different tokens and compare unrelated logits.
+        next_ids = torch.tensor([[17], [423]])
+        decode = runner.forward(next_ids, step[:, None], decode_mask, cache.decode_view(2, step, 7))
     return prefill, decode
 
 
