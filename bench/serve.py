@@ -323,6 +323,21 @@ class ServerTarget(OpenAITarget):
     def cpu_seconds(self) -> float | None:
         return _process_cpu_seconds(self.process.pid) if self.process else None
 
+    def details(self) -> dict:
+        """The server's prompt tokens so far from its /metrics: prefilled, and reused from the
+        KV cache rows earlier requests left (ENGINE_PREFIX_REUSE)."""
+        import httpx
+
+        try:
+            text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+        except httpx.HTTPError:
+            return {}
+        wanted = {"flywheel_engine_prefill_tokens_total": "prefilled_prompt_tokens_so_far",
+                  "flywheel_engine_reused_prompt_tokens_total": "reused_prompt_tokens_so_far"}
+        return {wanted[name]: float(value) for name, value in
+                (line.split()[:2] for line in text.splitlines() if line and not line.startswith("#"))
+                if name in wanted}
+
     async def stop(self) -> None:
         await super().stop()
         if self.process is not None:

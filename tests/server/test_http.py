@@ -303,6 +303,27 @@ async def test_health_version_models_docs_and_page(base_url):
         assert (await client.get("/static/app.js")).status_code == 200
 
 
+async def test_the_same_messages_again_reuse_the_prompt_the_engine_already_holds(base_url, token):
+    # An API client sending the same messages again (a retry, a regenerate) gets its prompt's
+    # keys and values from the KV cache row the first request left: /metrics counts them.
+    def counter(text: str, name: str) -> float:
+        return sum(float(line.split()[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    messages = [{"role": "user", "content": f"Name a river ({uuid.uuid4().hex[:8]})."}]
+    async with http(base_url, token) as client:
+        first = await chat_completion(client, messages, max_tokens=4, temperature=0)
+        before = (await client.get("/metrics/")).text
+        again = await chat_completion(client, messages, max_tokens=4, temperature=0)
+        after = (await client.get("/metrics/")).text
+    prompt_tokens = again["usage"]["prompt_tokens"]
+    assert prompt_tokens == first["usage"]["prompt_tokens"]
+    reused = "flywheel_engine_reused_prompt_tokens_total"
+    prefilled = "flywheel_engine_prefill_tokens_total"
+    assert counter(after, reused) - counter(before, reused) == prompt_tokens - 1
+    assert counter(after, prefilled) - counter(before, prefilled) == 1
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+
+
 class _Loading:
     """An engine still loading its weights."""
 
