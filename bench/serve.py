@@ -25,7 +25,7 @@ the same way for all, by re-tokenizing each answer's text with the model's token
 
     .venv/bin/python bench/serve.py --repeat 2                 # the definitive run (quiet machine!)
     .venv/bin/python bench/serve.py --quick                    # 1 and 4 streams, 16 tokens: does every peer work?
-    .venv/bin/python bench/serve.py --dtype int4 --systems server engine
+    .venv/bin/python bench/serve.py --dtype float32 int4 --systems server llama-server   # a server per format
     .venv/bin/python bench/serve.py --server-url http://127.0.0.1:8000 --systems server   # a server already running
 """
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -277,9 +278,12 @@ class ServerTarget(OpenAITarget):
     PostgreSQL unless --database-url), its OpenAI API streamed with one anonymous user per
     stream. With `url`, a server already running there instead (its CPU time is not read)."""
 
-    def __init__(self, args, model_dir: Path, url: str | None = None):
+    def __init__(self, args, model_dir: Path, url: str | None = None, dtype: str = "float32"):
         self.port = None if url else free_port()
-        super().__init__("server", url or f"http://127.0.0.1:{self.port}", "default")
+        # The first --dtype is plain "server" (the ratios' subject); others are named by theirs.
+        name = "server" if dtype == args.dtype[0] else f"server-{dtype}"
+        super().__init__(name, url or f"http://127.0.0.1:{self.port}", "default")
+        self.dtype = dtype
         self.args = args
         self.model_dir = model_dir
         self.process: subprocess.Popen | None = None
@@ -309,12 +313,12 @@ class ServerTarget(OpenAITarget):
                 "RATE_LIMIT_PER_MINUTE": "100000",  # a benchmark's request rate is no abuse
                 "MAX_NEW_TOKENS_LIMIT": str(max(self.args.max_new_tokens, 256)),
                 "MAX_BATCH_SIZE": str(self.args.max_batch_size),
-                "ENGINE_DTYPE": self.args.dtype,
+                "ENGINE_DTYPE": self.dtype,
             }
             if self.args.threads:
                 env["ENGINE_THREADS"] = str(self.args.threads)
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log.info("starting python -m server (ENGINE_DTYPE=%s; log: %s)", self.args.dtype, self.log_path)
+            log.info("starting python -m server (ENGINE_DTYPE=%s; log: %s)", self.dtype, self.log_path)
             self.process = start_process("server", [], env, self.log_path)
             async with httpx.AsyncClient(base_url=self.base_url, timeout=10) as client:
                 await wait_ready(client, self.process, self.args.start_timeout_s)
@@ -636,20 +640,22 @@ def print_table(runs: list[RunResult], ratios: list[dict]) -> None:
     console.print(table)
     for ratio in ratios:
         console.print(f"streams={ratio['streams']} pass {ratio['repeat']}: " + ", ".join(
-            f"server / {other} = {value:.2f}x" for other, value in ratio.items()
-            if other not in ("streams", "repeat") and value))
+            f"{ratio['server']} / {other} = {value:.2f}x" for other, value in ratio.items()
+            if other not in ("server", "streams", "repeat") and value))
 
 
 def compute_ratios(runs: list[RunResult]) -> list[dict]:
-    """The server's throughput over each other system's at the same concurrency, in the same
-    pass (same pass: the closest in time, so the nearest in load on a shared machine)."""
+    """Each of our servers' throughput (one per --dtype) over each other system's at the same
+    concurrency, in the same pass (same pass: the closest in time, so the nearest in load on a
+    shared machine)."""
     by_key = {(r.system, r.streams, r.repeat): r for r in runs}
+    servers = sorted({r.system for r in runs if r.system == "server" or r.system.startswith("server-")})
     ratios = []
-    for streams, repeat in sorted({(r.streams, r.repeat) for r in runs}):
-        ours = by_key.get(("server", streams, repeat))
+    for (streams, repeat), server in itertools.product(sorted({(r.streams, r.repeat) for r in runs}), servers):
+        ours = by_key.get((server, streams, repeat))
         if ours is None:
             continue
-        entry = {"streams": streams, "repeat": repeat}
+        entry = {"server": server, "streams": streams, "repeat": repeat}
         for other in ("llama-server", "transformers-serve", "engine", "generate"):
             base = by_key.get((other, streams, repeat))
             entry[other] = round(ours.tokens_per_s / base.tokens_per_s, 2) if base and base.tokens_per_s else None
@@ -674,13 +680,13 @@ async def main(args) -> None:
     targets: list[Target] = []
     for system in args.systems:
         if system == "server":
-            targets.append(ServerTarget(args, model_dir, args.server_url))
+            targets.extend(ServerTarget(args, model_dir, args.server_url, dtype) for dtype in args.dtype)
         elif system == "llama-server":
             from deploy.base_model import find_default_gguf
 
             targets.append(LlamaServerTarget(args, find_default_gguf()))
         elif system == "engine":
-            targets.append(EngineTarget(model_dir, args.max_batch_size, args.dtype))
+            targets.append(EngineTarget(model_dir, args.max_batch_size, args.dtype[0]))
         elif system == "transformers-serve":
             targets.append(TransformersServeTarget(model_dir, args.port, args.threads))
         elif system == "generate":
@@ -713,8 +719,10 @@ def parse_args(argv=None):
                         choices=["server", "llama-server", "transformers-serve", "engine", "generate"])
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--repeat", type=int, default=1, help="run every stream count this many times")
-    parser.add_argument("--dtype", default=os.environ.get("ENGINE_DTYPE", "float32"),
-                        choices=["float32", "bfloat16", "int8", "int4"], help="ENGINE_DTYPE of the server and engine")
+    parser.add_argument("--dtype", nargs="+", default=[os.environ.get("ENGINE_DTYPE", "float32")],
+                        choices=["float32", "bfloat16", "int8", "int4"],
+                        help="ENGINE_DTYPE of the server (one server per format, the first named `server`, "
+                        "the others `server-FORMAT`) and of the engine row (the first)")
     parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--conversation", action="store_true",
                         help="a stream's requests after its first are the next turns of one conversation "

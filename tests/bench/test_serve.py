@@ -44,3 +44,20 @@ def test_without_conversation_every_request_is_a_new_prompt():
     asyncio.run(serve.run_streams(target, streams=2, requests_per_stream=2, max_new_tokens=8, tokenizer=Tokenizer()))
     assert all(len(messages) == 1 for _, messages in target.sent)
     assert {messages[0]["content"] for _, messages in target.sent} == set(serve.PROMPTS[:4])
+
+
+def test_each_server_format_gets_its_ratios_against_the_peers_of_its_pass():
+    def run(system, streams, repeat, tokens_per_s):
+        result = serve.RunResult(system=system, streams=streams, requests=1, failed=0, wall_s=1.0, tokens=1,
+                                 tokens_per_s=tokens_per_s, ttft_p50_ms=1, ttft_p95_ms=1, itl_p50_ms=1,
+                                 itl_p95_ms=1, cpu_s=None, tokens_per_cpu_s=None, load_start=0, load_end=0)
+        result.repeat = repeat
+        return result
+
+    runs = [run("server", 1, 1, 10.0), run("server-int4", 1, 1, 20.0), run("llama-server", 1, 1, 40.0),
+            run("llama-server", 1, 2, 80.0), run("server", 1, 2, 20.0)]
+    ratios = {(r["server"], r["repeat"]): r for r in serve.compute_ratios(runs)}
+    assert ratios[("server", 1)]["llama-server"] == 0.25
+    assert ratios[("server-int4", 1)]["llama-server"] == 0.5
+    assert ratios[("server", 2)]["llama-server"] == 0.25  # against pass 2's llama-server, not pass 1's
+    assert ("server-int4", 2) not in ratios
