@@ -85,7 +85,8 @@ class ServerSettings(ModelSettings, DeploySettings):
         "float32",
         description="Local engine: how the decode path stores the weights. float32; bfloat16; int8 or "
         "int4: weight-only quantized (int8 per output channel, int4 in groups of 32 with a zero point: "
-        "the grid of the Q4_1 GGUF the default is converted from), computed in bfloat16. Fewer bytes "
+        "the grid of the Q4_1 GGUF the default is converted from, kept exactly, with the output "
+        "projection in int8), computed in bfloat16. Fewer bytes "
         "read per decode step; a Llama-architecture model is needed for anything but float32.",
     )
     engine_prefix_reuse: bool = Field(
