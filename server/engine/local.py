@@ -27,10 +27,10 @@ records which tokens they are for), and a new request starts from the free row s
 longest prefix with its prompt, so only the rest is prefilled. The next turn of a conversation
 is the last turn's prompt and answer plus the new message, and the same prompt asked again (a
 regenerate, an API client retrying) shares all but its last token: their prefill shrinks to
-the new tokens, which is most of their time to first token. A row is taken over when the
-shared prefix is at least half of what it holds; a smaller match (the system prompt every
-conversation starts with) is copied into another row, an empty one first, then the least
-recently left.
+the new tokens, which is most of their time to first token. A row is taken over when the new
+prompt extends the prompt of the request that left it; a smaller match (the system prompt
+every conversation starts with) is copied into another row, an empty one first, then the least
+recently left, so each conversation keeps its own row for its next turn.
 
 Versions: each has its own runner and KV cache. One base weight set is loaded (and packed)
 once; a LoRA version is that runner plus the adapter's A/B matrices, applied on the fly
@@ -196,8 +196,8 @@ class _Batch:
         request's answer, of no use to anyone else); a smaller match (the system prompt every
         conversation starts with) is copied into an empty row, or, with no empty row left, into
         the least recently left resident one, so the row keeps its tokens for its own
-        conversation. The prompt's last token is always
-        prefilled (its logits give the first token)."""
+        conversation. The prompt's last token is always prefilled (its logits give the first
+        token)."""
         best, shared = None, 0
         if reuse:
             for candidate, held in self.resident.items():
@@ -574,6 +574,7 @@ class LocalEngine(VersionedEngine):
             for sequence in [*batch.prefilling, *batch.decoding]:
                 self._remove(sequence)
                 self._finish(sequence, "error", error=f"{type(error).__name__}: {error}")
+            batch.resident.clear()  # what a failed forward half-wrote is trusted by no one
         self._update_gauges()
 
     def _admit(self, batch: _Batch) -> None:
