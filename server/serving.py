@@ -82,6 +82,7 @@ async def load(settings: ServerSettings) -> Engine:
         threads=settings.engine_threads,
         merge_adapters=settings.engine_merge_adapters,
         reuse_prefixes=settings.engine_prefix_reuse,
+        kv_cache_keep_mb=settings.engine_kv_cache_keep_mb,
         dtype=settings.engine_dtype,
         limits=sampling_limits(settings),
     )

@@ -95,6 +95,12 @@ class ServerSettings(ModelSettings, DeploySettings):
         "prefix of its prompt (a conversation's next turn, the same prompt again), so only the rest is "
         "prefilled. false: prefill every prompt from its first token.",
     )
+    engine_kv_cache_keep_mb: float = Field(
+        512, ge=0,
+        description="Local engine: a version's KV cache is given back when it goes idle only when it is "
+        "larger than this (MiB). Below it the rows keep their conversations' prefixes for the next "
+        "turn (ENGINE_PREFIX_REUSE); 0 gives it back after every burst.",
+    )
     engine_merge_adapters: bool = Field(
         True,
         description="Local engine: once a LoRA version serves (its adapter applied on the fly), fold "

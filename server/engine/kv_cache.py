@@ -21,7 +21,7 @@ import torch
 class SlotKVCache:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", *, max_rows: int, max_tokens: int,
-                 initial_rows: int = 4, initial_tokens: int = 256):
+                 initial_rows: int = 4, initial_tokens: int = 256, keep_bytes: int | None = None):
         self.shape_tail = (n_kv_heads, head_dim)
         self.n_layers = n_layers
         self.dtype = dtype
@@ -29,6 +29,7 @@ class SlotKVCache:
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.initial = (min(initial_rows, max_rows), min(initial_tokens, max_tokens))
+        self.keep_bytes = keep_bytes
         self.release()
 
     def release(self) -> None:
@@ -39,8 +40,16 @@ class SlotKVCache:
         self.reserve(*self.initial)
 
     @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+
+    @property
     def oversized(self) -> bool:
-        """Much bigger than it started (worth releasing when idle; small ones are kept warm)."""
+        """Worth releasing when idle: more than `keep_bytes` (without it, four times its initial
+        size). What is kept holds the prefixes of the conversations that left rows, for their
+        next turns; a burst of long ones should not pin its memory forever."""
+        if self.keep_bytes is not None:
+            return self.nbytes > self.keep_bytes
         return self.rows * self.tokens > 4 * self.initial[0] * self.initial[1]
 
     @property

@@ -108,6 +108,10 @@ class LocalEngineConfig:
     # Admit a request into the free row holding the longest prefix of its prompt (see above);
     # False prefills every prompt from its first token.
     reuse_prefixes: bool = True
+    # A version's KV cache is released when it goes idle only beyond this size: below it, the
+    # prefixes its rows hold wait for their conversations' next turns (users type between them,
+    # so an engine often goes idle between turns). None: four times the initial size.
+    kv_cache_keep_mb: float | None = 512
     seed: int | None = None  # sampling seed, for reproducible runs
     limits: SamplingLimits = SamplingLimits()
 
@@ -178,6 +182,7 @@ class _Batch:
             max_rows=config.max_batch_size,
             max_tokens=context_length,
             initial_rows=initial_rows,
+            keep_bytes=None if config.kv_cache_keep_mb is None else int(config.kv_cache_keep_mb * 2**20),
         )
         self.runner = runner
 

@@ -134,3 +134,15 @@ async def test_reuse_can_be_turned_off(tiny_model_dir):  # noqa: F811
         assert (prefilled, reused) == (len(prompt.token_ids), 0)
     finally:
         await engine.close()
+
+
+async def test_an_idle_cache_over_its_keep_size_gives_its_memory_and_prefixes_back(tiny_model_dir):  # noqa: F811
+    for keep_mb, kept in ((512, True), (0, False)):
+        engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(seed=0, kv_cache_keep_mb=keep_mb))
+        try:
+            prompt = prompt_of(engine.tokenizer, "Why is the sky blue?")
+            await answer(engine, prompt)
+            _, _, reused = await answer(engine, prompt)
+            assert reused == (len(prompt.token_ids) - 1 if kept else 0)
+        finally:
+            await engine.close()
