@@ -119,6 +119,27 @@ def test_an_adapter_on_each_format_matches_float32(tiny_model_dir, tmp_path, wei
     for runner in (adapted, adapted.merged()):
         for got, want in zip(run_forward(runner, model.config), expected):
             assert relative_error(got, want) < ADAPTED_RELATIVE_ERROR[weight_format]
+    if weight_format == "int4":  # on the fly (what the engine serves under int4): the base's error
+        for got, want in zip(run_forward(adapted, model.config), expected):
+            assert relative_error(got, want) < RELATIVE_ERROR["int4"]
+
+
+async def test_under_int4_a_lora_version_stays_applied_on_the_fly(tiny_model_dir, tmp_path):  # noqa: F811
+    # Merging would quantize base + adapter again on a grid of its own (the base's exact 4-bit
+    # grid lost): the engine keeps the adapter on the fly, even with merge_adapters on.
+    path = make_lora_checkpoint(tiny_model_dir, tmp_path / "lora-int4", ALL_PROJECTIONS, seed=3)
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(dtype="int4", merge_adapters=True))
+    try:
+        prompt = chat_prompt(engine.tokenizer, "Which version are you?")
+        base_text, _ = await engine.submit(prompt, GREEDY).collect()
+        await engine.load_version("lora-int4", path, make_default=True)
+        text, _ = await engine.submit(prompt, GREEDY).collect()
+        assert text != base_text
+        assert not engine._merging
+        runner = engine._batches["lora-int4"].runner
+        assert runner.adapted and runner.layers[0].qkv.base is engine._base_runner.layers[0].qkv
+    finally:
+        await engine.close()
 
 
 async def test_a_quantized_format_needs_the_llama_runner(tiny_model_dir):  # noqa: F811
