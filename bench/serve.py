@@ -333,7 +333,7 @@ class ServerTarget(OpenAITarget):
         import httpx
 
         try:
-            text = httpx.get(f"{self.base_url}/metrics", timeout=10).text
+            text = httpx.get(f"{self.base_url}/metrics/", timeout=10).text
         except httpx.HTTPError:
             return {}
         wanted = {"flywheel_engine_prefill_tokens_total": "prefilled_prompt_tokens_so_far",
@@ -719,8 +719,8 @@ def parse_args(argv=None):
                         choices=["server", "llama-server", "transformers-serve", "engine", "generate"])
     parser.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--repeat", type=int, default=1, help="run every stream count this many times")
-    parser.add_argument("--dtype", nargs="+", default=[os.environ.get("ENGINE_DTYPE", "float32")],
-                        choices=["float32", "bfloat16", "int8", "int4"],
+    parser.add_argument("--dtype", nargs="+", default=[os.environ.get("ENGINE_DTYPE", "auto")],
+                        choices=["auto", "float32", "bfloat16", "int8", "int4"],
                         help="ENGINE_DTYPE of the server (one server per format, the first named `server`, "
                         "the others `server-FORMAT`) and of the engine row (the first)")
     parser.add_argument("--requests-per-stream", type=int, default=2)

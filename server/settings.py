@@ -81,9 +81,10 @@ class ServerSettings(ModelSettings, DeploySettings):
     engine_threads: int | None = Field(
         None, gt=0, description="torch threads of the local engine. Unset: torch's default."
     )
-    engine_dtype: Literal["float32", "bfloat16", "int8", "int4"] = Field(
-        "float32",
-        description="Local engine: how the decode path stores the weights. float32; bfloat16; int8 or "
+    engine_dtype: Literal["auto", "float32", "bfloat16", "int8", "int4"] = Field(
+        "auto",
+        description="Local engine: how the decode path stores the weights. auto: int4 for a Llama-"
+        "architecture model (the fast path), float32 for any other; float32; bfloat16; int8 or "
         "int4: weight-only quantized (int8 per output channel, int4 in groups of 32 with a zero point: "
         "the grid of the Q4_1 GGUF the default is converted from, kept exactly, with the output "
         "projection in int8), computed in bfloat16. Fewer bytes "

@@ -110,7 +110,8 @@ class LocalEngineConfig:
     # Not under int4 (UNMERGED_FORMATS): there the adapter stays applied on the fly.
     merge_adapters: bool = True
     # How the Llama runner stores its weights (runner.WEIGHT_FORMATS): float32, bfloat16, int8 or
-    # int4 weight-only. The model stays float32 in memory (adapters merge into it); the runner
+    # int4 weight-only; "auto" is int4 where the Llama runner serves the model, else float32 (the
+    # server's default; the engine's own stays float32, the exact maths tests hold it to). The model stays float32 in memory (adapters merge into it); the runner
     # decodes from its own copy in this format, reading fewer bytes per step.
     dtype: str = "float32"
     # Admit a request into the free row holding the longest prefix of its prompt (see above);
@@ -352,9 +353,10 @@ class LocalEngine(VersionedEngine):
             raise ValueError(f"version {version!r} was loaded meanwhile")
         self._add(batch, make_default=make_default)
         log.info("loaded %s in %.3f s (%s)", version, time.perf_counter() - started, _runner_kind(batch.runner))
-        if getattr(batch.runner, "adapted", False) and self.config.dtype in UNMERGED_FORMATS:
+        weight_format = getattr(batch.runner, "weight_format", "float32")
+        if getattr(batch.runner, "adapted", False) and weight_format in UNMERGED_FORMATS:
             log.info("%s keeps its adapter applied on the fly: merged %s weights would be quantized again",
-                     version, self.config.dtype)
+                     version, weight_format)
         elif self.config.merge_adapters and getattr(batch.runner, "adapted", False):
             self._merging[version] = asyncio.create_task(self._merge(version, batch.runner), name=f"merge-{version}")
 

@@ -77,6 +77,11 @@ class TransformersRunner:
 # bfloat16 are plain copies; int8 and int4 are weight-only quantized, multiplied by torch's own
 # CPU kernels (the ones torchao's CPU layouts dispatch to) with bfloat16 activations.
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
+# What the server's ENGINE_DTYPE defaults to: int4 where the Llama runner serves the model (a
+# float32 Llama on CPU), float32 otherwise. On SmolLM2 it reproduces its Q4_1 file's weights
+# exactly and computes what bfloat16 computes (bench/quality.py), and through the real server it
+# served 1.5-1.7x float32's tokens/s at 1 stream and 1.0-1.2x at 16 (bench/serve.py, README).
+AUTO = "auto"
 # Weights per int4 scale/zero pair, along the input dimension: GGUF's Q4_0/Q4_1 block size, so a
 # model converted from a Q4_1 file (the default SmolLM2) falls back onto its own 16-level grid.
 INT4_GROUP = 32
@@ -437,9 +442,13 @@ def make_runner(model: Any, *, fast: bool = True, batch_hint: int = 16, reuse: A
                 weight_format: str = "float32"):
     """The fastest runner that supports `model`; `reuse`: a runner whose prepared weights may be
     shared where `model` has the very same tensors (the base of a LoRA version).
-    `weight_format` (WEIGHT_FORMATS) needs the Llama runner unless it is float32."""
+    `weight_format` (WEIGHT_FORMATS) needs the Llama runner unless it is float32; AUTO picks
+    int4 where the Llama runner serves the model, float32 otherwise."""
+    fast = fast and LlamaRunner.supports(model)
+    if weight_format == AUTO:
+        weight_format = "int4" if fast else "float32"
     activation_dtype(weight_format)  # a clear error for an unknown format
-    if fast and LlamaRunner.supports(model):
+    if fast:
         return LlamaRunner(model, batch_hint, reuse if isinstance(reuse, LlamaRunner) else None, weight_format)
     if weight_format != "float32":
         raise ValueError(

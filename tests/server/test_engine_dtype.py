@@ -149,6 +149,16 @@ async def test_a_quantized_format_needs_the_llama_runner(tiny_model_dir):  # noq
         make_runner(load_base_policy(tiny_model_dir).model, weight_format="fp16")
 
 
+def test_auto_is_int4_on_the_llama_runner_and_float32_elsewhere(tiny_model_dir, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("ENGINE_DTYPE", raising=False)
+    model = load_base_policy(tiny_model_dir).model
+    fast = make_runner(model, weight_format="auto")
+    assert fast.weight_format == "int4" and fast.layers[0].qkv.kernel == "int4"
+    generic = make_runner(model, fast=False, weight_format="auto")  # any other model: no error
+    assert type(generic).__name__ == "TransformersRunner"
+    assert ServerSettings(_env_file=None).engine_dtype == "auto"  # what `make run` serves with
+
+
 def test_engine_dtype_setting(monkeypatch):
     monkeypatch.setenv("ENGINE_DTYPE", "int4")
     assert ServerSettings().engine_dtype == "int4"
