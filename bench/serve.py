@@ -56,6 +56,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server.engine.openmp import tune_for_a_decode_thread  # noqa: E402  (after the path)
+
+tune_for_a_decode_thread()  # the in-process engine row decodes in a worker thread, as the server does
+
 from bench.harness import (  # noqa: E402  (after the path)
     admin_url, free_port, run_until_terminated, start_process, stop_process, wait_ready,
 )

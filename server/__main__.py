@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import sys
 
-import uvicorn
+from .engine.openmp import tune_for_a_decode_thread
 
-from feedback.logs import configure_logging
+tune_for_a_decode_thread()  # before anything imports torch (see server/engine/openmp.py)
 
-from .app import create_app
-from .settings import ServerSettings
-from .shutdown import DrainingServer
+import uvicorn  # noqa: E402 - after the OpenMP settings above
+
+from feedback.logs import configure_logging  # noqa: E402
+
+from .app import create_app  # noqa: E402
+from .settings import ServerSettings  # noqa: E402
+from .shutdown import DrainingServer  # noqa: E402
 
 STARTUP_FAILURE = 3  # uvicorn's own exit status when the app could not start
 
