@@ -80,7 +80,7 @@ WEIGHT_FORMATS = ("float32", "bfloat16", "int8", "int4")
 # What the server's ENGINE_DTYPE defaults to: int4 where the Llama runner serves the model (a
 # float32 Llama on CPU), float32 otherwise. On SmolLM2 it reproduces its Q4_1 file's weights
 # exactly and computes what bfloat16 computes (bench/quality.py), and through the real server it
-# served 1.5-1.7x float32's tokens/s at 1 stream and 1.0-1.2x at 16 (bench/serve.py, README).
+# served 2.2-2.9x float32's tokens/s at 1 stream and 0.9-1.25x at 16 and 64 (bench/serve.py, README).
 AUTO = "auto"
 # Weights per int4 scale/zero pair, along the input dimension: GGUF's Q4_0/Q4_1 block size, so a
 # model converted from a Q4_1 file (the default SmolLM2) falls back onto its own 16-level grid.
