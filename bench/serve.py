@@ -56,10 +56,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.engine.openmp import tune_for_a_decode_thread  # noqa: E402  (after the path)
-
-tune_for_a_decode_thread()  # the in-process engine row decodes in a worker thread, as the server does
-
 from bench.harness import (  # noqa: E402  (after the path)
     admin_url, free_port, run_until_terminated, start_process, stop_process, wait_ready,
 )
@@ -753,6 +749,11 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    from server.engine.openmp import tune_for_a_decode_thread
+
+    # Before torch loads: the in-process engine row decodes in a worker thread, as the server
+    # does. Only here: importing this module (tests do) must not change the process's OpenMP.
+    tune_for_a_decode_thread()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     run_until_terminated(main(parse_args()))

@@ -43,6 +43,15 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
 
+    def can_grow_rows(self) -> bool:
+        """Whether doubling the rows stays within the rows limit and what an idle cache keeps
+        (`oversized`): room for one more kept prefix instead of evicting one."""
+        if self.rows >= self.max_rows:
+            return False
+        if self.keep_bytes is not None:
+            return 2 * self.nbytes <= self.keep_bytes
+        return 2 * self.rows * self.tokens <= 4 * self.initial[0] * self.initial[1]
+
     @property
     def oversized(self) -> bool:
         """Worth releasing when idle: more than `keep_bytes` (without it, four times its initial

@@ -208,9 +208,9 @@ class _Batch:
         is taken over when the prompt extends the prompt of the request that left it (that
         conversation's next turn, or the same prompt again: what the row holds past it is that
         request's answer, of no use to anyone else); a smaller match (the system prompt every
-        conversation starts with) is copied into an empty row, or, with no empty row left, into
-        the least recently left resident one, so the row keeps its tokens for its own
-        conversation. The prompt's last token is always prefilled (its logits give the first
+        conversation starts with) is copied into an empty row (the cache grows for one while it
+        stays within what an idle cache keeps), else into the least recently left resident one,
+        so the row keeps its tokens for its own conversation. The prompt's last token is always prefilled (its logits give the first
         token)."""
         best, shared = None, 0
         if reuse:
@@ -223,10 +223,11 @@ class _Batch:
             row = best
         else:
             row = next((r for r in range(self.cache.rows) if r not in self.occupant and r not in self.resident), None)
-            if row is None:  # every free row holds a prefix: evict the oldest; else grow the cache
-                row = next(iter(self.resident), None)
-                if row is None:
-                    row = next(r for r in itertools.count() if r not in self.occupant)
+            if row is None:  # every free row holds a prefix: grow while the cache may, else evict
+                if self.resident and not self.cache.can_grow_rows():
+                    row = next(iter(self.resident))  # the least recently left
+                else:
+                    row = next(r for r in itertools.count() if r not in self.occupant and r not in self.resident)
             self.cache.reserve(row + 1, self.cache.tokens)
             if best is not None and best != row:
                 self.cache.copy_row(best, row, shared)

@@ -146,3 +146,22 @@ async def test_an_idle_cache_over_its_keep_size_gives_its_memory_and_prefixes_ba
             assert reused == (len(prompt.token_ids) - 1 if kept else 0)
         finally:
             await engine.close()
+
+
+async def test_the_cache_grows_for_a_new_conversation_rather_than_evict_a_kept_one(tiny_model_dir):  # noqa: F811
+    # Five conversations one after the other on a cache that starts with four rows: the fifth
+    # gets a new row (the cache is far below its keep size), so all five keep their prefixes.
+    engine = await start_local_engine(tiny_model_dir, LocalEngineConfig(seed=0))
+    try:
+        prompts = [prompt_of(engine.tokenizer, f"{word} is my favourite word.") for word in
+                   ("Apple", "Boat", "Cloud", "Drum", "Engine")]
+        for i, prompt in enumerate(prompts):
+            await answer(engine, prompt)
+            if i == 3:
+                assert engine._batches["TinySmolLM2"].cache.rows == 4
+        for prompt in prompts:
+            _, prefilled, reused = await answer(engine, prompt)
+            assert (prefilled, reused) == (1, len(prompt.token_ids) - 1)
+        assert engine._batches["TinySmolLM2"].cache.rows == 8
+    finally:
+        await engine.close()
