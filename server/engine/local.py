@@ -111,7 +111,8 @@ class LocalEngineConfig:
     merge_adapters: bool = True
     # How the Llama runner stores its weights (runner.WEIGHT_FORMATS): float32, bfloat16, int8 or
     # int4 weight-only; "auto" is int4 where the Llama runner serves the model, else float32 (the
-    # server's default; the engine's own stays float32, the exact maths tests hold it to). The model stays float32 in memory (adapters merge into it); the runner
+    # server's default; the engine's own stays float32, the exact maths tests hold it to). The
+    # model stays float32 in memory (adapters merge into it); the runner
     # decodes from its own copy in this format, reading fewer bytes per step.
     dtype: str = "float32"
     # Admit a request into the free row holding the longest prefix of its prompt (see above);
@@ -210,8 +211,8 @@ class _Batch:
         request's answer, of no use to anyone else); a smaller match (the system prompt every
         conversation starts with) is copied into an empty row (the cache grows for one while it
         stays within what an idle cache keeps), else into the least recently left resident one,
-        so the row keeps its tokens for its own conversation. The prompt's last token is always prefilled (its logits give the first
-        token)."""
+        so the row keeps its tokens for its own conversation. The prompt's last token is always
+        prefilled (its logits give the first token)."""
         best, shared = None, 0
         if reuse:
             for candidate, held in self.resident.items():
