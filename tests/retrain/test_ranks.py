@@ -32,7 +32,10 @@ try:
 except ValueError as exc:
     failure = str(exc)
 print(json.dumps({"rank": ranks.process_index, "decided": decided, "mine": mine,
-                  "everyone": everyone, "failure": failure}))
+                  "everyone": everyone, "failure": failure}), flush=True)
+# Leave the gloo group before exiting: a process that exits with it still up can abort in
+# gloo's teardown ("terminate called without an active exception", status -6).
+ranks.destroy_process_group()
 '''
 
 
