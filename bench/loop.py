@@ -79,7 +79,7 @@ PROMPTS = ROOT / "bench" / "data" / "everyday_prompts.txt"
 # `full`, which every reported result uses, overrides nothing: the shipped defaults.
 PROFILES = {
     "full": {
-        "days": 5, "conversations": 24, "held_out": 40, "max_new_tokens": 128,
+        "days": 5, "conversations": 96, "held_out": 40, "max_new_tokens": 128,
         "retrain": {},
         "config": {},
     },

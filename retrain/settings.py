@@ -65,7 +65,7 @@ class RoundConfig:
         default=16, metadata={"help": "Most held-out prompts the gate generates answers for."}
     )
     max_reward_examples: int | None = field(
-        default=128,
+        default=512,
         metadata={"help": "Most comparison groups + thumbs the reward model trains on per round "
                           "(a fresh uniform sample each round; None: all). Bounds the round's "
                           "time as feedback piles up; the warm start carries earlier rounds'."},
@@ -165,7 +165,7 @@ class RetrainSettings(ModelSettings):
         16, gt=0, description="Most held-out prompts the gate answers and judges."
     )
     retrain_max_reward_examples: int | None = Field(
-        128, gt=0, description="Most comparison groups + thumbs the reward model trains on per "
+        512, gt=0, description="Most comparison groups + thumbs the reward model trains on per "
         "round (a fresh sample each round; unset: all)."
     )
     retrain_held_out_percent: float = Field(
