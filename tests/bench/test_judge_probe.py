@@ -5,7 +5,6 @@ SmolLM2)."""
 from __future__ import annotations
 
 import json
-import random
 
 from support.tiny_model import tiny_model_dir  # noqa: F401  (the session fixture)
 
@@ -34,7 +33,7 @@ def test_each_conversation_gives_a_comparison_and_a_thumb_per_answer():
 
 def test_coin_toss_votes_disagree_with_the_preference_about_half_the_time():
     conversations = [conversation(f"p{i}", "one two three four", "one") for i in range(400)]
-    data = judge_probe.labelled(conversations, PREFERENCES["concise"], noise=1.0, seed=random.Random(1).randrange(99))
+    data = judge_probe.labelled(conversations, PREFERENCES["concise"], noise=1.0, seed=1)
     agree = sum(group.pairs[0].chosen == "one" for group in data.groups) / len(data.groups)
     assert 0.4 < agree < 0.6
 
