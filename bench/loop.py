@@ -244,9 +244,14 @@ async def chat_day(ws_url: str, tokens: list[str], prompts: list[str], users: li
     return counts
 
 
-async def measure(base_url: str, tokens: list[str], prompts: list[str], params: dict) -> list[Answer]:
+async def measure(base_url: str, token: str, prompts: list[str], params: dict) -> list[Answer]:
     """The serving policy's answers to the held-out prompts, each in a new conversation that
-    is opted out of training at once (PATCH allow_data_use=false)."""
+    is opted out of training at once (PATCH allow_data_use=false).
+
+    One evaluator asks them one at a time: a greedy answer decoded alone is the same every time,
+    while one decoded beside others depends on its batch (under int4, two measurements of one
+    server with 8 evaluators at once gave the same answer to 22 of 40 prompts, one at a time 40
+    of 40), and that would put noise into every round's win rate."""
     import httpx
 
     ws_url = base_url.replace("http://", "ws://") + "/ws"
@@ -259,7 +264,7 @@ async def measure(base_url: str, tokens: list[str], prompts: list[str], params: 
             response.raise_for_status()
             return answer
 
-        return await run_users(ws_url, tokens, prompts, ask)
+        return await run_users(ws_url, [token], prompts, ask)
 
 
 @dataclass
@@ -706,8 +711,8 @@ async def run(args, label: str = "") -> Report:
             async with httpx.AsyncClient(base_url=base_url, timeout=30) as client:
                 info = await wait_ready(client, server, args.start_timeout_s)
                 say(f"server ready, serving {info['model_version']}; measuring round 0")
-                evaluators = [f"loop-evaluator-{i}-{uuid.uuid4().hex[:8]}" for i in range(args.users)]
-                baseline = await measure(base_url, evaluators, held_out, measure_params)
+                evaluator = f"loop-evaluator-{uuid.uuid4().hex[:8]}"
+                baseline = await measure(base_url, evaluator, held_out, measure_params)
                 report.rounds.append(summarise(0, preference, held_out, baseline, None, 0.0, started, {}, voters))
                 report.write(out)
                 say(_row_line(report.rounds[-1]))
@@ -734,7 +739,7 @@ async def run(args, label: str = "") -> Report:
                     say(f"round {row['id']} {row['status']} in {summary['minutes']:.1f} min: {summary['decision']}")
                     version, kl = await asyncio.to_thread(serving_checkpoint, url)
                     summary["swap_s"] = round(await wait_for_swap(client, version, args.swap_timeout_s), 2)
-                    answers = await measure(base_url, evaluators, held_out, measure_params)
+                    answers = await measure(base_url, evaluator, held_out, measure_params)
                     report.rounds.append(summarise(day, preference, held_out, answers, baseline, kl, started, summary,
                                                    voters))
                     report.minutes = round((time.monotonic() - started) / 60, 1)

@@ -41,6 +41,8 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
         assert after.model_version == run["candidate"] and after.kl_to_base >= 0
     else:
         assert after.model_version == "TinySmolLM2"
+        # The same policy, measured one prompt at a time: the same greedy answers as round 0's.
+        assert after.win_rate_vs_round_0 == 0.5 and after.examples == base.examples
     assert 0 <= after.win_rate_vs_round_0 <= 1 and 0 <= after.thumbs_up_rate <= 1
     assert len(after.examples) == 4 and after.mean_tokens <= 8
 
