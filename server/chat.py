@@ -146,19 +146,23 @@ class Answer:
             async for event in self.request:
                 if isinstance(event, TokenEvent):
                     self.completion_tokens = event.completion_tokens
-                    if event.text:
+                    # A model can emit a NUL (a byte-level vocabulary has a token for it):
+                    # PostgreSQL's text cannot hold one and a reader sees nothing of it, so it is
+                    # dropped here, before the client and the store see the answer alike.
+                    piece = event.text.replace("\x00", "")
+                    if piece:
                         if not length and self.chat.metrics:
                             self.chat.metrics.time_to_first_token.observe(
                                 time.monotonic() - self.started_at
                             )
-                        text = event.text[: limit - length]
+                        text = piece[: limit - length]
                         if text:
                             length += len(text)
                             yield text
                             # Kept once the consumer asks for more, i.e. once it has sent this
                             # piece on: a stream cut mid-send stores what the client received.
                             self.parts.append(text)
-                        if len(text) < len(event.text):
+                        if len(text) < len(piece):
                             # Longer than any answer may be stored: cut here, as max_new_tokens would.
                             log.warning("answer %s reached the %d-character limit for answers: cut there",
                                         self.message_id, limit)

@@ -68,6 +68,26 @@ async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, t
         assert stored.model_version == "scripted-v1"
 
 
+async def test_a_nul_the_model_emits_is_dropped_and_the_answer_stored(db_url, tmp_path):
+    """A random model emitted a NUL once (the tiny Llama's byte tokens): the answer failed to store."""
+    settings = make_settings(db_url, tmp_path)
+    async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
+        chat = Chat(pool, None, settings, Quotas(1000, 10))
+        async with pool.connection() as conn:
+            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
+            conversation = await store.create_conversation(conn, user, "nul")
+            question = await store.add_message(conn, user, conversation.id, None, "user", "Say something.")
+        answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
+                        message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3),
+                        request=ScriptedRequest(["Hel\x00lo", "\x00", " there"]), release=lambda: None)
+        pieces = [piece async for piece in answer.stream()]
+
+        assert pieces == ["Hello", " there"] and answer.finish_reason == "stop" and answer.error is None
+        async with pool.connection() as conn:
+            stored = await store.get_message(conn, user, answer.message_id)
+        assert stored.content == "Hello there" and stored.finish_reason == "stop"
+
+
 class FailingRequest(ScriptedRequest):
     """An engine request that fails after its pieces, with the engine's own account (a remote
     engine's URL and reply, torch's message): what the operator's log needs."""
