@@ -40,6 +40,21 @@ class ScriptedRequest:
         self.cancelled = True
 
 
+async def asked(pool, title: str, text: str):
+    """A new user's question in a new conversation: (user, the question's message)."""
+    async with pool.connection() as conn:
+        user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
+        conversation = await store.create_conversation(conn, user, title)
+        question = await store.add_message(conn, user, conversation.id, None, "user", text)
+    return user, question
+
+
+def answer_to(chat, user, question, request, release=lambda: None) -> Answer:
+    return Answer(chat=chat, user=user, conversation_id=question.conversation_id, parent_id=question.id,
+                  message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3),
+                  request=request, release=release)
+
+
 async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, tmp_path):
     settings = make_settings(db_url, tmp_path, max_message_chars=100, max_new_tokens_limit=1,
                              default_max_new_tokens=1)
@@ -47,15 +62,10 @@ async def test_an_answer_over_the_answer_limit_is_cut_there_and_stored(db_url, t
         chat = Chat(pool, None, settings, Quotas(1000, 10))
         limit = chat.answer_settings.max_message_chars
         assert limit == 100, "answers get max(MAX_MESSAGE_CHARS, max_new_tokens_limit x 64 characters)"
-        async with pool.connection() as conn:
-            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
-            conversation = await store.create_conversation(conn, user, "long")
-            question = await store.add_message(conn, user, conversation.id, None, "user", "Talk forever.")
+        user, question = await asked(pool, "long", "Talk forever.")
         request = ScriptedRequest(["word " * 7] * 10)  # 350 characters
         released = []
-        answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
-                        message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3), request=request,
-                        release=lambda: released.append(True))
+        answer = answer_to(chat, user, question, request, release=lambda: released.append(True))
         pieces = [piece async for piece in answer.stream()]
 
         assert "".join(pieces) == ("word " * 20)[:100] and len(answer.text) == limit
@@ -73,13 +83,8 @@ async def test_a_nul_the_model_emits_is_dropped_and_the_answer_stored(db_url, tm
     settings = make_settings(db_url, tmp_path)
     async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
         chat = Chat(pool, None, settings, Quotas(1000, 10))
-        async with pool.connection() as conn:
-            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
-            conversation = await store.create_conversation(conn, user, "nul")
-            question = await store.add_message(conn, user, conversation.id, None, "user", "Say something.")
-        answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
-                        message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3),
-                        request=ScriptedRequest(["Hel\x00lo", "\x00", " there"]), release=lambda: None)
+        user, question = await asked(pool, "nul", "Say something.")
+        answer = answer_to(chat, user, question, ScriptedRequest(["Hel\x00lo", "\x00", " there"]))
         pieces = [piece async for piece in answer.stream()]
 
         assert pieces == ["Hello", " there"] and answer.finish_reason == "stop" and answer.error is None
@@ -113,14 +118,9 @@ async def test_engine_failures_reach_the_client_typed_never_verbatim(db_url, tmp
     settings = make_settings(db_url, tmp_path)
     async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
         chat = Chat(pool, None, settings, Quotas(1000, 10))
-        async with pool.connection() as conn:
-            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
-            conversation = await store.create_conversation(conn, user, "fails")
-            question = await store.add_message(conn, user, conversation.id, None, "user", "Hi.")
+        user, question = await asked(pool, "fails", "Hi.")
         for request in (FailingRequest(["Hel", "lo"]), BrokenRequest([])):
-            answer = Answer(chat=chat, user=user, conversation_id=conversation.id, parent_id=question.id,
-                            message_id=uuid.uuid4(), params=SamplingParams(), prompt=SimpleNamespace(n_tokens=3),
-                            request=request, release=lambda: None)
+            answer = answer_to(chat, user, question, request)
             await answer.run()
             assert answer.finish_reason == "error" and answer.text
             assert answer.error.code == "engine_error"
@@ -140,10 +140,7 @@ async def test_a_refused_start_gives_back_its_slot_and_its_engine_request(db_url
     quotas = Quotas(1000, 1)  # one slot: a slot kept by a refused start would refuse the next one
     async with AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False) as pool:
         chat = Chat(pool, engine, settings, quotas)
-        async with pool.connection() as conn:
-            user = await store.user_for_token(conn, f"test-{uuid.uuid4()}")
-            conversation = await store.create_conversation(conn, user, "refusals")
-            question = await store.add_message(conn, user, conversation.id, None, "user", "Hi.")
+        user, question = await asked(pool, "refusals", "Hi.")
         refusals = [
             # Before the submit: a question is not an answer to regenerate, no such question,
             # a messages array the store cannot look up (PostgreSQL takes no NUL).
@@ -151,7 +148,7 @@ async def test_a_refused_start_gives_back_its_slot_and_its_engine_request(db_url
             (lambda: chat.start_edit_question(user, uuid.uuid4(), "an edit of nothing"), 0),
             (lambda: chat.start_from_messages(user, [{"role": "user", "content": "NUL \x00"}], None, None), 0),
             # After the submit: the store refuses to write the user's message.
-            (lambda: chat.start_message(user, conversation.id, question.id, "a NUL \x00 here"), 1),
+            (lambda: chat.start_message(user, question.conversation_id, question.id, "a NUL \x00 here"), 1),
         ]
         for refused, submitted in refusals:
             before = engine.stats().finished
@@ -168,5 +165,5 @@ async def test_a_refused_start_gives_back_its_slot_and_its_engine_request(db_url
             "SELECT count(DISTINCT c.id) AS conversations, count(m.id) AS messages FROM conversations c "
             "LEFT JOIN messages m ON m.conversation_id = c.id WHERE c.user_id = %s", (user.id,))).fetchone()
         assert row == {"conversations": 1, "messages": 1}, "only what was written before"
-        answer = await chat.start_message(user, conversation.id, question.id, "And now?")
+        answer = await chat.start_message(user, question.conversation_id, question.id, "And now?")
         assert await answer.run()
