@@ -185,7 +185,7 @@ function compareCard(message) {
 }
 
 // The in-place editor: the text in a box, Save / Cancel. Enter saves (Shift+Enter: a new line),
-// Escape cancels; the box takes the focus when it opens.
+// Escape cancels. startEdit gives the box the focus once it is on the page; render() keeps it.
 function editor(message) {
   const form = el("form", "editor");
   const box = el("textarea", "edit-input");
@@ -207,7 +207,6 @@ function editor(message) {
   const buttons = el("div", "edit-buttons");
   buttons.append(cancel, save);
   form.append(box, buttons);
-  requestAnimationFrame(() => { if (document.body.contains(box)) { box.focus(); box.setSelectionRange(box.value.length, box.value.length); } });
   return form;
 }
 
@@ -270,11 +269,27 @@ function renderMessage(message) {
 
 function render() {
   const stick = nearBottom();
+  const caret = editorCaret();
   contentEls.clear();
   const path = shownPath().filter((m) => m.role !== "system");
   els.thread.replaceChildren(...(path.length ? path.map(renderMessage) : [els.empty]));
+  if (caret) focusEditor(caret);
   updateComposer();
   if (stick) scrollToBottom();
+}
+
+// A render rebuilds the editor's box; one the user is typing in gets back its focus and selection
+// (synchronously: a deferred caret move would land between a select-all and the typing after it).
+function editorCaret() {
+  const box = document.activeElement;
+  if (!box || !box.classList.contains("edit-input")) return null;
+  return [box.selectionStart, box.selectionEnd, box.selectionDirection];
+}
+function focusEditor([start, end, direction]) {
+  const box = els.thread.querySelector(".edit-input");
+  if (!box) return;
+  box.focus();
+  box.setSelectionRange(start, end, direction);
 }
 
 function nearBottom() {
@@ -399,6 +414,7 @@ function startEdit(messageId) {
   if (!message || message.streaming) return;
   state.editing = { messageId, draft: message.content };
   render();
+  focusEditor([message.content.length, message.content.length, "none"]);
 }
 
 function cancelEdit() {

@@ -68,6 +68,33 @@ async def test_edit_an_answer_in_place_with_the_keyboard(page, db):
     assert question["parent_id"] == edit["id"]
 
 
+async def test_the_editor_takes_the_focus_at_once_and_keeps_the_selection_when_the_page_redraws(page, db):
+    box = page.locator("#input")
+    await box.fill("What is the capital of France?")
+    await box.press("Enter")
+    answer = await wait_for_answer(page, 0)
+    original = await answer.locator(".content").inner_text()
+
+    # In one task, as a fast typist's select-all would land: the box has the focus with the caret at
+    # the end as soon as it opens, and a selection made then survives the next frames and a redraw
+    # (an ack or another tab's message redraws the thread while the user types).
+    seen = await page.evaluate("""async () => {
+        document.querySelector(".msg.assistant .edit").click();
+        const box = document.querySelector(".edit-input");
+        const opened = [document.activeElement === box, box.selectionStart, box.selectionEnd];
+        box.setSelectionRange(2, 5);
+        await new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)));
+        render();
+        const redrawn = document.querySelector(".edit-input");
+        return {opened, kept: [redrawn !== box, document.activeElement === redrawn,
+                               redrawn.selectionStart, redrawn.selectionEnd]};
+    }""")
+    assert seen["opened"] == [True, len(original), len(original)]
+    assert seen["kept"] == [True, True, 2, 5]
+    await page.keyboard.type("X")
+    await expect(page.locator(".msg.assistant .edit-input")).to_have_value(original[:2] + "X" + original[5:])
+
+
 async def test_edit_a_question_answers_a_new_branch(page, db):
     box = page.locator("#input")
     await box.fill("Name a fruit")
