@@ -558,7 +558,41 @@ class ControlsReport:
         (out / "controls.json").write_text(json.dumps(
             [{"label": label, **asdict(report)} for label, report in zip(self.labels, self.runs)],
             indent=2, default=str, allow_nan=False))
+        (out / "controls.md").write_text(markdown_controls(self))
         plot_controls(self, out / "controls.png")
+
+
+def markdown_controls(controls: ControlsReport) -> str:
+    """The runs side by side as a Markdown table, round by round: what was measured after the round
+    (win rate vs round 0, thumbs-up rate under the measured preference, no noise) and what its gate
+    saw (decision, win rate and its lower bound, the judge on held-out pairs and thumbs, KL)."""
+    first = controls.runs[0]
+    lines = [f"Under '{first.measured_under}': win vs round 0 / thumbs up after the round; the round's gate: "
+             "decision, win rate (90% lower bound), judge on held-out pairs, judge on held-out thumbs, KL",
+             "", "| round | " + " | ".join(controls.labels) + " |", "|---" * (len(controls.labels) + 1) + "|"]
+    for index in range(max(len(r.rounds) for r in controls.runs)):
+        cells = [_markdown_cell(r.rounds[index]) if index < len(r.rounds) else "-" for r in controls.runs]
+        lines.append(f"| {index} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cell(row: RoundRow) -> str:
+    measured = f"{row.win_rate_vs_round_0:.2f} / {row.thumbs_up_rate:.2f}"
+    run = row.run
+    if not run:
+        return measured
+    if run.get("gate_win_rate") is None:
+        return f"{measured}; {run['status']}"
+    gate = [f"{run['status']}{', promoted' if run['promoted'] else ''} {run['gate_win_rate']:.2f} "
+            f"({run['gate_win_rate_lower']:.2f})"]
+    if run.get("reward_accuracy") is not None:
+        gate.append(f"judge {run['reward_accuracy']:.2f} on {run['reward_pairs']}")
+    users = run.get("users_on_serving_answers") or {}
+    if users.get("thumb_accuracy") is not None:
+        gate.append(f"thumbs {users['thumb_accuracy']:.2f} on {users['thumbs']}")
+    if run.get("gate_kl") is not None:
+        gate.append(f"KL {run['gate_kl']:.2f}")
+    return f"{measured}; " + ", ".join(gate)
 
 
 def plot_controls(controls: ControlsReport, path: Path) -> None:

@@ -100,6 +100,26 @@ def test_the_controls_report_puts_the_runs_side_by_side(tmp_path):
     assert (tmp_path / "controls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_path):
+    result, control = _report("simple", 0.0, [0.5, 0.8, 0.75]), _report("simple", 1.0, [0.5, 0.5, 0.5])
+    result.rounds[1].run = {"status": "succeeded", "promoted": True, "gate_win_rate": 0.8125,
+                            "gate_win_rate_lower": 0.6, "reward_accuracy": 0.7, "reward_pairs": 30,
+                            "users_on_serving_answers": {"thumb_accuracy": 0.75, "thumbs": 60}, "gate_kl": 2.5}
+    result.rounds[2].run = {"status": "skipped", "promoted": False}
+    control.rounds[1].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.25,
+                             "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0}
+    loop.ControlsReport(["result", "control"], [result, control]).write(tmp_path)
+    lines = (tmp_path / "controls.md").read_text().splitlines()
+    assert lines[2:] == [
+        "| round | result | control |",
+        "|---|---|---|",
+        "| 0 | 0.50 / 0.25 | 0.50 / 0.25 |",
+        "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
+        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00 |",
+        "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25 |",
+    ]
+
+
 def test_runs_made_apart_go_side_by_side_only_in_the_same_configuration(tmp_path):
     config = {"round_config": {"ppo": {"advantage_estimator": "rloo"}}, "conversations": 24}
     _report("concise", 0.0, [0.5, 0.8], settings=config).write(tmp_path / "result")
