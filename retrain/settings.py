@@ -173,7 +173,7 @@ class RetrainSettings(ModelSettings):
     )
     retrain_min_pairs: int = Field(8, ge=1, description="Fewest preference pairs for a round to run.")
     retrain_min_prompts: int = Field(8, ge=1, description="Fewest PPO prompts for a round to run.")
-    retrain_ppo_iterations: int = Field(4, ge=1, description="PPO iterations per round.")
+    retrain_ppo_iterations: int = Field(8, ge=1, description="PPO iterations per round.")
     retrain_ppo_batch_size: int = Field(
         16, ge=1, description="Answers per PPO iteration, per process: RETRAIN_PPO_BATCH_SIZE / "
         "RETRAIN_PPO_GROUP_SIZE prompts (a launch of N processes samples N times as many)."
