@@ -672,6 +672,17 @@ async def run_with_controls(args) -> ControlsReport:
 # -- the run --------------------------------------------------------------------------------------
 
 
+def round_config_overrides(profile: dict, args) -> dict:
+    """The round config the run's retraining service reads (RETRAIN_CONFIG_FILE): the profile's,
+    then --round-config over it; the run's --seed seeds the rounds too (round.seed), so a repeat
+    with another seed draws other PPO samples and data splits, not only other users."""
+    overrides = {section: dict(fields) for section, fields in profile["config"].items()}
+    overrides.setdefault("round", {})["seed"] = args.seed
+    for section, fields in json.loads(args.round_config or "{}").items():
+        overrides.setdefault(section, {}).update(fields)
+    return overrides
+
+
 async def run(args, label: str = "") -> Report:
     import httpx
 
@@ -691,9 +702,7 @@ async def run(args, label: str = "") -> Report:
     edits_tag = f"-edits{round(args.edits * 100)}" if args.edits else ""
     out = Path(args.out or ROOT / "bench" / "out" / f"loop-{args.preference}-noise{int(args.noise * 100)}{edits_tag}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-loop-"))
-    config_overrides = {section: dict(fields) for section, fields in profile["config"].items()}
-    for section, fields in json.loads(args.round_config or "{}").items():
-        config_overrides.setdefault(section, {}).update(fields)
+    config_overrides = round_config_overrides(profile, args)
     kl_bound = config_overrides.get("gate", {}).get("max_kl", GateConfig().max_kl)
     report = Report(
         when=datetime.now(UTC).isoformat(timespec="seconds"), preference=voters.name,
@@ -841,7 +850,8 @@ def parse_args(argv=None):
                         help='JSON over the profile\'s round config, as RETRAIN_CONFIG_FILE takes it, e.g. '
                              '\'{"ppo": {"advantage_estimator": "gae"}}\' (see `python -m retrain config`): for '
                              'experiments; reported results use the shipped defaults')
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the simulated users, the prompt order and the rounds (round.seed)")
     parser.add_argument("--model", default=os.environ.get("MODEL"), help="model directory (default: converted SmolLM2)")
     parser.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "var"),
                         help="where the default model is converted once (rounds work in a temporary directory)")

@@ -203,6 +203,15 @@ def test_parallel_needs_controls():
         loop.parse_args(["--parallel"])
 
 
+def test_the_runs_seed_seeds_its_rounds_too():
+    profile = loop.PROFILES["full"]
+    assert loop.round_config_overrides(profile, loop.parse_args(["--seed", "3"]))["round"]["seed"] == 3
+    assert loop.round_config_overrides(profile, loop.parse_args([]))["round"]["seed"] == 0
+    overridden = loop.round_config_overrides(profile, loop.parse_args(
+        ["--seed", "3", "--round-config", '{"round": {"seed": 7}, "ppo": {"num_iterations": 2}}']))
+    assert (overridden["round"]["seed"], overridden["ppo"]) == (7, {"num_iterations": 2})
+
+
 def test_edits_must_be_a_share():
     with pytest.raises(SystemExit):
         loop.parse_args(["--edits", "1.5"])
