@@ -145,11 +145,14 @@ def _stop_on_sigterm(interrupted: bool) -> None:
     launch of several processes the launcher sends SIGTERM to stop the others when one of them
     failed, so there the round records itself failed. A second SIGTERM ends the process at
     once."""
-    from .runs import RoundInterrupted
+    from .runs import RECORDING_OUTCOME, RoundInterrupted
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if sys.exc_info()[1] is None:  # not in the middle of recording a failure already
+        # Not while the round writes its outcome: that finishes, and the process ends after it.
+        # (Not "not inside an except block" either: code the round runs, an import's fallback
+        # say, handles exceptions all the time, and a signal there would be lost.)
+        if not RECORDING_OUTCOME.is_set():
             raise RoundInterrupted(signum) if interrupted else SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -81,7 +81,7 @@ from .reward import MANIFEST as REWARD_MANIFEST
 from .reward import accuracy_report, load_reward_model, read_manifest, train_reward_model
 from .reward_data import RewardData
 from .ranks import gather, my_share, share, this_process
-from .runs import Run, recorded_run, stop_if_asked
+from .runs import Run, recorded_run, recording_outcome, stop_if_asked
 from .settings import RetrainConfig, RetrainSettings
 from .sft import sft_before_ppo
 
@@ -183,8 +183,9 @@ def run_round(settings: RetrainSettings, trigger: str = "manual", *, url: str | 
         return result
     except BaseException as exc:
         if ranks.is_main_process:
-            for path in written:
-                shutil.rmtree(path, ignore_errors=True)
+            with recording_outcome():
+                for path in written:
+                    shutil.rmtree(path, ignore_errors=True)
         # Refused lock (no run row) and interrupts pass through as they are.
         if run_id is None or not isinstance(exc, Exception):
             raise

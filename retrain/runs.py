@@ -49,6 +49,20 @@ STOP_REQUESTED = threading.Event()
 _stop_signal: list[int] = []
 
 
+# Set while a round writes its outcome (its row, the removal of its files): a stop signal there
+# must not raise on top of that work and leave it half done. The process ends right after anyway.
+RECORDING_OUTCOME = threading.Event()
+
+
+@contextmanager
+def recording_outcome() -> Iterator[None]:
+    RECORDING_OUTCOME.set()
+    try:
+        yield
+    finally:
+        RECORDING_OUTCOME.clear()
+
+
 def request_stop(signum: int) -> None:
     _stop_signal.append(signum)
     STOP_REQUESTED.set()
@@ -162,17 +176,20 @@ def recorded_run(url: str, trigger: str) -> Iterator[Run]:
         try:
             yield run
         except (RoundInterrupted, KeyboardInterrupt) as exc:
-            name = getattr(exc, "signal_name", "SIGINT")
-            where = getattr(exc, "where", "")
-            finish_run(conn, run, "interrupted", error=f"interrupted by {name} {where}".strip())
-            log.warning("retrain run %d interrupted by %s %s", run.id, name, where)
+            with recording_outcome():
+                name = getattr(exc, "signal_name", "SIGINT")
+                where = getattr(exc, "where", "")
+                finish_run(conn, run, "interrupted", error=f"interrupted by {name} {where}".strip())
+                log.warning("retrain run %d interrupted by %s %s", run.id, name, where)
             raise
         except BaseException as exc:
-            finish_run(conn, run, "failed", error="".join(traceback.format_exception(exc))[-8000:])
-            log.error("retrain run %d failed: %s", run.id, exc)
+            with recording_outcome():
+                finish_run(conn, run, "failed", error="".join(traceback.format_exception(exc))[-8000:])
+                log.error("retrain run %d failed: %s", run.id, exc)
             raise
-        finish_run(conn, run, run.status, candidate_id=run.candidate_id)
-        log.info("retrain run %d %s", run.id, run.status)
+        with recording_outcome():
+            finish_run(conn, run, run.status, candidate_id=run.candidate_id)
+            log.info("retrain run %d %s", run.id, run.status)
 
 
 def last_run(url: str) -> dict | None:

@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 from deploy import registry
 from deploy.base_model import resolve_base_model
 from retrain import runs
+from retrain.__main__ import _stop_on_sigterm
 from retrain.round import run_round
 from retrain.runs import RoundInterrupted
 
@@ -64,6 +65,32 @@ def test_sigterm_interrupts_once_and_leaves_serving_untouched(round_db, round_se
     assert run["finished_at"] is not None
     assert _rows(round_db, "SELECT id, status FROM checkpoints") == [{"id": base_id, "status": "serving"}]
     assert not list(round_settings.checkpoints_dir.glob("*"))
+
+
+@pytest.fixture
+def sigterm_handler():
+    """`retrain once`'s SIGTERM handler, installed in this process for one test."""
+    before = signal.getsignal(signal.SIGTERM)
+    _stop_on_sigterm(interrupted=True)
+    yield
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_interrupts_code_that_is_handling_an_exception(sigterm_handler):
+    """The round's own code handles exceptions all the time (an import's fallback, a retry):
+    a signal that lands there still ends the round. It used to be dropped, and the round ran on."""
+    with pytest.raises(RoundInterrupted) as interrupted:
+        try:
+            raise ImportError("an optional dependency")
+        except ImportError:
+            signal.raise_signal(signal.SIGTERM)
+    assert interrupted.value.code == 128 + signal.SIGTERM
+
+
+def test_sigterm_lets_the_round_finish_writing_its_outcome(sigterm_handler):
+    with runs.recording_outcome():
+        signal.raise_signal(signal.SIGTERM)  # ignored: the row is being written
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second one ends the process
 
 
 def test_a_stop_request_interrupts_a_round_at_its_next_stage(round_db, round_settings, seed_store):
