@@ -62,7 +62,9 @@ class RoundConfig:
                           "returns prompts in a hash order)."},
     )
     max_gate_prompts: int = field(
-        default=16, metadata={"help": "Most held-out prompts the gate generates answers for."}
+        default=48,
+        metadata={"help": "Most held-out prompts the gate generates answers for. The gate's 90% "
+                          "bound clears 0.5 from a win rate of 0.69 on 16 prompts, 0.59 on 48."},
     )
     max_reward_examples: int | None = field(
         default=512,
@@ -162,7 +164,7 @@ class RetrainSettings(ModelSettings):
         256, gt=0, description="Most logged prompts PPO samples from (a uniform sample)."
     )
     retrain_max_gate_prompts: int = Field(
-        16, gt=0, description="Most held-out prompts the gate answers and judges."
+        48, gt=0, description="Most held-out prompts the gate answers and judges."
     )
     retrain_max_reward_examples: int | None = Field(
         512, gt=0, description="Most comparison groups + thumbs the reward model trains on per "
