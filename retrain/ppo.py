@@ -1,7 +1,7 @@
 """PPO for the chat policy: InstructGPT's recipe, written on plain torch, with a choice of
 advantage estimator under the same clipped update.
 
-Read top to bottom: the config, the pure pieces (whitening, the no-EOS penalty, the KL-penalised
+Read top to bottom: the config, the pure pieces (whitening, the penalties, the KL-penalised
 reward, GAE, group advantages, the KL controllers), the model pieces (value head, answer
 log-probs, sampling), the PPO loss, the critic's warm-up, and `train_ppo`, the loop. One
 iteration:
@@ -10,7 +10,7 @@ iteration:
                 temperature T (top_p 1, top_k off);
   2. forward    old log-probs and values (policy), reference log-probs (adapter off);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
-                the no-EOS penalty;
+                the no-EOS penalty and the repetition penalty;
   4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
   5. advantages `advantage_estimator`:
                 'rloo' (Ahmadian et al. 2024): each answer's return (score - beta * its KL)
@@ -59,6 +59,8 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
+
+from .gate import repetitive
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,15 @@ class PPOConfig:
             "help": "'add': the penalty is added to such answers' score, so a cut answer still carries the "
             "reward model's judgement; 'replace': they score exactly no_eos_penalty (when most answers are "
             "cut, as SmolLM2's at 64 tokens, that leaves PPO little but the penalty to learn from)."
+        },
+    )
+    repetition_penalty: float | None = field(
+        default=-1.0,
+        metadata={
+            "help": "Added to the (normalised) score of an answer that repeats itself (few distinct word "
+            "n-grams among many, the gate's test: gate.repetition_ngram, gate.min_distinct_ngram_ratio). "
+            "A reward model can rate a loop of simple phrases highly and the gate rejects a candidate "
+            "that makes them, so PPO is taught not to. None turns it off."
         },
     )
     # KL penalty
@@ -329,6 +340,16 @@ def apply_no_eos_penalty(
     if mode == "add":
         return scores + cut.to(scores.dtype) * penalty
     raise ValueError(f"unknown no-EOS penalty mode {mode!r}")
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, repeats: torch.Tensor, penalty: float | None
+) -> torch.Tensor:
+    """Add `penalty` to the score of every answer flagged in `repeats` (bool [B]); the others are
+    untouched. Added, not replacing: among repetitive answers the reward model's order still counts."""
+    if penalty is None:
+        return scores
+    return scores + repeats.to(scores.dtype) * penalty
 
 
 def kl_penalised_rewards(
@@ -794,12 +815,14 @@ def train_ppo(
     ptx_texts: list[str] | None = None,
     value_head_init: nn.Module | dict[str, torch.Tensor] | None = None,
     accelerator: Accelerator | None = None,
+    is_repetitive: Callable[[str], bool] = repetitive,
 ) -> PPOResult:
     """Optimise `policy_model` with PPO against `reward_fn` on `prompts` (chat message lists).
 
     reward_fn(prompts, answers) -> tensor [B] of scores, one per answer (no grad needed). Returns a
     PPOResult whose `stats` has one dict per iteration with: score_mean (raw reward-model score),
-    score_std, reward_mean (score after normalisation and no-EOS penalty), non_score_reward
+    score_std, reward_mean (score after normalisation and the penalties), repetitive_rate (share of
+    answers `is_repetitive` flags: the repetition penalty's), non_score_reward
     (-beta*KL summed per sequence), kl (mean KL per sequence to the reference, nats), beta,
     entropy, clip_frac, approx_kl, policy_loss, advantage_abs_mean, ptx_loss, response_length,
     eos_rate, and generation_s / forward_s / scoring_s / training_s / iteration_s; with 'gae'
@@ -905,6 +928,8 @@ def train_ppo(
             score_moments.update(all_scores)
         scores = normalise_scores(raw_scores, config.reward_norm, running=score_moments, batch_scores=all_scores)
         scores = apply_no_eos_penalty(scores, has_eos, config.no_eos_penalty, config.no_eos_penalty_mode)
+        repeats = torch.tensor([is_repetitive(a) for a in answers], device=device)
+        scores = apply_repetition_penalty(scores, repeats, config.repetition_penalty)
         beta = kl_ctl.value
         rewards, kl, non_score = kl_penalised_rewards(scores, old_logp, ref_logp, fmask, beta)
         critic_stats: dict[str, float] = {}
@@ -991,6 +1016,7 @@ def train_ppo(
             "beta": beta,
             "response_length": across_processes(mask.sum(1)),
             "eos_rate": across_processes(has_eos),
+            "repetitive_rate": across_processes(repeats),
             "advantage_abs_mean": masked_mean(advantages.abs(), fmask).item(),
             **critic_stats,
             **{key: sum(values) / len(values) for key, values in step_stats.items()},
@@ -1004,10 +1030,10 @@ def train_ppo(
         progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{beta:.3g}")
         logger.info(
             "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  entropy %.3f  clip %.3f  "
-            "value loss %s  approx kl %.4f  length %.1f  eos %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
+            "value loss %s  approx kl %.4f  length %.1f  eos %.2f  repetitive %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
             iteration, stats["score_mean"], stats["kl"], beta, stats["entropy"], stats["clip_frac"],
             f"{stats['value_loss']:.4f}" if "value_loss" in stats else "-", stats["approx_kl"],
-            stats["response_length"], stats["eos_rate"],
+            stats["response_length"], stats["eos_rate"], stats["repetitive_rate"],
             stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["training_s"],
         )  # fmt: skip
 

@@ -43,6 +43,7 @@ round (or `python -m retrain once` with RETRAIN_LAUNCHER, retrain/launch.py) clo
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import shutil
@@ -66,7 +67,7 @@ from deploy.policy import load_base_policy, load_policy, save_checkpoint
 from feedback.db import database_url
 
 from .data import RoundData, read_round_data, too_little
-from .gate import decide, degeneration
+from .gate import decide, degeneration, repetitive
 from .ppo import (
     adapter_merged,
     answer_logits_and_hidden,
@@ -250,6 +251,10 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     result = train_ppo(
         policy, tokenizer, [p.messages for p in data.ppo_prompts], reward_model.score_answers,
         config.ppo, value_head_init=critic_init,
+        # PPO penalises what the gate will reject: repetition by the gate's own test.
+        is_repetitive=functools.partial(
+            repetitive, n=config.gate.repetition_ngram, min_distinct_ratio=config.gate.min_distinct_ngram_ratio
+        ),
     )
     _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started)
     run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})

@@ -20,6 +20,7 @@ from retrain.ppo import (
     RunningMoments,
     answer_logits_and_hidden,
     apply_no_eos_penalty,
+    apply_repetition_penalty,
     compute_gae,
     group_advantages,
     kl_penalised_rewards,
@@ -251,6 +252,13 @@ def test_mask_after_eos_and_the_no_eos_penalty():
     assert torch.equal(apply_no_eos_penalty(scores, has_eos, penalty=None), scores)
 
 
+def test_the_repetition_penalty_is_added_to_flagged_answers_only():
+    scores = torch.tensor([0.3, -0.4, 2.0])
+    repeats = torch.tensor([False, True, True])
+    assert apply_repetition_penalty(scores, repeats, -1.0).tolist() == pytest.approx([0.3, -1.4, 1.0])
+    assert torch.equal(apply_repetition_penalty(scores, repeats, None), scores)
+
+
 def test_the_default_no_eos_penalty_is_added_so_cut_answers_keep_the_reward_models_signal():
     from retrain.settings import RetrainSettings
 
@@ -433,6 +441,24 @@ def test_ppo_raises_a_planted_reward_with_bounded_kl(tokenizer, sft_model, estim
         assert stats[0]["value_warmup_error_after"] < stats[0]["value_warmup_error_before"]
     assert result.config == asdict(config)
     assert all(f.metadata.get("help") for f in fields(PPOConfig))
+
+
+def test_ppo_learns_to_avoid_the_answers_the_gate_would_call_repetitive(tokenizer, sft_model):
+    """The reward model is indifferent; only the repetition penalty speaks, and PPO follows it.
+    (The tiny model's answers are not loops: the test's own `is_repetitive` flags the target.)"""
+    prompts = [conversation(p) for p in PROMPTS]
+    before = [answer_probability(sft_model, tokenizer, p, TARGET) for p in PROMPTS]
+    config = PPOConfig(
+        num_iterations=6, batch_size=16, mini_batch_size=8, micro_batch_size=16, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-3, kl_coef=0.1, lora_r=8, lora_alpha=16, seed=0,
+    )  # fmt: skip
+    flat = lambda prompts, answers: torch.zeros(len(answers))  # noqa: E731
+    result = train_ppo(sft_model, tokenizer, prompts, flat, config, is_repetitive=lambda a: "cats" in a)
+    after = [answer_probability(result.model, tokenizer, p, TARGET) for p in PROMPTS]
+    assert sum(after) / len(after) < sum(before) / len(before) - 0.1, (before, after)
+    first = result.stats[0]
+    assert 0 < first["repetitive_rate"] < 1  # the SFT mixture: some answers are the target
+    assert first["reward_mean"] == pytest.approx(-first["repetitive_rate"])  # -1 each, the rest 0
 
 
 def test_full_finetuning_with_ptx_trains_the_policy_and_keeps_the_reference(tokenizer, sft_model):
