@@ -255,7 +255,11 @@ async def measure(base_url: str, token: str, prompts: list[str], params: dict) -
     import httpx
 
     ws_url = base_url.replace("http://", "ws://") + "/ws"
-    async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+    # A new connection for each PATCH: one comes every answer, 4-5 s apart, which is uvicorn's
+    # keep-alive timeout (5 s), and a request sent on a kept connection as the server closes it
+    # fails with a ReadError (it ended a 2-hour run once).
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=fresh) as client:
         async def ask(session: Session, prompt: str) -> Answer:
             answer = await session.ask(prompt, params)
             response = await client.patch(f"/api/conversations/{answer.conversation_id}",
