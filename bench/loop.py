@@ -396,6 +396,8 @@ def run_summary(row: dict) -> dict:
         "promoted": (metrics.get("promotion") or {}).get("promoted", False),
         "gate_kl": gate.get("kl"), "gate_win_rate": gate.get("win_rate"),
         "gate_win_rate_lower": gate.get("win_rate_lower"),
+        # The candidate's greedy answers on the gate's prompts that loop (the gate's own test).
+        "gate_repetitive_rate": (gate.get("candidate") or {}).get("repetitive_rate"),
         "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
         "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations (None: none ran)
         "reward_pairs": (metrics.get("reward") or {}).get("eval_pairs"),
@@ -596,6 +598,8 @@ def _markdown_cell(row: RoundRow) -> str:
         gate.append(f"thumbs {users['thumb_accuracy']:.2f} on {users['thumbs']}")
     if run.get("gate_kl") is not None:
         gate.append(f"KL {run['gate_kl']:.2f}")
+    if run.get("gate_repetitive_rate"):
+        gate.append(f"{run['gate_repetitive_rate']:.0%} repetitive")
     return f"{measured}; " + ", ".join(gate)
 
 

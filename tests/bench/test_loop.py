@@ -33,6 +33,7 @@ async def test_one_round_of_the_loop_on_the_tiny_model(tiny_model_dir, admin_url
     run = after.run
     assert run["trigger"] == "feedback"  # the scheduler started it, on the day's votes
     assert run["status"] in ("succeeded", "rejected") and run["decision"].startswith("gate")
+    assert 0 <= run["gate_repetitive_rate"] <= 1  # the candidate's, from the round's gate
     assert run["day_votes"]["conversations"] == 12
     assert run["day_votes"]["thumbs_up"] + run["day_votes"]["thumbs_down"] == 24
     compared = sum(run["day_votes"][v] for v in ("better", "worse", "same"))
@@ -107,7 +108,8 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
                             "users_on_serving_answers": {"thumb_accuracy": 0.75, "thumbs": 60}, "gate_kl": 2.5}
     result.rounds[2].run = {"status": "skipped", "promoted": False}
     control.rounds[1].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.25,
-                             "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0}
+                             "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0,
+                             "gate_repetitive_rate": 0.15}
     loop.ControlsReport(["result", "control"], [result, control]).write(tmp_path)
     lines = (tmp_path / "controls.md").read_text().splitlines()
     assert lines[2:] == [
@@ -115,7 +117,7 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "|---|---|---|",
         "| 0 | 0.50 / 0.25 | 0.50 / 0.25 |",
         "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
-        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00 |",
+        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive |",
         "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25 |",
     ]
 
