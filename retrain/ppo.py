@@ -131,7 +131,8 @@ class PPOConfig:
             "help": "Added to the (normalised) score of an answer that repeats itself (few distinct word "
             "n-grams among many, the gate's test: gate.repetition_ngram, gate.min_distinct_ngram_ratio). "
             "A reward model can rate a loop of simple phrases highly and the gate rejects a candidate "
-            "that makes them, so PPO is taught not to. None turns it off."
+            "that makes them, so PPO is taught not to (sampled rollouts loop far less often than the gate's "
+            "greedy answers: in the loop it flagged 2 of 768). None turns it off."
         },
     )
     # KL penalty
