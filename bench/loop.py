@@ -404,6 +404,9 @@ def run_summary(row: dict) -> dict:
         "reward_accuracy_interval": (metrics.get("reward") or {}).get("eval_accuracy_interval"),
         "users_on_serving_answers": gate.get("users_on_serving_answers"),
         "critic_from": metrics.get("critic_from"),
+        # PPO's sampled KL per iteration and its budget's record: where a round stopped, and why.
+        "ppo_kl": [round(it["kl"], 3) for it in (metrics.get("ppo") or {}).get("iterations") or []],
+        "ppo_kl_budget": (metrics.get("ppo") or {}).get("kl_budget"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "counts": row["counts"],
     }
@@ -600,6 +603,11 @@ def _markdown_cell(row: RoundRow) -> str:
         gate.append(f"KL {run['gate_kl']:.2f}")
     if run.get("gate_repetitive_rate"):
         gate.append(f"{run['gate_repetitive_rate']:.0%} repetitive")
+    budget = run.get("ppo_kl_budget") or {}
+    if budget.get("stopped_at") is not None:
+        kept = budget["kept_iteration"]
+        gate.append(f"PPO stopped at its KL budget ({budget['stop_kl']:.1f} > {budget['max_kl']:g}), kept "
+                    + (f"iteration {kept}" if kept is not None else "nothing"))
     return f"{measured}; " + ", ".join(gate)
 
 

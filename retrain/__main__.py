@@ -231,6 +231,14 @@ def render(out: Console, result) -> None:
         out.print(f"ppo: {len(m['ppo']['iterations'])} iteration(s), last: score {last['score_mean']:+.3f}, "
                   f"KL {last['kl']:.3f} nats, entropy {last.get('entropy', float('nan')):.3f}, "
                   f"length {last['response_length']:.1f}, EOS rate {last['eos_rate']:.2f}")
+    budget = m.get("ppo", {}).get("kl_budget") or {}
+    if budget.get("stopped_at") is not None:
+        kept = budget["kept_iteration"]
+        out.print(f"[yellow]ppo's KL budget[/]: {budget['stop_kl']:.2f} nats measured at iteration "
+                  f"{budget['stopped_at']}, over {budget['max_kl']}: the candidate is "
+                  + (f"the weights iteration {kept} started from" if kept is not None else "the serving policy"))
+    elif budget.get("final_kl") is not None:
+        out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, within {budget['max_kl']}")
     style = "green" if result.status == "succeeded" else "red"
     out.print(f"[{style}]{result.reason}[/]")
     verb = "registered as a candidate" if result.status == "succeeded" else "registered as rejected"

@@ -2,13 +2,16 @@
 advantage estimator under the same clipped update.
 
 Read top to bottom: the config, the pure pieces (whitening, the penalties, the KL-penalised
-reward, GAE, group advantages, the KL controllers), the model pieces (value head, answer
+reward, GAE, group advantages, the KL controllers and budget), the model pieces (value head, answer
 log-probs, sampling), the PPO loss, the critic's warm-up, and `train_ppo`, the loop. One
 iteration:
 
   1. rollouts   batch_size / group_size prompts, group_size answers to each, sampled at
                 temperature T (top_p 1, top_k off);
-  2. forward    old log-probs and values (policy), reference log-probs (adapter off);
+  2. forward    old log-probs and values (policy), reference log-probs (adapter off); the
+                KL budget: rollouts whose mean KL to the reference is over `max_kl` end PPO,
+                with the weights back where they were last measured within it (one more
+                batch of rollouts measures the last update);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
                 the no-EOS penalty and the repetition penalty;
   4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
@@ -149,6 +152,17 @@ class PPOConfig:
         default=10_000,
         metadata={"help": "Adaptive KL horizon in episodes (answers): how fast beta moves towards the target."},
     )
+    max_kl: float | None = field(
+        default=6.0,
+        metadata={
+            "help": "KL budget in nats per answer (the rollouts' mean KL to the reference, measured before "
+            "every update and once after the last): the first time it is over, PPO stops and goes back to "
+            "the last weights measured within it. Keep it under gate.max_kl (the gate measures greedy "
+            "answers; sampled rollouts of 4 prompts are noisy). A fixed beta cannot hold a policy that a "
+            "strong reward model pulls hard: in the loop one round went from 3.5 to 12.2 nats in 3 "
+            "iterations. None: no budget (and no measuring pass after the last update)."
+        },
+    )
     # advantages
     advantage_estimator: str = field(
         default="rloo",
@@ -242,6 +256,8 @@ class PPOConfig:
             raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2: an answer's baseline is its siblings'")
         if self.value_warmup_steps < 0:
             raise ValueError("value_warmup_steps must be >= 0")
+        if self.max_kl is not None and not self.max_kl > 0:
+            raise ValueError(f"max_kl must be a positive number of nats (or None for no budget), not {self.max_kl!r}")
 
     @property
     def uses_critic(self) -> bool:
@@ -456,6 +472,36 @@ class AdaptiveKLController:
         """current_kl: mean KL per sequence (nats) of the last batch; n_steps: its answer count."""
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+class KLBudget:
+    """Keeps a round's policy within `max_kl` nats per answer of the reference, whatever beta is.
+
+    Every batch of rollouts measures the KL of the policy that sampled it. Within the budget, the
+    trained weights are copied (a LoRA adapter: a few MB) before the update moves them; the first
+    time a measurement is over, they go back to the last copy, the policy that measured within it,
+    and PPO stops. max_kl None: every check passes and nothing is copied."""
+
+    def __init__(self, max_kl: float | None, module: nn.Module):
+        self.max_kl, self.module = max_kl, module
+        self.kept: dict[str, torch.Tensor] | None = None
+        self.kept_iteration: int | None = None  # the iteration whose starting weights were kept
+
+    def check(self, kl: float, iteration: int) -> bool:
+        """True: `kl` (of the weights as they are now) is within the budget, and they are kept.
+        False: it is over (or not a number), and the last kept weights are back in place."""
+        if self.max_kl is None:
+            return True
+        if math.isfinite(kl) and kl <= self.max_kl:
+            self.kept = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+            self.kept_iteration = iteration
+            return True
+        if self.kept is not None:
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    if name in self.kept:
+                        param.copy_(self.kept[name])
+        return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -740,6 +786,13 @@ class PPOResult:
     value_head: nn.Linear = field(metadata={"help": "The trained value head (warm start for the next round)."})
     config: dict[str, Any] = field(metadata={"help": "The full PPOConfig as a dict, to store with the checkpoint."})
     counts: dict[str, int] = field(metadata={"help": "Prompts given, used and skipped (too long)."})
+    kl_budget: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "The KL budget's record: max_kl; stopped_at (the iteration whose rollouts measured "
+                          "over it, num_iterations for the check after the last update, or None) with stop_kl; "
+                          "kept_iteration (whose starting weights are the result: None when none were ever "
+                          "within); final_kl and final_check_s of the check after the last update."},
+    )
 
 
 def prepare_policy(model: nn.Module, config: PPOConfig) -> tuple[nn.Module, nn.Module | None]:
@@ -805,6 +858,69 @@ def cycle_batches(n_items: int, batch_size: int, generator: torch.Generator) -> 
             queue += torch.randperm(n_items, generator=generator).tolist()
         yield queue[:batch_size]
         queue = queue[batch_size:]
+
+
+@dataclass
+class Rollouts:
+    """One batch of sampled answers and what the policy before the update makes of them; every
+    [B, T] tensor is laid out per answer token (see the module docstring)."""
+
+    query_ids: torch.Tensor  # [B, L] left-padded prompts
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # [B, T] answers, pad after the first EOS
+    mask: torch.Tensor  # [B, T] the real answer tokens, EOS included
+    has_eos: torch.Tensor  # [B] the answer ended by itself
+    old_logp: torch.Tensor  # [B, T] log-probs of the policy that sampled them (logits / T)
+    old_values: torch.Tensor  # [B, T] its critic's values (0 outside the mask)
+    ref_logp: torch.Tensor  # [B, T] the reference's log-probs
+    hidden: torch.Tensor | None  # [B, T, H] the states the values were read from, when asked for
+    generation_s: float
+    forward_s: float
+
+    @property
+    def sequence_kl(self) -> torch.Tensor:
+        """[B] KL to the reference per answer: the sum over its tokens of logp - ref_logp (nats)."""
+        return ((self.old_logp - self.ref_logp) * self.mask).sum(1)
+
+
+def roll_out(
+    module: nn.Module,
+    unwrapped: nn.Module,
+    frozen_reference: nn.Module | None,
+    prompt_tokens: list[list[int]],
+    config: PPOConfig,
+    eos_ids: list[int],
+    pad_id: int,
+    device,
+    keep_hidden: bool = False,
+) -> Rollouts:
+    """Steps 1 and 2 of an iteration: sample an answer for each of `prompt_tokens`, then (no grad,
+    micro-batched) the policy's log-probs and values and the reference's log-probs of them."""
+    t_start = time.perf_counter()
+    query_ids, query_mask = left_pad(prompt_tokens, pad_id, device)
+    response_ids = sample_answers(unwrapped.policy, query_ids, query_mask, config, eos_ids, pad_id)
+    response_ids, mask, has_eos = mask_after_eos(response_ids, eos_ids, pad_id)
+    t_generated = time.perf_counter()
+
+    old_logp, old_values, ref_logp, hidden_states = [], [], [], []
+    with torch.no_grad():
+        for rows in torch.arange(len(prompt_tokens)).split(config.micro_batch_size):
+            args = (query_ids[rows], query_mask[rows], response_ids[rows], mask[rows])
+            logits, values, _, hidden = module(*args, config.temperature)
+            old_logp.append(token_logprobs(logits, response_ids[rows]))
+            old_values.append(values)
+            if keep_hidden:
+                hidden_states.append(hidden)
+            with reference_policy(unwrapped.policy, frozen_reference) as reference:
+                ref_logits, _ = answer_logits_and_hidden(reference, *args, config.temperature)
+            ref_logp.append(token_logprobs(ref_logits, response_ids[rows]))
+    fmask = mask.float()
+    return Rollouts(
+        query_ids, query_mask, response_ids, fmask, has_eos,
+        old_logp=torch.cat(old_logp), old_values=torch.cat(old_values) * fmask, ref_logp=torch.cat(ref_logp),
+        hidden=torch.cat(hidden_states) if keep_hidden else None,
+        generation_s=t_generated - t_start, forward_s=time.perf_counter() - t_generated,
+    )  # fmt: skip
 
 
 def train_ppo(
@@ -875,6 +991,23 @@ def train_ppo(
     world, rank = accelerator.num_processes, accelerator.process_index
     group, prompts_per_batch = config.group_size, config.batch_size // config.group_size
     prompt_batches = cycle_batches(len(kept), prompts_per_batch * world, order)
+
+    def next_prompts() -> list[int]:
+        """This process's prompts of the next global batch, each asked group_size times."""
+        mine = next(prompt_batches)[rank * prompts_per_batch : (rank + 1) * prompts_per_batch]
+        return [i for i in mine for _ in range(group)]  # one row per answer
+
+    def rollouts_for(batch: list[int], keep_hidden: bool = False) -> tuple[Rollouts, float]:
+        """The batch's rollouts and their mean KL per answer across processes (every process
+        makes the same budget decision)."""
+        rollouts = roll_out(
+            module, unwrapped, frozen_reference, [prompt_tokens[i] for i in batch], config, eos_ids, pad_id,
+            device, keep_hidden,
+        )  # fmt: skip
+        return rollouts, accelerator.reduce(rollouts.sequence_kl.mean(), "mean").item()
+
+    budget = KLBudget(config.max_kl, unwrapped)
+    budget_log: dict[str, Any] = {"max_kl": config.max_kl, "stopped_at": None, "kept_iteration": None}
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
     ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
@@ -883,33 +1016,25 @@ def train_ppo(
     progress = tqdm(range(config.num_iterations), desc="ppo", disable=not accelerator.is_local_main_process)
     for iteration in progress:
         t_start = time.perf_counter()
-        mine = next(prompt_batches)[rank * prompts_per_batch : (rank + 1) * prompts_per_batch]
-        batch = [i for i in mine for _ in range(group)]  # one row per answer
+        batch = next_prompts()
         batch_prompts = [prompts[kept[i]] for i in batch]
         warm_up = config.uses_critic and iteration == 0 and config.value_warmup_steps > 0
 
-        # 1. rollouts ------------------------------------------------------------------------------
-        query_ids, query_mask = left_pad([prompt_tokens[i] for i in batch], pad_id, device)
-        response_ids = sample_answers(unwrapped.policy, query_ids, query_mask, config, eos_ids, pad_id)
-        response_ids, mask, has_eos = mask_after_eos(response_ids, eos_ids, pad_id)
-        t_generated = time.perf_counter()
-
-        # 2. old log-probs and values, reference log-probs (micro-batched, no grad) ---------------
-        old_logp, old_values, ref_logp, hidden_states = [], [], [], []
-        with torch.no_grad():
-            for rows in torch.arange(len(batch)).split(config.micro_batch_size):
-                args = (query_ids[rows], query_mask[rows], response_ids[rows], mask[rows])
-                logits, values, _, hidden = module(*args, config.temperature)
-                old_logp.append(token_logprobs(logits, response_ids[rows]))
-                old_values.append(values)
-                if warm_up:
-                    hidden_states.append(hidden)
-                with reference_policy(unwrapped.policy, frozen_reference) as reference:
-                    ref_logits, _ = answer_logits_and_hidden(reference, *args, config.temperature)
-                ref_logp.append(token_logprobs(ref_logits, response_ids[rows]))
-        old_logp, old_values, ref_logp = torch.cat(old_logp), torch.cat(old_values), torch.cat(ref_logp)
-        fmask = mask.float()
-        old_values = old_values * fmask
+        # 1. rollouts, 2. old log-probs and values, reference log-probs ----------------------------
+        rollouts, kl_per_sequence = rollouts_for(batch, keep_hidden=warm_up)
+        if not budget.check(kl_per_sequence, iteration):
+            budget_log.update(stopped_at=iteration, stop_kl=kl_per_sequence, kept_iteration=budget.kept_iteration)
+            logger.warning(
+                "ppo iteration %d: the policy's KL to the reference is %.2f nats per answer, over the budget "
+                "of %.2f: back to %s, and PPO stops", iteration, kl_per_sequence, config.max_kl,
+                f"the weights iteration {budget.kept_iteration} started from" if budget.kept is not None
+                else "the weights it started from (no update was made)",
+            )  # fmt: skip
+            break
+        query_ids, query_mask, response_ids = rollouts.query_ids, rollouts.query_mask, rollouts.response_ids
+        fmask, has_eos, old_logp, ref_logp = rollouts.mask, rollouts.has_eos, rollouts.old_logp, rollouts.ref_logp
+        old_values, hidden_states = rollouts.old_values, rollouts.hidden
+        mask = fmask.long()
         t_forward = time.perf_counter()
 
         # 3. scores ---------------------------------------------------------------------------------
@@ -936,7 +1061,6 @@ def train_ppo(
         critic_stats: dict[str, float] = {}
         if config.uses_critic:
             if warm_up:  # the critic learns what a return looks like before the policy moves
-                hidden_states = torch.cat(hidden_states)
                 before, after = warm_up_critic(
                     unwrapped.value_head, hidden_states, reward_to_go(rewards, fmask, config.gamma), fmask,
                     config.value_warmup_steps, config.value_learning_rate, accelerator,
@@ -1001,7 +1125,6 @@ def train_ppo(
         t_trained = time.perf_counter()
 
         # 7. KL controller, log -----------------------------------------------------------------------
-        kl_per_sequence = accelerator.reduce(kl.sum(1).mean(), "mean").item()
         kl_ctl.update(kl_per_sequence, n_steps=len(batch) * world)
 
         def across_processes(x: torch.Tensor) -> float:
@@ -1021,8 +1144,8 @@ def train_ppo(
             "advantage_abs_mean": masked_mean(advantages.abs(), fmask).item(),
             **critic_stats,
             **{key: sum(values) / len(values) for key, values in step_stats.items()},
-            "generation_s": t_generated - t_start,
-            "forward_s": t_forward - t_generated,
+            "generation_s": rollouts.generation_s,
+            "forward_s": rollouts.forward_s,
             "scoring_s": t_scored - t_forward,
             "training_s": t_trained - t_scored,
             "iteration_s": time.perf_counter() - t_start,
@@ -1038,8 +1161,27 @@ def train_ppo(
             stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["training_s"],
         )  # fmt: skip
 
+    else:
+        if config.max_kl is not None:
+            # The last update was never measured: one more batch of rollouts does, and undoes it
+            # when it went over the budget.
+            rollouts, kl_per_sequence = rollouts_for(next_prompts())
+            budget_log.update(final_kl=kl_per_sequence, final_check_s=rollouts.generation_s + rollouts.forward_s)
+            if not budget.check(kl_per_sequence, config.num_iterations):
+                budget_log.update(stopped_at=config.num_iterations, stop_kl=kl_per_sequence,
+                                  kept_iteration=budget.kept_iteration)  # fmt: skip
+                logger.warning(
+                    "ppo: after the last update the policy's KL to the reference is %.2f nats per answer, over "
+                    "the budget of %.2f: back to the weights iteration %d started from",
+                    kl_per_sequence, config.max_kl, budget.kept_iteration,
+                )  # fmt: skip
+            else:
+                logger.info("ppo: after the last update the policy's KL to the reference is %.2f nats per answer "
+                            "(budget %.2f)", kl_per_sequence, config.max_kl)  # fmt: skip
+
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(module)
     return PPOResult(
-        stats=stats_per_iteration, model=final.policy, value_head=final.value_head, config=asdict(config), counts=counts
+        stats=stats_per_iteration, model=final.policy, value_head=final.value_head, config=asdict(config), counts=counts,
+        kl_budget=budget_log,
     )

@@ -256,9 +256,13 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
             repetitive, n=config.gate.repetition_ngram, min_distinct_ratio=config.gate.min_distinct_ngram_ratio
         ),
     )
-    _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started)
+    _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started, result.kl_budget)
     run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})
-    run.metrics["ppo"] = {"iterations": result.stats, "last": result.stats[-1]}
+    # The last iteration trained; with the KL budget the candidate may be an earlier one's weights
+    # (kl_budget.kept_iteration), or the serving policy itself when it was over the budget already.
+    run.metrics["ppo"] = {
+        "iterations": result.stats, "last": result.stats[-1] if result.stats else None, "kl_budget": result.kl_budget,
+    }
     candidate = result.model
 
     # 5. Gate: the same held-out prompts, greedy, judged by the refreshed reward model. Each
@@ -535,12 +539,16 @@ def _reward_summary(metrics: dict, path: Path) -> dict:
     return {"path": str(path), **{k: metrics.get(k) for k in keep}}
 
 
-def _add_ppo_timings(timings: dict, stats: list[dict], wall: float) -> None:
+def _add_ppo_timings(timings: dict, stats: list[dict], wall: float, kl_budget: dict) -> None:
     parts = {"ppo_rollouts": "generation_s", "ppo_forward": "forward_s", "ppo_scoring": "scoring_s", "ppo_update": "training_s"}
     for stage, key in parts.items():
         timings[stage] = timings.get(stage, 0.0) + sum(s[key] for s in stats)
+    # The KL budget's measuring rollouts after the last update count as rollouts.
+    budget_check = kl_budget.get("final_check_s", 0.0)
+    timings["ppo_rollouts"] += budget_check
     # What the iterations do not account for: wrapping the policy in LoRA, the optimiser, tokenising.
-    timings["ppo_setup"] = timings.get("ppo_setup", 0.0) + max(0.0, wall - sum(s["iteration_s"] for s in stats))
+    trained = sum(s["iteration_s"] for s in stats) + budget_check
+    timings["ppo_setup"] = timings.get("ppo_setup", 0.0) + max(0.0, wall - trained)
 
 
 def _examples(prompts, serving: GateAnswers, candidate: GateAnswers, serving_scores, candidate_scores, n: int = 3) -> list[dict]:

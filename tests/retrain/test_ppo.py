@@ -16,6 +16,7 @@ from retrain.ppo import (
     AdaptiveKLController,
     adapter_merged,
     FixedKLController,
+    KLBudget,
     PPOConfig,
     RunningMoments,
     answer_logits_and_hidden,
@@ -302,6 +303,63 @@ def test_adaptive_kl_controller_moves_beta_towards_target():
     fixed = FixedKLController(0.1)
     fixed.update(current_kl=100.0, n_steps=1000)
     assert fixed.value == 0.1
+
+
+def test_the_kl_budget_keeps_the_last_weights_measured_within_it():
+    layer = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)  # not trained: never copied
+    layer.register_parameter("frozen", frozen)
+    budget = KLBudget(max_kl=2.0, module=layer)
+    start = layer.weight.detach().clone()
+    assert budget.check(kl=1.5, iteration=0) and budget.kept_iteration == 0
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+        layer.frozen.add_(1.0)
+    assert budget.check(kl=2.0, iteration=1)  # at the bound is within it: these weights are kept now
+    moved = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert not budget.check(kl=2.5, iteration=2)
+    assert torch.equal(layer.weight, moved) and not torch.equal(layer.weight, start)
+    assert budget.kept_iteration == 1 and layer.frozen.item() == 2.0
+    assert not KLBudget(2.0, layer).check(float("nan"), 0), "a KL that is not a number is never within"
+    assert KLBudget(None, layer).check(1e9, 0), "no budget: every check passes"
+    with pytest.raises(ValueError, match="max_kl"):
+        PPOConfig(max_kl=0.0)
+
+
+def test_ppo_stops_at_its_kl_budget_with_the_weights_measured_within_it(tokenizer, sft_model):
+    """A budget only the untrained adapter is within: iteration 0 measures the reference itself
+    (LoRA's B starts at zero: KL exactly 0), trains, iteration 1 measures over the budget, and
+    the adapter goes back to iteration 0's starting weights."""
+    config = PPOConfig(
+        num_iterations=4, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=1e-6,
+    )  # fmt: skip
+    result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS], cats_reward, config)
+    assert result.kl_budget["stopped_at"] == 1 and result.kl_budget["kept_iteration"] == 0
+    assert result.kl_budget["stop_kl"] > config.max_kl
+    assert len(result.stats) == 1 and result.stats[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max().item() == 0.0 for p in lora_b), "the update was undone"
+
+
+def test_ppo_measures_its_last_update_against_the_budget(tokenizer, sft_model, tiny_model_dir, sft_state):
+    config = PPOConfig(
+        num_iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-3, lora_r=8, lora_alpha=16, seed=0, max_kl=50.0,
+    )  # fmt: skip
+    result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS], cats_reward, config)
+    budget = result.kl_budget
+    assert budget["stopped_at"] is None and len(result.stats) == 2
+    assert 0 < budget["final_kl"] <= 50.0 and budget["final_check_s"] > 0
+    fresh = tiny_llama(tiny_model_dir)
+    fresh.load_state_dict(sft_state)
+    unbudgeted = train_ppo(
+        fresh, tokenizer, [conversation(p) for p in PROMPTS], cats_reward,
+        PPOConfig(**{**asdict(config), "max_kl": None}),
+    )  # fmt: skip
+    assert "final_kl" not in unbudgeted.kl_budget and unbudgeted.kl_budget["stopped_at"] is None
 
 
 def test_whitening_and_running_moments():
