@@ -4,8 +4,8 @@ held-out pairs to be trusted, its KL to the reference stays under a bound, and i
 degeneration. A number that is not a number (NaN, inf) fails whatever it is.
 
 The judge is the reward model PPO just optimised against, so its win rate alone can be met by
-fooling it: hence the floor on its accuracy on the users' held-out comparisons, and the
-confidence bound (5 wins of 5 prompts is not "1.00", it is "at least 0.69 with 90%
+fooling it: hence the floor on its accuracy on the users' held-out comparisons (a share, and
+a confidence bound that must clear a coin's 0.5), and the confidence bound (5 wins of 5 prompts is not "1.00", it is "at least 0.69 with 90%
 confidence"). The users' own verdicts on the serving policy's held-out answers, when there are
 any, are reported beside: how the judge ranks what the users judged.
 
@@ -39,6 +39,13 @@ class GateConfig:
         default=0.6,
         metadata={"help": "The reward model's pairwise accuracy on the held-out side's comparisons must "
                           "be at least this for its verdict to count."},
+    )
+    reward_accuracy_confidence: float = field(
+        default=0.9,
+        metadata={"help": "The judge must also beat a coin with this one-sided confidence: the lower "
+                          "Wilson bound of its held-out accuracy must be above 0.5. A floor on the raw "
+                          "share alone let coin-toss votes through: 8 of 13 pairs (0.62) is at least 0.44, "
+                          "and the loop's coin-toss control scored exactly that on day 1. 0.5 turns it off."},
     )
     min_reward_pairs: int = field(
         default=8,
@@ -123,6 +130,8 @@ class GateDecision:
         head = "passed" if self.passed else "rejected: " + "; ".join(self.reasons)
         accuracy = m["reward_accuracy"]
         judge = f"{accuracy:.2f} on {m['reward_pairs']} pairs" if accuracy is not None else "untested"
+        if m.get("reward_accuracy_lower") is not None:
+            judge += f", at least {m['reward_accuracy_lower']:.2f}"
         return (
             f"gate {head} (win rate {m['win_rate']:.3f}, at least {m['win_rate_lower']:.3f}; reward "
             f"{m['candidate_reward']:+.3f} vs {m['serving_reward']:+.3f}; KL {m['kl']:.3f}; judge {judge})"
@@ -130,8 +139,9 @@ class GateDecision:
 
 
 def win_rate_lower_bound(wins: float, prompts: int, confidence: float) -> float:
-    """One-sided lower confidence bound of a win rate: the lower end of the two-sided Wilson
-    interval at 2 * confidence - 1 (confidence 0.5: the share itself)."""
+    """One-sided lower confidence bound of a win rate (or of a judge's accuracy: pairs ranked
+    right of pairs): the lower end of the two-sided Wilson interval at 2 * confidence - 1
+    (confidence 0.5: the share itself)."""
     if confidence <= 0.5:
         return wins / prompts
     return wilson_interval(wins, prompts, 2 * confidence - 1)[0]
@@ -170,6 +180,10 @@ def decide(
     win_rate_lower = win_rate_lower_bound(wins, prompts, config.win_rate_confidence)
     candidate_reward = sum(candidate_scores) / prompts
     serving_reward = sum(serving_scores) / prompts
+    reward_accuracy_lower = (
+        win_rate_lower_bound(reward_accuracy * reward_pairs, reward_pairs, config.reward_accuracy_confidence)
+        if reward_accuracy is not None and reward_pairs > 0 and math.isfinite(reward_accuracy) else None
+    )
 
     reasons = _not_numbers({
         "a candidate score": candidate_scores, "a serving score": serving_scores, "the KL": [kl],
@@ -195,6 +209,12 @@ def decide(
             f"the reward model's held-out accuracy {reward_accuracy:.3f} on {reward_pairs} pairs is "
             f"below {config.min_reward_accuracy}"
         )
+    elif reward_accuracy_lower is not None and reward_accuracy_lower <= 0.5:
+        reasons.append(
+            f"the reward model's held-out accuracy {reward_accuracy:.3f} on {reward_pairs} pairs is at least "
+            f"{reward_accuracy_lower:.3f} with {config.reward_accuracy_confidence:.0%} confidence: "
+            "not told apart from a coin"
+        )
     if math.isfinite(kl) and kl > config.max_kl:  # a NaN or infinite KL failed above
         reasons.append(f"KL to the reference {kl:.3f} nats exceeds the bound {config.max_kl}")
     if candidate.empty_rate > config.max_empty_rate:
@@ -211,6 +231,7 @@ def decide(
         "win_rate": win_rate,
         "win_rate_lower": win_rate_lower,
         "reward_accuracy": reward_accuracy,
+        "reward_accuracy_lower": reward_accuracy_lower,
         "reward_pairs": reward_pairs,
         "users_on_serving_answers": users,
         "candidate_reward": candidate_reward,

@@ -109,7 +109,8 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
     result.rounds[2].run = {"status": "skipped", "promoted": False}
     control.rounds[1].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.25,
                              "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0,
-                             "gate_repetitive_rate": 0.15}
+                             "gate_repetitive_rate": 0.15,
+                             "ppo_kl_budget": {"max_kl": 6.0, "stopped_at": 5, "stop_kl": 7.38, "kept_iteration": 4}}
     loop.ControlsReport(["result", "control"], [result, control]).write(tmp_path)
     lines = (tmp_path / "controls.md").read_text().splitlines()
     assert lines[2:] == [
@@ -117,7 +118,8 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "|---|---|---|",
         "| 0 | 0.50 / 0.25 | 0.50 / 0.25 |",
         "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
-        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive |",
+        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive, PPO stopped at its KL budget (7.4 > 6), "
+        "kept iteration 4 |",
         "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25 |",
     ]
 

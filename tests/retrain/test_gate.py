@@ -57,8 +57,24 @@ def test_a_judge_below_the_accuracy_floor_or_tested_on_too_few_pairs_is_not_trus
     assert weak.reasons == ["the reward model's held-out accuracy 0.420 on 20 pairs is below 0.6"]
     few = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=1.0, reward_pairs=5)
     assert few.reasons == ["the reward model's accuracy is measured on 5 held-out pairs (need 8): an untested judge"]
-    at_floor = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=0.6, reward_pairs=8)
+    no_coin_test = GateConfig(reward_accuracy_confidence=0.5)
+    at_floor = decide(*WINNING, 1.0, HEALTHY, HEALTHY, no_coin_test, reward_accuracy=0.6, reward_pairs=8)
     assert at_floor.passed, at_floor.reasons
+
+
+def test_a_judge_must_beat_a_coin_with_confidence_not_only_clear_the_floor():
+    """8 of 13 pairs (0.615) clears the 0.6 floor, and a coin-toss judge scored it in the loop.
+    Wilson, one-sided 90%, by hand: z^2 = 1.642374, centre (0.615385 + z^2/26) / (1 + z^2/13)
+    = 0.678553 / 1.126336 = 0.602443, half-width z sqrt(0.615385 * 0.384615 / 13 + z^2/676)
+    / 1.126336 = 0.163450: at least 0.438992, not above 0.5. 29 of 43 (0.674) is at least 0.578."""
+    coin_like = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=8 / 13, reward_pairs=13)
+    assert coin_like.metrics["reward_accuracy_lower"] == pytest.approx(0.438992, abs=1e-5)
+    assert coin_like.reasons == ["the reward model's held-out accuracy 0.615 on 13 pairs is at least 0.439 with "
+                                 "90% confidence: not told apart from a coin"]
+    assert "judge 0.62 on 13 pairs, at least 0.44" in coin_like.summary()
+    better = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=29 / 43, reward_pairs=43)
+    assert better.passed, better.reasons
+    assert better.metrics["reward_accuracy_lower"] > 0.5
 
 
 def test_kl_over_the_bound_is_rejected():

@@ -22,7 +22,7 @@ from retrain.runs import round_lock, start_run
 REPO = Path(__file__).resolve().parents[2]
 LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
                 "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0,
-                "min_reward_accuracy": 0.0, "min_reward_pairs": 0}
+                "min_reward_accuracy": 0.0, "reward_accuracy_confidence": 0.5, "min_reward_pairs": 0}
 
 # Test-only: started in every process of the launch (Python imports `sitecustomize` from the
 # path at start-up); the process whose LOCAL_RANK is CRASH_PPO_ON_RANK fails at PPO.

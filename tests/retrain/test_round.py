@@ -23,7 +23,7 @@ from retrain.settings import RetrainSettings
 # test here, not the tiny random model's answers.
 LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
                 "max_truncated_rate_increase": 1.0, "max_repetitive_rate": 1.0,
-                "min_reward_accuracy": 0.0, "min_reward_pairs": 0}
+                "min_reward_accuracy": 0.0, "reward_accuracy_confidence": 0.5, "min_reward_pairs": 0}
 STRICT_GATE = {**LENIENT_GATE, "max_kl": -1.0}
 
 
