@@ -13,7 +13,8 @@ iteration:
                 with the weights back where they were last measured within it (one more
                 batch of rollouts measures the last update);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
-                the no-EOS penalty and the repetition penalty;
+                the no-EOS penalty and the repetition penalty; the policy's greedy answers to
+                the same prompts, whose loops (the gate's test) the update will push down;
   4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
   5. advantages `advantage_estimator`:
                 'rloo' (Ahmadian et al. 2024): each answer's return (score - beta * its KL)
@@ -26,7 +27,8 @@ iteration:
                     and carried from round to round in the checkpoint;
                 whitened over the batch (optional);
   6. update     several epochs of minibatches: clipped policy loss (+ clipped value loss with
-                'gae') (+ optional PPO-ptx language-model loss), gradients clipped to norm 1;
+                'gae') (+ optional PPO-ptx language-model loss) (+ sequence-level unlikelihood
+                on the looping greedy answers' repeated n-grams), gradients clipped to norm 1;
   7. controller the KL coefficient beta moves towards its target (or stays fixed).
 
 Units: log-probs and KL in nats. "KL per sequence" is the sum over an answer's tokens of
@@ -137,6 +139,19 @@ class PPOConfig:
             "that makes them, so PPO is taught not to (sampled rollouts loop far less often than the gate's "
             "greedy answers: in the loop it flagged 2 of 768). None turns it off."
         },
+    )
+    unlikelihood_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sequence-level unlikelihood (Welleck et al. 2019) against greedy loops: every iteration the "
+            "policy also answers its prompts greedily, as the gate does, and where such an answer repeats itself "
+            "(the gate's test) the tokens of its repeated n-grams get -log(1 - p) added to the loss, with this "
+            "weight. Sampled rollouts almost never loop, so the repetition penalty rarely fires, while greedy "
+            "answers do (41% of a round-3 candidate's at the gate). 0 turns it off and skips the greedy answers."
+        },
+    )
+    unlikelihood_ngram: int = field(
+        default=4, metadata={"help": "n of the token n-grams whose repeats the unlikelihood term pushes down."}
     )
     # KL penalty
     kl_coef: float = field(
@@ -256,6 +271,8 @@ class PPOConfig:
             raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2: an answer's baseline is its siblings'")
         if self.value_warmup_steps < 0:
             raise ValueError("value_warmup_steps must be >= 0")
+        if self.unlikelihood_coef < 0 or self.unlikelihood_ngram < 1:
+            raise ValueError("unlikelihood_coef must be >= 0 and unlikelihood_ngram >= 1")
         if self.max_kl is not None and not self.max_kl > 0:
             raise ValueError(f"max_kl must be a positive number of nats (or None for no budget), not {self.max_kl!r}")
 
@@ -367,6 +384,27 @@ def apply_repetition_penalty(
     if penalty is None:
         return scores
     return scores + repeats.to(scores.dtype) * penalty
+
+
+def repeated_ngram_mask(tokens: Sequence[int], n: int) -> list[bool]:
+    """Which tokens belong to a repeat: every token of an n-gram that already occurred earlier in
+    `tokens` (its first occurrence is not marked). The candidates of Welleck et al.'s
+    sequence-level unlikelihood."""
+    marked = [False] * len(tokens)
+    seen: set[tuple[int, ...]] = set()
+    for start in range(len(tokens) - n + 1):
+        gram = tuple(tokens[start : start + n])
+        if gram in seen:
+            marked[start : start + n] = [True] * n
+        seen.add(gram)
+    return marked
+
+
+def unlikelihood_loss(logits: torch.Tensor, tokens: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Mean over the candidate positions of -log(1 - p(token)), p from softmax(logits): [B, T, V],
+    [B, T], [B, T] (bool or 0/1). Pushes exactly those tokens down, and nothing up in particular."""
+    p = token_logprobs(logits, tokens).exp()
+    return masked_mean(-torch.log1p(-p.clamp(max=1 - 1e-6)), candidates.to(logits.dtype))
 
 
 def kl_penalised_rewards(
@@ -580,9 +618,10 @@ class PolicyWithValueHead(nn.Module):
         super().__init__()
         self.policy, self.value_head, self.value_grad_to_policy = policy, value_head, value_grad_to_policy
 
-    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature, lm_batch=None):
+    def forward(self, query_ids, query_mask, response_ids, response_mask, temperature, lm_batch=None, ul_batch=None):
         """Returns (answer logits / T [B, T, V], values [B, T], ptx loss or None, the hidden
-        states the values were read from [B, T, H])."""
+        states the values were read from [B, T, H], unlikelihood loss or None). ul_batch: the
+        looping greedy answers (GreedyLoops.batch)."""
         logits, hidden = answer_logits_and_hidden(
             self.policy, query_ids, query_mask, response_ids, response_mask, temperature
         )
@@ -590,7 +629,14 @@ class PolicyWithValueHead(nn.Module):
             hidden = hidden.detach()
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         lm_loss = ptx_loss(self.policy, lm_batch) if lm_batch is not None else None
-        return logits, values, lm_loss, hidden
+        ul_loss = None
+        if ul_batch is not None:
+            ul_logits, _ = answer_logits_and_hidden(
+                self.policy, ul_batch["query_ids"], ul_batch["query_mask"], ul_batch["response_ids"],
+                ul_batch["response_mask"], temperature,
+            )  # fmt: skip
+            ul_loss = unlikelihood_loss(ul_logits, ul_batch["response_ids"], ul_batch["candidates"])
+        return logits, values, lm_loss, hidden, ul_loss
 
 
 @contextmanager
@@ -661,6 +707,42 @@ def sample_answers(
     with adapter_merged(lm):
         out = lm.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)
     return out[:, query_ids.shape[1] :]
+
+
+@torch.no_grad()
+def greedy_loops(
+    lm: nn.Module,
+    tokenizer,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    config: PPOConfig,
+    eos_ids,
+    pad_id: int,
+    is_repetitive: Callable[[str], bool],
+) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """The policy's greedy answers to the prompts (adapter merged, capped as rollouts are: what the
+    gate will see), and, of those that loop by `is_repetitive`, the unlikelihood term's batch:
+    prompts, answers, their mask and the repeated n-grams' tokens (`candidates`). Returns (that
+    batch, or None when no answer loops; the share of answers that loop)."""
+    gen_config = GenerationConfig(
+        do_sample=False, max_new_tokens=config.max_new_tokens, eos_token_id=list(eos_ids), pad_token_id=pad_id
+    )
+    with adapter_merged(lm):
+        out = lm.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_config)
+    response_ids, mask, _ = mask_after_eos(out[:, query_ids.shape[1] :], eos_ids, pad_id)
+    lengths = mask.sum(1).tolist()
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(response_ids.tolist(), lengths)]
+    loops = [row for row, text in enumerate(texts) if is_repetitive(text)]
+    if not loops:
+        return None, 0.0
+    candidates = torch.zeros_like(mask, dtype=torch.bool)
+    for row in loops:
+        marked = repeated_ngram_mask(response_ids[row, : lengths[row]].tolist(), config.unlikelihood_ngram)
+        candidates[row, : lengths[row]] = torch.tensor(marked, dtype=torch.bool)
+    rows = torch.tensor(loops, device=query_ids.device)
+    batch = {"query_ids": query_ids[rows], "query_mask": query_mask[rows], "response_ids": response_ids[rows],
+             "response_mask": mask[rows], "candidates": candidates[rows]}  # fmt: skip
+    return batch, len(loops) / len(texts)
 
 
 @contextmanager
@@ -906,7 +988,7 @@ def roll_out(
     with torch.no_grad():
         for rows in torch.arange(len(prompt_tokens)).split(config.micro_batch_size):
             args = (query_ids[rows], query_mask[rows], response_ids[rows], mask[rows])
-            logits, values, _, hidden = module(*args, config.temperature)
+            logits, values, _, hidden, _ = module(*args, config.temperature)
             old_logp.append(token_logprobs(logits, response_ids[rows]))
             old_values.append(values)
             if keep_hidden:
@@ -1048,6 +1130,16 @@ def train_ppo(
             raise ValueError(f"reward_fn returned {raw_scores.shape[0]} scores for {len(answers)} answers")
         t_scored = time.perf_counter()
 
+        # 3b. the policy's own greedy answers to this batch's prompts: the loops among them are
+        # what the unlikelihood term pushes down in every minibatch's update.
+        ul_batch, greedy_repetitive_rate, t_greedy = None, 0.0, time.perf_counter()
+        if config.unlikelihood_coef > 0:
+            ul_batch, greedy_repetitive_rate = greedy_loops(
+                unwrapped.policy, tokenizer, query_ids[::group], query_mask[::group], config, eos_ids, pad_id,
+                is_repetitive,
+            )  # fmt: skip
+        t_greedy = time.perf_counter() - t_greedy
+
         # 4. per-token rewards, 5. advantages --------------------------------------------------------
         all_scores = accelerator.gather(raw_scores)  # normalisation sees every process's scores
         if config.reward_norm == "running":
@@ -1099,9 +1191,9 @@ def train_ppo(
                     )
                     # Gradients are averaged across processes once per minibatch, on its last backward.
                     with nullcontext() if last else accelerator.no_sync(module):
-                        logits, values, lm_loss, _ = module(
+                        logits, values, lm_loss, _, ul_loss = module(
                             query_ids[rows], query_mask[rows], response_ids[rows], mask[rows], config.temperature,
-                            lm_batch=lm_batch,
+                            lm_batch=lm_batch, ul_batch=ul_batch if last else None,
                         )  # fmt: skip
                         policy_loss, value_loss, micro_stats = ppo_losses(
                             logits, values, response_ids[rows], fmask[rows], old_logp[rows], old_values[rows],
@@ -1112,6 +1204,9 @@ def train_ppo(
                         if lm_loss is not None:
                             loss = loss + config.ptx_coef * lm_loss
                             micro_stats["ptx_loss"] = lm_loss.item()
+                        if ul_loss is not None:
+                            loss = loss + config.unlikelihood_coef * ul_loss
+                            micro_stats["unlikelihood_loss"] = ul_loss.item()
                         accelerator.backward(loss)
                     micro_stats["policy_loss"] = policy_loss.item()
                     if config.uses_critic:
@@ -1141,24 +1236,27 @@ def train_ppo(
             "response_length": across_processes(mask.sum(1)),
             "eos_rate": across_processes(has_eos),
             "repetitive_rate": across_processes(repeats),
+            "greedy_repetitive_rate": across_processes(torch.tensor(greedy_repetitive_rate)),
             "advantage_abs_mean": masked_mean(advantages.abs(), fmask).item(),
             **critic_stats,
             **{key: sum(values) / len(values) for key, values in step_stats.items()},
             "generation_s": rollouts.generation_s,
             "forward_s": rollouts.forward_s,
             "scoring_s": t_scored - t_forward,
-            "training_s": t_trained - t_scored,
+            "greedy_s": t_greedy,
+            "training_s": t_trained - t_scored - t_greedy,
             "iteration_s": time.perf_counter() - t_start,
         }
         stats_per_iteration.append(stats)
         progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{beta:.3g}")
         logger.info(
             "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  entropy %.3f  clip %.3f  "
-            "value loss %s  approx kl %.4f  length %.1f  eos %.2f  repetitive %.2f  | gen %.1fs fwd %.1fs score %.1fs train %.1fs",
+            "value loss %s  approx kl %.4f  length %.1f  eos %.2f  repetitive %.2f (greedy %.2f)  "
+            "| gen %.1fs fwd %.1fs score %.1fs greedy %.1fs train %.1fs",
             iteration, stats["score_mean"], stats["kl"], beta, stats["entropy"], stats["clip_frac"],
             f"{stats['value_loss']:.4f}" if "value_loss" in stats else "-", stats["approx_kl"],
-            stats["response_length"], stats["eos_rate"], stats["repetitive_rate"],
-            stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["training_s"],
+            stats["response_length"], stats["eos_rate"], stats["repetitive_rate"], stats["greedy_repetitive_rate"],
+            stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["greedy_s"], stats["training_s"],
         )  # fmt: skip
 
     else:

@@ -540,9 +540,10 @@ def _reward_summary(metrics: dict, path: Path) -> dict:
 
 
 def _add_ppo_timings(timings: dict, stats: list[dict], wall: float, kl_budget: dict) -> None:
-    parts = {"ppo_rollouts": "generation_s", "ppo_forward": "forward_s", "ppo_scoring": "scoring_s", "ppo_update": "training_s"}
-    for stage, key in parts.items():
-        timings[stage] = timings.get(stage, 0.0) + sum(s[key] for s in stats)
+    parts = {"ppo_rollouts": ("generation_s", "greedy_s"), "ppo_forward": ("forward_s",),
+             "ppo_scoring": ("scoring_s",), "ppo_update": ("training_s",)}  # fmt: skip
+    for stage, keys in parts.items():
+        timings[stage] = timings.get(stage, 0.0) + sum(s.get(key, 0.0) for s in stats for key in keys)
     # The KL budget's measuring rollouts after the last update count as rollouts.
     budget_check = kl_budget.get("final_check_s", 0.0)
     timings["ppo_rollouts"] += budget_check

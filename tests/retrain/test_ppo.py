@@ -23,6 +23,7 @@ from retrain.ppo import (
     apply_no_eos_penalty,
     apply_repetition_penalty,
     compute_gae,
+    greedy_loops,
     group_advantages,
     kl_penalised_rewards,
     left_pad,
@@ -32,9 +33,11 @@ from retrain.ppo import (
     normalise_scores,
     prepare_policy,
     reference_policy,
+    repeated_ngram_mask,
     reward_to_go,
     token_logprobs,
     train_ppo,
+    unlikelihood_loss,
     warm_up_critic,
     whiten_sequences,
 )
@@ -90,11 +93,16 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 @pytest.fixture(scope="module")
 def sft_state(tokenizer, tiny_model_dir) -> dict[str, torch.Tensor]:
     """Weights of the tiny base policy after a short supervised fit on every (prompt, answer)."""
+    return supervised_fit(tokenizer, tiny_model_dir, ANSWERS)
+
+
+def supervised_fit(tokenizer, tiny_model_dir: Path, answers: list[str]) -> dict[str, torch.Tensor]:
+    """The tiny Llama fitted to answer every prompt with each of `answers` (equally likely)."""
     model = tiny_llama(tiny_model_dir)
     torch.manual_seed(0)
     with torch.no_grad():  # larger embeddings: the tied output layer can turn peaky in a few steps
         model.model.embed_tokens.weight.normal_(0, 0.1)
-    rows = [(prompt_ids(tokenizer, p), answer_ids(tokenizer, a)) for p in PROMPTS for a in ANSWERS]
+    rows = [(prompt_ids(tokenizer, p), answer_ids(tokenizer, a)) for p in PROMPTS for a in answers]
     ids = [p + a for p, a in rows]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), EOS)
@@ -517,6 +525,60 @@ def test_ppo_learns_to_avoid_the_answers_the_gate_would_call_repetitive(tokenize
     first = result.stats[0]
     assert 0 < first["repetitive_rate"] < 1  # the SFT mixture: some answers are the target
     assert first["reward_mean"] == pytest.approx(-first["repetitive_rate"])  # -1 each, the rest 0
+
+
+def test_repeated_ngrams_and_their_unlikelihood_by_hand():
+    # bigrams (1,2) (2,3) (3,1) (1,2)* (2,3)* (3,4): the repeats' tokens, not their first occurrence
+    assert repeated_ngram_mask([1, 2, 3, 1, 2, 3, 4], 2) == [False, False, False, True, True, True, False]
+    assert repeated_ngram_mask([5, 5, 5], 1) == [False, True, True]
+    assert repeated_ngram_mask([1, 2], 3) == [False, False]
+    # p(token) = 0.5 at the first position (two equal logits), 0.8 at the second: only candidates count
+    logits = torch.tensor([[[0.0, 0.0], [math.log(4.0), 0.0]]])
+    tokens = torch.tensor([[0, 0]])
+    assert unlikelihood_loss(logits, tokens, torch.tensor([[True, True]])).item() == pytest.approx(
+        (-math.log(0.5) - math.log(0.2)) / 2)  # fmt: skip
+    assert unlikelihood_loss(logits, tokens, torch.tensor([[True, False]])).item() == pytest.approx(-math.log(0.5))
+    assert unlikelihood_loss(logits, tokens, torch.tensor([[False, False]])).item() == 0.0
+
+
+def test_ppo_pushes_down_the_loops_of_its_own_greedy_answers(tokenizer, tiny_model_dir):
+    """A policy taught to answer with a phrase over and over loops under greedy decoding; the
+    reward is flat, so only the unlikelihood term speaks, and the loop gets less likely. (Its
+    answers are under the gate's 12 words: the test flags them itself.)"""
+    model = tiny_llama(tiny_model_dir)
+    model.load_state_dict(supervised_fit(tokenizer, tiny_model_dir, ["cats and cats and cats and cats and"]))
+    prompts = [conversation(p) for p in PROMPTS[:4]]
+    query, query_mask = left_pad([prompt_ids(tokenizer, p) for p in PROMPTS[:4]], EOS)
+    config = PPOConfig(
+        num_iterations=3, batch_size=8, group_size=2, mini_batch_size=8, micro_batch_size=8, max_new_tokens=12,
+        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, unlikelihood_ngram=2,
+        repetition_penalty=None, max_kl=None,
+    )  # fmt: skip
+    loops, share = greedy_loops(model, tokenizer, query, query_mask, config, [EOS], EOS, lambda a: True)
+    assert share == 1.0 and loops["candidates"].sum().item() > 0
+    loop_ids = loops["response_ids"][:, 1:]  # the loop's repeated tokens
+    with torch.no_grad():
+        before = token_logprobs(answer_logits_and_hidden(
+            model, query, query_mask, loop_ids, torch.ones_like(loop_ids), 1.0)[0], loop_ids).mean().item()  # fmt: skip
+
+    flat = lambda prompts, answers: torch.zeros(len(answers))  # noqa: E731
+    result = train_ppo(model, tokenizer, prompts, flat, config, is_repetitive=lambda a: True)
+    with torch.no_grad():
+        after = token_logprobs(answer_logits_and_hidden(
+            result.model, query, query_mask, loop_ids, torch.ones_like(loop_ids), 1.0)[0], loop_ids).mean().item()  # fmt: skip
+    assert after < before - 0.5, (before, after)
+    assert result.stats[0]["greedy_repetitive_rate"] == 1.0 and result.stats[0]["unlikelihood_loss"] > 0
+    assert result.stats[0]["greedy_s"] > 0
+
+    looping = tiny_llama(tiny_model_dir)
+    looping.load_state_dict(supervised_fit(tokenizer, tiny_model_dir, ["cats and cats and cats and cats and"]))
+    off = train_ppo(looping, tokenizer, prompts, flat,
+                    PPOConfig(**{**asdict(config), "unlikelihood_coef": 0.0}), is_repetitive=lambda a: True)  # fmt: skip
+    assert "unlikelihood_loss" not in off.stats[0] and off.stats[0]["greedy_s"] < 1e-3
+    with torch.no_grad():
+        without = token_logprobs(answer_logits_and_hidden(
+            off.model, query, query_mask, loop_ids, torch.ones_like(loop_ids), 1.0)[0], loop_ids).mean().item()  # fmt: skip
+    assert without > before - 0.1, "without the term, the flat reward leaves the loop where it was"
 
 
 def test_full_finetuning_with_ptx_trains_the_policy_and_keeps_the_reference(tokenizer, sft_model):
