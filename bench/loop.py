@@ -606,8 +606,10 @@ def _markdown_cell(row: RoundRow) -> str:
     budget = run.get("ppo_kl_budget") or {}
     if budget.get("stopped_at") is not None:
         kept = budget["kept_iteration"]
-        gate.append(f"PPO stopped at its KL budget ({budget['stop_kl']:.1f} > {budget['max_kl']:g}), kept "
-                    + (f"iteration {kept}" if kept is not None else "nothing"))
+        why = (f"{budget['final_greedy_repetitive_rate']:.0%} of greedy answers looped after the last update"
+               if budget.get("stop_reason") == "loops" else
+               f"at its KL budget ({budget['stop_kl']:.1f} > {budget['max_kl']:g})")
+        gate.append(f"PPO stopped {why}, kept " + (f"iteration {kept}" if kept is not None else "nothing"))
     return f"{measured}; " + ", ".join(gate)
 
 

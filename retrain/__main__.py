@@ -234,8 +234,10 @@ def render(out: Console, result) -> None:
     budget = m.get("ppo", {}).get("kl_budget") or {}
     if budget.get("stopped_at") is not None:
         kept = budget["kept_iteration"]
-        out.print(f"[yellow]ppo's KL budget[/]: {budget['stop_kl']:.2f} nats measured at iteration "
-                  f"{budget['stopped_at']}, over {budget['max_kl']}: the candidate is "
+        why = (f"{budget['final_greedy_repetitive_rate']:.0%} of its greedy answers loop after the last update"
+               if budget.get("stop_reason") == "loops" else
+               f"KL budget: {budget['stop_kl']:.2f} nats measured at iteration {budget['stopped_at']}, over {budget['max_kl']}")
+        out.print(f"[yellow]ppo stopped[/]: {why}: the candidate is "
                   + (f"the weights iteration {kept} started from" if kept is not None else "the serving policy"))
     elif budget.get("final_kl") is not None:
         out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, within {budget['max_kl']}")

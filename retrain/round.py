@@ -544,8 +544,8 @@ def _add_ppo_timings(timings: dict, stats: list[dict], wall: float, kl_budget: d
              "ppo_scoring": ("scoring_s",), "ppo_update": ("training_s",)}  # fmt: skip
     for stage, keys in parts.items():
         timings[stage] = timings.get(stage, 0.0) + sum(s.get(key, 0.0) for s in stats for key in keys)
-    # The KL budget's measuring rollouts after the last update count as rollouts.
-    budget_check = kl_budget.get("final_check_s", 0.0)
+    # The checks after the last update (greedy answers, the KL budget's rollouts) count as rollouts.
+    budget_check = kl_budget.get("final_check_s", 0.0) + kl_budget.get("final_greedy_s", 0.0)
     timings["ppo_rollouts"] += budget_check
     # What the iterations do not account for: wrapping the policy in LoRA, the optimiser, tokenising.
     trained = sum(s["iteration_s"] for s in stats) + budget_check

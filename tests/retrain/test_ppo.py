@@ -361,6 +361,7 @@ def test_ppo_measures_its_last_update_against_the_budget(tokenizer, sft_model, t
     budget = result.kl_budget
     assert budget["stopped_at"] is None and len(result.stats) == 2
     assert 0 < budget["final_kl"] <= 50.0 and budget["final_check_s"] > 0
+    assert budget["final_greedy_repetitive_rate"] == 0.0  # four short answers: no loops
     fresh = tiny_llama(tiny_model_dir)
     fresh.load_state_dict(sft_state)
     unbudgeted = train_ppo(
@@ -368,6 +369,32 @@ def test_ppo_measures_its_last_update_against_the_budget(tokenizer, sft_model, t
         PPOConfig(**{**asdict(config), "max_kl": None}),
     )  # fmt: skip
     assert "final_kl" not in unbudgeted.kl_budget and unbudgeted.kl_budget["stopped_at"] is None
+
+
+def test_ppo_undoes_a_last_update_whose_greedy_answers_loop(tokenizer, sft_model, tiny_model_dir, sft_state):
+    """The check after the last update finds loops (the test's own flag: every answer) and puts
+    back the weights the last iteration started from: the same weights a one-iteration run ends with."""
+    config = PPOConfig(
+        num_iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=None,
+        unlikelihood_coef=0.0, repetition_penalty=None, final_greedy_prompts=4,
+    )  # fmt: skip
+    prompts = [conversation(p) for p in PROMPTS]
+    undone = train_ppo(sft_model, tokenizer, prompts, cats_reward, config, is_repetitive=lambda a: True)
+    budget = undone.kl_budget
+    assert (budget["stopped_at"], budget["stop_reason"], budget["kept_iteration"]) == (2, "loops", 1)
+    assert budget["final_greedy_repetitive_rate"] == 1.0 and budget["final_greedy_prompts"] == 4
+    assert len(undone.stats) == 2
+
+    fresh = tiny_llama(tiny_model_dir)
+    fresh.load_state_dict(sft_state)
+    one = train_ppo(fresh, tokenizer, prompts, cats_reward,
+                    PPOConfig(**{**asdict(config), "num_iterations": 1, "final_greedy_prompts": 0}))  # fmt: skip
+    lora = {n: p for n, p in one.model.named_parameters() if "lora_" in n}
+    assert any(p.abs().max().item() > 0 for n, p in lora.items() if "lora_B" in n), "the first update moved it"
+    for name, param in undone.model.named_parameters():
+        if name in lora:
+            assert torch.equal(param, lora[name]), name
 
 
 def test_whitening_and_running_moments():
