@@ -10,11 +10,13 @@ iteration:
                 temperature T (top_p 1, top_k off);
   2. forward    old log-probs and values (policy), reference log-probs (adapter off); the
                 KL budget: rollouts whose mean KL to the reference is over `max_kl` end PPO,
-                with the weights back where they were last measured within it (one more
-                batch of rollouts measures the last update);
+                with the weights back where they were last measured within it (after the
+                last update, greedy answers look for loops and one more batch of rollouts
+                measures its KL: either over its bound undoes it);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
                 the no-EOS penalty and the repetition penalty; the policy's greedy answers to
-                the same prompts, whose loops (the gate's test) the update will push down;
+                `greedy_prompts` other prompts, whose loops (the gate's test) the update will
+                push down;
   4. rewards    -beta * (logp - ref_logp) on every answer token, plus the score on the last one;
   5. advantages `advantage_estimator`:
                 'rloo' (Ahmadian et al. 2024): each answer's return (score - beta * its KL)
@@ -144,23 +146,24 @@ class PPOConfig:
         default=1.0,
         metadata={
             "help": "Sequence-level unlikelihood (Welleck et al. 2019) against greedy loops: every iteration the "
-            "policy also answers its prompts greedily, as the gate does, and where such an answer repeats itself "
-            "(the gate's test) the tokens of its repeated n-grams get -log(1 - p) added to the loss, with this "
+            "policy also answers greedy_prompts training prompts greedily, as the gate does, and where such an "
+            "answer repeats itself (the gate's test) the tokens of its repeated n-grams get -log(1 - p) added to "
+            "the loss, with this "
             "weight. Sampled rollouts almost never loop, so the repetition penalty rarely fires, while greedy "
-            "answers do (41% of a round-3 candidate's at the gate). 0 turns it off and skips the greedy answers."
+            "answers do (41% of a round-3 candidate's at the gate). 0 turns it off (greedy_prompts: how many)."
         },
     )
     unlikelihood_ngram: int = field(
         default=4, metadata={"help": "n of the token n-grams whose repeats the unlikelihood term pushes down."}
     )
-    final_greedy_prompts: int = field(
+    greedy_prompts: int = field(
         default=16,
         metadata={
-            "help": "After the last update the policy answers this many training prompts greedily; when more "
-            "of those answers loop (the gate's test) than max_greedy_repetitive_rate, the last update is undone "
-            "(the weights go back to where the last iteration started). In the loop a round-3 candidate that "
-            "won 0.84 of the gate's prompts was rejected for 22% looping answers, none of which the iterations' "
-            "own greedy answers had shown. 0 turns the check off."
+            "help": "Training prompts the policy answers greedily, as the gate does: in every iteration (the "
+            "loops among those answers are what the unlikelihood term pushes down) and once after the last "
+            "update (more than max_greedy_repetitive_rate of them looping undoes that update). In the loop, "
+            "4 a round (the iteration's own prompts) caught one loop in 32 answers while the gate found 22-25% "
+            "of a round's candidate's answers looping. 0: neither."
         },
     )
     max_greedy_repetitive_rate: float | None = field(
@@ -286,8 +289,8 @@ class PPOConfig:
             raise ValueError(f"advantage_estimator {self.advantage_estimator!r} needs group_size >= 2: an answer's baseline is its siblings'")
         if self.value_warmup_steps < 0:
             raise ValueError("value_warmup_steps must be >= 0")
-        if self.final_greedy_prompts < 0:
-            raise ValueError("final_greedy_prompts must be >= 0")
+        if self.greedy_prompts < 0:
+            raise ValueError("greedy_prompts must be >= 0")
         if self.unlikelihood_coef < 0 or self.unlikelihood_ngram < 1:
             raise ValueError("unlikelihood_coef must be >= 0 and unlikelihood_ngram >= 1")
         if self.max_kl is not None and not self.max_kl > 0:
@@ -1113,12 +1116,23 @@ def train_ppo(
         )  # fmt: skip
         return rollouts, accelerator.reduce(rollouts.sequence_kl.mean(), "mean").item()
 
-    # The check after the last update answers prompts of its own drawing (a generator of its own,
-    # so the iterations' prompt order is the same with the check on or off).
+    # Greedy answers come from prompts of their own drawing (a generator of its own, so the
+    # iterations' prompt order is the same with them on or off).
     greedy_order = torch.Generator().manual_seed(config.seed + 2)
-    per_process = min(config.final_greedy_prompts, len(kept)) if config.max_greedy_repetitive_rate is not None else 0
+    per_process = min(config.greedy_prompts, len(kept))
     greedy_batches = cycle_batches(len(kept), per_process * world, greedy_order) if per_process else None
-    budget = KLBudget(config.max_kl, unwrapped, keep=config.max_kl is not None or greedy_batches is not None)
+
+    def greedy_check() -> tuple[dict[str, torch.Tensor] | None, float]:
+        """This process's next greedy prompts answered: (the unlikelihood batch of the looping
+        answers or None, the share looping across processes)."""
+        rows = next(greedy_batches)[rank * per_process : (rank + 1) * per_process]
+        check_ids, check_mask = left_pad([prompt_tokens[i] for i in rows], pad_id, device)
+        loops, share = greedy_loops(unwrapped.policy, tokenizer, check_ids, check_mask, config, eos_ids, pad_id,
+                                    is_repetitive)  # fmt: skip
+        return loops, accelerator.reduce(torch.tensor(share, device=device), "mean").item()
+
+    loop_guard = greedy_batches is not None and config.max_greedy_repetitive_rate is not None
+    budget = KLBudget(config.max_kl, unwrapped, keep=config.max_kl is not None or loop_guard)
     budget_log: dict[str, Any] = {"max_kl": config.max_kl, "stopped_at": None, "kept_iteration": None}
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
@@ -1161,14 +1175,11 @@ def train_ppo(
             raise ValueError(f"reward_fn returned {raw_scores.shape[0]} scores for {len(answers)} answers")
         t_scored = time.perf_counter()
 
-        # 3b. the policy's own greedy answers to this batch's prompts: the loops among them are
-        # what the unlikelihood term pushes down in every minibatch's update.
+        # 3b. the policy's own greedy answers to prompts of their own drawing: the loops among
+        # them are what the unlikelihood term pushes down in every minibatch's update.
         ul_batch, greedy_repetitive_rate, t_greedy = None, 0.0, time.perf_counter()
-        if config.unlikelihood_coef > 0:
-            ul_batch, greedy_repetitive_rate = greedy_loops(
-                unwrapped.policy, tokenizer, query_ids[::group], query_mask[::group], config, eos_ids, pad_id,
-                is_repetitive,
-            )  # fmt: skip
+        if config.unlikelihood_coef > 0 and greedy_batches is not None:
+            ul_batch, greedy_repetitive_rate = greedy_check()
         t_greedy = time.perf_counter() - t_greedy
 
         # 4. per-token rewards, 5. advantages --------------------------------------------------------
@@ -1294,14 +1305,9 @@ def train_ppo(
         # The last update was never checked: greedy answers to fresh prompts look for loops, and one
         # more batch of rollouts measures its KL; either over its bound undoes it.
         looping = None
-        if greedy_batches is not None:
+        if loop_guard:
             t_check = time.perf_counter()
-            rows = next(greedy_batches)[rank * per_process : (rank + 1) * per_process]
-            check_ids, check_mask = left_pad([prompt_tokens[i] for i in rows], pad_id, device)
-            _, share = greedy_loops(
-                unwrapped.policy, tokenizer, check_ids, check_mask, config, eos_ids, pad_id, is_repetitive
-            )
-            looping = accelerator.reduce(torch.tensor(share, device=device), "mean").item()
+            _, looping = greedy_check()
             budget_log.update(final_greedy_repetitive_rate=looping, final_greedy_prompts=per_process * world,
                               final_greedy_s=time.perf_counter() - t_check)  # fmt: skip
         if looping is not None and looping > config.max_greedy_repetitive_rate:

@@ -377,7 +377,7 @@ def test_ppo_undoes_a_last_update_whose_greedy_answers_loop(tokenizer, sft_model
     config = PPOConfig(
         num_iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
         temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=None,
-        unlikelihood_coef=0.0, repetition_penalty=None, final_greedy_prompts=4,
+        unlikelihood_coef=0.0, repetition_penalty=None, greedy_prompts=4,
     )  # fmt: skip
     prompts = [conversation(p) for p in PROMPTS]
     undone = train_ppo(sft_model, tokenizer, prompts, cats_reward, config, is_repetitive=lambda a: True)
@@ -389,7 +389,7 @@ def test_ppo_undoes_a_last_update_whose_greedy_answers_loop(tokenizer, sft_model
     fresh = tiny_llama(tiny_model_dir)
     fresh.load_state_dict(sft_state)
     one = train_ppo(fresh, tokenizer, prompts, cats_reward,
-                    PPOConfig(**{**asdict(config), "num_iterations": 1, "final_greedy_prompts": 0}))  # fmt: skip
+                    PPOConfig(**{**asdict(config), "num_iterations": 1, "greedy_prompts": 0}))  # fmt: skip
     lora = {n: p for n, p in one.model.named_parameters() if "lora_" in n}
     assert any(p.abs().max().item() > 0 for n, p in lora.items() if "lora_B" in n), "the first update moved it"
     for name, param in undone.model.named_parameters():
