@@ -39,7 +39,9 @@ TERSE_REPO = "flywheel/tiny-terse"
 TERSE_ANSWER = "Paris"
 _REVISION = "0" * 40  # any commit hash: the cache only needs refs/main to name a snapshot
 _STARTED = re.compile(r"Uvicorn running on (http://\S+)")
-_REQUEST_LOG = "[Request received]"  # transformers serve logs this once per chat request
+# Uvicorn's access line for each chat request, written at info (transformers serve's own line per
+# request changed between releases, and since 5.25 it is off unless asked for).
+_CHAT_REQUEST_LOGGED = re.compile(r'"POST /v1/chat/completions HTTP/1\.[01]"')
 
 
 def build_hub_cache(root: Path, tiny_model_dir: Path) -> Path:
@@ -112,7 +114,7 @@ class ServeProcess:
 
     def chat_requests_received(self) -> int:
         """How many chat requests the server itself says it received (from its own log)."""
-        return self.log_path.read_text(errors="replace").count(_REQUEST_LOG)
+        return len(_CHAT_REQUEST_LOGGED.findall(self.log_path.read_text(errors="replace")))
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -143,7 +145,7 @@ def launch_transformers_serve(hub_cache: Path, log_path: Path) -> ServeLaunch:
         "--device", "cpu",
         "--model-timeout", "-1",  # never unload a model between tests
         "--default-seed", "0",
-        "--log-level", "warning",
+        "--log-level", "info",  # uvicorn's access lines count the requests (chat_requests_received)
     ]
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
