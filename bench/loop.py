@@ -405,7 +405,9 @@ def run_summary(row: dict) -> dict:
         "users_on_serving_answers": gate.get("users_on_serving_answers"),
         "critic_from": metrics.get("critic_from"),
         # PPO's sampled KL per iteration and its budget's record: where a round stopped, and why.
-        "ppo_kl": [round(it["kl"], 3) for it in (metrics.get("ppo") or {}).get("iterations") or []],
+        # (a KL that was not a number is stored as null)
+        "ppo_kl": [None if it.get("kl") is None else round(it["kl"], 3)
+                   for it in (metrics.get("ppo") or {}).get("iterations") or []],
         "ppo_kl_budget": (metrics.get("ppo") or {}).get("kl_budget"),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "counts": row["counts"],
@@ -608,7 +610,8 @@ def _markdown_cell(row: RoundRow) -> str:
         kept = budget["kept_iteration"]
         why = (f"{budget['final_greedy_repetitive_rate']:.0%} of greedy answers looped after the last update"
                if budget.get("stop_reason") == "loops" else
-               f"at its KL budget ({budget['stop_kl']:.1f} > {budget['max_kl']:g})")
+               f"at its KL budget ({budget['stop_kl']:.1f} > {budget.get('limit') or budget['max_kl']:g})"
+               if budget.get("stop_kl") is not None else "on a KL that was not a number")
         gate.append(f"PPO stopped {why}, kept " + (f"iteration {kept}" if kept is not None else "nothing"))
     return f"{measured}; " + ", ".join(gate)
 

@@ -209,7 +209,7 @@ def decide(
             f"the reward model's held-out accuracy {reward_accuracy:.3f} on {reward_pairs} pairs is "
             f"below {config.min_reward_accuracy}"
         )
-    elif reward_accuracy_lower is not None and reward_accuracy_lower <= 0.5:
+    elif reward_accuracy_lower is not None and reward_accuracy_lower <= 0.5 < config.reward_accuracy_confidence:
         reasons.append(
             f"the reward model's held-out accuracy {reward_accuracy:.3f} on {reward_pairs} pairs is at least "
             f"{reward_accuracy_lower:.3f} with {config.reward_accuracy_confidence:.0%} confidence: "

@@ -190,7 +190,9 @@ class PPOConfig:
         metadata={
             "help": "KL budget in nats per answer (the rollouts' mean KL to the reference, measured before "
             "every update and once after the last): the first time it is over, PPO stops and goes back to "
-            "the last weights measured within it. Keep it under gate.max_kl (the gate measures greedy "
+            "the last weights measured within it. A round that starts over it (from a policy promoted "
+            "beyond it) may trade within its first measurement, not move further. Keep it under gate.max_kl "
+            "(the gate measures greedy "
             "answers; sampled rollouts of 4 prompts are noisy). A fixed beta cannot hold a policy that a "
             "strong reward model pulls hard: in the loop one round went from 3.5 to 12.2 nats in 3 "
             "iterations. None: no budget (and no measuring pass after the last update)."
@@ -423,8 +425,11 @@ def repeated_ngram_mask(tokens: Sequence[int], n: int) -> list[bool]:
 def unlikelihood_loss(logits: torch.Tensor, tokens: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Mean over the candidate positions of -log(1 - p(token)), p from softmax(logits): [B, T, V],
     [B, T], [B, T] (bool or 0/1). Pushes exactly those tokens down, and nothing up in particular."""
-    p = token_logprobs(logits, tokens).exp()
-    return masked_mean(-torch.log1p(-p.clamp(max=1 - 1e-6)), candidates.to(logits.dtype))
+    # -log(1 - p) = logsumexp(all logits) - logsumexp(the other tokens' logits): exact and with a
+    # gradient however close p is to 1 (1 - p from p itself is 0 in float32 from p > 1 - 6e-8, and
+    # the most confident loops are the ones this term is for).
+    others = logits.scatter(-1, tokens.unsqueeze(-1), float("-inf")).logsumexp(-1)
+    return masked_mean(logits.logsumexp(-1) - others, candidates.to(logits.dtype))
 
 
 def kl_penalised_rewards(
@@ -539,7 +544,11 @@ class KLBudget:
     Every batch of rollouts measures the KL of the policy that sampled it. Within the budget, the
     trained weights are copied (a LoRA adapter: a few MB) before the update moves them; the first
     time a measurement is over, they go back to the last copy, the policy that measured within it,
-    and PPO stops. max_kl None: every check passes and nothing is copied."""
+    and PPO stops. A round whose first measurement is already over the budget (it starts from a
+    serving policy promoted beyond it: the gate's bound is on greedy answers, this one on sampled
+    ones) may trade within where it started but not move further: the limit is the larger of the
+    two, so a promotion can never stop every later round before its first update. max_kl None:
+    every check passes and nothing is copied."""
 
     def __init__(self, max_kl: float | None, module: nn.Module, keep: bool | None = None):
         """keep: copy the weights at every check that passes (default: when there is a budget)."""
@@ -547,11 +556,14 @@ class KLBudget:
         self.keep = max_kl is not None if keep is None else keep
         self.kept: dict[str, torch.Tensor] | None = None
         self.kept_iteration: int | None = None  # the iteration whose starting weights were kept
+        self.limit: float | None = None  # max_kl, or the first measurement when that was over it
 
     def check(self, kl: float, iteration: int) -> bool:
         """True: `kl` (of the weights as they are now) is within the budget, and they are kept.
         False: it is over (or not a number), and the last kept weights are back in place."""
-        if self.max_kl is None or (math.isfinite(kl) and kl <= self.max_kl):
+        if self.max_kl is not None and self.limit is None and math.isfinite(kl):
+            self.limit = max(self.max_kl, kl)
+        if self.max_kl is None or (math.isfinite(kl) and kl <= self.limit):
             if self.keep:
                 self.kept = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
                 self.kept_iteration = iteration
@@ -896,12 +908,14 @@ class PPOResult:
     counts: dict[str, int] = field(metadata={"help": "Prompts given, used and skipped (too long)."})
     kl_budget: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "The KL budget's record: max_kl; stopped_at (the iteration whose rollouts measured "
-                          "over it, num_iterations for the check after the last update, or None) with "
+        metadata={"help": "The KL budget's record: max_kl; limit (max_kl, or start_kl: the first measurement, "
+                          "when the policy started over the budget); stopped_at (the iteration whose rollouts "
+                          "measured over it, num_iterations for the check after the last update, or None) with "
                           "stop_reason ('kl' with stop_kl, or 'loops': final_greedy_repetitive_rate over the "
-                          "bound, of final_greedy_prompts greedy answers taking final_greedy_s); "
-                          "kept_iteration (whose starting weights are the result: None when none were ever "
-                          "within); final_kl and final_check_s of the check after the last update."},
+                          "bound, of final_greedy_prompts greedy answers, set aside from the iterations' when "
+                          "final_greedy_set_aside, taking final_greedy_s); kept_iteration (whose starting weights "
+                          "are the result: None when none were ever within, a KL that is not a number); "
+                          "final_kl and final_check_s of the check after the last update."},
     )
 
 
@@ -1117,15 +1131,25 @@ def train_ppo(
         return rollouts, accelerator.reduce(rollouts.sequence_kl.mean(), "mean").item()
 
     # Greedy answers come from prompts of their own drawing (a generator of its own, so the
-    # iterations' prompt order is the same with them on or off).
+    # iterations' prompt order is the same with them on or off). The check after the last update
+    # asks prompts set aside for it when there are enough: the iterations' greedy answers are what
+    # the unlikelihood term trains on, and a check on them would see fewer loops than the gate does
+    # on prompts the policy never trained on.
     greedy_order = torch.Generator().manual_seed(config.seed + 2)
     per_process = min(config.greedy_prompts, len(kept))
-    greedy_batches = cycle_batches(len(kept), per_process * world, greedy_order) if per_process else None
+    greedy_pool = torch.randperm(len(kept), generator=greedy_order).tolist()
+    final_rows = greedy_pool[: per_process * world] if len(kept) >= 2 * per_process * world else None
+    iteration_pool = greedy_pool[per_process * world :] if final_rows else greedy_pool
+    greedy_batches = (
+        ([iteration_pool[i] for i in rows]
+         for rows in cycle_batches(len(iteration_pool), per_process * world, greedy_order))
+        if per_process else None
+    )  # fmt: skip
 
-    def greedy_check() -> tuple[dict[str, torch.Tensor] | None, float]:
-        """This process's next greedy prompts answered: (the unlikelihood batch of the looping
-        answers or None, the share looping across processes)."""
-        rows = next(greedy_batches)[rank * per_process : (rank + 1) * per_process]
+    def greedy_check(batch: list[int] | None = None) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """This process's share of `batch` (default: the next greedy prompts) answered: (the
+        unlikelihood batch of the looping answers or None, the share looping across processes)."""
+        rows = (batch if batch is not None else next(greedy_batches))[rank * per_process : (rank + 1) * per_process]
         check_ids, check_mask = left_pad([prompt_tokens[i] for i in rows], pad_id, device)
         loops, share = greedy_loops(unwrapped.policy, tokenizer, check_ids, check_mask, config, eos_ids, pad_id,
                                     is_repetitive)  # fmt: skip
@@ -1153,11 +1177,18 @@ def train_ppo(
                               kept_iteration=budget.kept_iteration)  # fmt: skip
             logger.warning(
                 "ppo iteration %d: the policy's KL to the reference is %.2f nats per answer, over the budget "
-                "of %.2f: back to %s, and PPO stops", iteration, kl_per_sequence, config.max_kl,
+                "of %.2f: back to %s, and PPO stops", iteration, kl_per_sequence, budget.limit or math.nan,
                 f"the weights iteration {budget.kept_iteration} started from" if budget.kept is not None
                 else "the weights it started from (no update was made)",
             )  # fmt: skip
             break
+        if iteration == 0 and config.max_kl is not None and budget.limit > config.max_kl:
+            budget_log["start_kl"] = kl_per_sequence
+            logger.warning(
+                "ppo: the policy starts %.2f nats per answer from the reference, over the budget of %.2f (it was "
+                "promoted beyond it): PPO may trade within %.2f but not move further", kl_per_sequence,
+                config.max_kl, budget.limit,
+            )  # fmt: skip
         query_ids, query_mask, response_ids = rollouts.query_ids, rollouts.query_mask, rollouts.response_ids
         fmask, has_eos, old_logp, ref_logp = rollouts.mask, rollouts.has_eos, rollouts.old_logp, rollouts.ref_logp
         old_values, hidden_states = rollouts.old_values, rollouts.hidden
@@ -1307,8 +1338,9 @@ def train_ppo(
         looping = None
         if loop_guard:
             t_check = time.perf_counter()
-            _, looping = greedy_check()
+            _, looping = greedy_check(final_rows)
             budget_log.update(final_greedy_repetitive_rate=looping, final_greedy_prompts=per_process * world,
+                              final_greedy_set_aside=final_rows is not None,
                               final_greedy_s=time.perf_counter() - t_check)  # fmt: skip
         if looping is not None and looping > config.max_greedy_repetitive_rate:
             budget.restore()
@@ -1327,12 +1359,13 @@ def train_ppo(
                 logger.warning(
                     "ppo: after the last update the policy's KL to the reference is %.2f nats per answer, over "
                     "the budget of %.2f: back to the weights iteration %d started from",
-                    kl_per_sequence, config.max_kl, budget.kept_iteration,
+                    kl_per_sequence, budget.limit or math.nan, budget.kept_iteration,
                 )  # fmt: skip
             else:
                 logger.info("ppo: after the last update the policy's KL to the reference is %.2f nats per answer "
-                            "(budget %.2f)", kl_per_sequence, config.max_kl)  # fmt: skip
+                            "(budget %.2f)", kl_per_sequence, budget.limit)  # fmt: skip
 
+    budget_log["limit"] = budget.limit
     accelerator.wait_for_everyone()
     final = accelerator.unwrap_model(module)
     return PPOResult(

@@ -259,7 +259,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     _add_ppo_timings(run.timings, result.stats, time.perf_counter() - ppo_started, result.kl_budget)
     run.counts.update({f"ppo_{k}": v for k, v in result.counts.items()})
     # The last iteration trained; with the KL budget the candidate may be an earlier one's weights
-    # (kl_budget.kept_iteration), or the serving policy itself when it was over the budget already.
+    # (kl_budget.kept_iteration: 0 is the policy the round started from, when its first update went over).
     run.metrics["ppo"] = {
         "iterations": result.stats, "last": result.stats[-1] if result.stats else None, "kl_budget": result.kl_budget,
     }

@@ -107,6 +107,10 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
                             "gate_win_rate_lower": 0.6, "reward_accuracy": 0.7, "reward_pairs": 30,
                             "users_on_serving_answers": {"thumb_accuracy": 0.75, "thumbs": 60}, "gate_kl": 2.5}
     result.rounds[2].run = {"status": "skipped", "promoted": False}
+    control.rounds[2].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.5,
+                             "gate_win_rate_lower": 0.3, "reward_accuracy": None, "gate_kl": 6.5,
+                             "ppo_kl_budget": {"max_kl": 6.0, "limit": 6.25, "stopped_at": 2, "stop_kl": 6.5,
+                                               "kept_iteration": 1}}
     control.rounds[1].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.25,
                              "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0,
                              "gate_repetitive_rate": 0.15,
@@ -120,8 +124,13 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
         "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive, PPO stopped at its KL budget (7.4 > 6), "
         "kept iteration 4 |",
-        "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25 |",
+        "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25; rejected 0.50 (0.30), KL 6.50, PPO stopped at its KL budget "
+        "(6.5 > 6.25), kept iteration 1 |",
     ]
+    # A KL that was not a number is stored as null: the table says so rather than fail.
+    control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None
+    assert "PPO stopped on a KL that was not a number, kept iteration 1" in loop.markdown_controls(
+        loop.ControlsReport(["result", "control"], [result, control]))
 
 
 def test_runs_made_apart_go_side_by_side_only_in_the_same_configuration(tmp_path):

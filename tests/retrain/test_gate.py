@@ -60,6 +60,10 @@ def test_a_judge_below_the_accuracy_floor_or_tested_on_too_few_pairs_is_not_trus
     no_coin_test = GateConfig(reward_accuracy_confidence=0.5)
     at_floor = decide(*WINNING, 1.0, HEALTHY, HEALTHY, no_coin_test, reward_accuracy=0.6, reward_pairs=8)
     assert at_floor.passed, at_floor.reasons
+    # 0.5 turns the coin test off: a judge at a coin's 0.5 is then held to the floor alone.
+    no_floor = GateConfig(reward_accuracy_confidence=0.5, min_reward_accuracy=0.0)
+    coin = decide(*WINNING, 1.0, HEALTHY, HEALTHY, no_floor, reward_accuracy=0.5, reward_pairs=8)
+    assert coin.passed, coin.reasons
 
 
 def test_a_judge_must_beat_a_coin_with_confidence_not_only_clear_the_floor():

@@ -331,6 +331,10 @@ def test_the_kl_budget_keeps_the_last_weights_measured_within_it():
     assert torch.equal(layer.weight, moved) and not torch.equal(layer.weight, start)
     assert budget.kept_iteration == 1 and layer.frozen.item() == 2.0
     assert not KLBudget(2.0, layer).check(float("nan"), 0), "a KL that is not a number is never within"
+    # A policy that starts over the budget (promoted beyond it) may trade within where it started.
+    promoted = KLBudget(2.0, layer)
+    assert promoted.check(3.0, 0) and promoted.limit == 3.0
+    assert promoted.check(2.9, 1) and not promoted.check(3.1, 2) and promoted.kept_iteration == 1
     assert KLBudget(None, layer).check(1e9, 0), "no budget: every check passes"
     with pytest.raises(ValueError, match="max_kl"):
         PPOConfig(max_kl=0.0)
@@ -360,8 +364,9 @@ def test_ppo_measures_its_last_update_against_the_budget(tokenizer, sft_model, t
     result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS], cats_reward, config)
     budget = result.kl_budget
     assert budget["stopped_at"] is None and len(result.stats) == 2
-    assert 0 < budget["final_kl"] <= 50.0 and budget["final_check_s"] > 0
-    assert budget["final_greedy_repetitive_rate"] == 0.0  # four short answers: no loops
+    assert math.isfinite(budget["final_kl"]) and budget["final_kl"] <= 50.0 and budget["final_check_s"] > 0
+    assert budget["final_greedy_repetitive_rate"] == 0.0  # short answers: no loops
+    assert not budget["final_greedy_set_aside"], "6 prompts cannot spare 6 for the check: it shares them"
     fresh = tiny_llama(tiny_model_dir)
     fresh.load_state_dict(sft_state)
     unbudgeted = train_ppo(
@@ -377,13 +382,14 @@ def test_ppo_undoes_a_last_update_whose_greedy_answers_loop(tokenizer, sft_model
     config = PPOConfig(
         num_iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
         temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=None,
-        unlikelihood_coef=0.0, repetition_penalty=None, greedy_prompts=4,
+        unlikelihood_coef=0.0, repetition_penalty=None, greedy_prompts=3,
     )  # fmt: skip
     prompts = [conversation(p) for p in PROMPTS]
     undone = train_ppo(sft_model, tokenizer, prompts, cats_reward, config, is_repetitive=lambda a: True)
     budget = undone.kl_budget
     assert (budget["stopped_at"], budget["stop_reason"], budget["kept_iteration"]) == (2, "loops", 1)
-    assert budget["final_greedy_repetitive_rate"] == 1.0 and budget["final_greedy_prompts"] == 4
+    assert budget["final_greedy_repetitive_rate"] == 1.0 and budget["final_greedy_prompts"] == 3
+    assert budget["final_greedy_set_aside"], "6 prompts: 3 for the iterations, 3 set aside for the check"
     assert len(undone.stats) == 2
 
     fresh = tiny_llama(tiny_model_dir)
@@ -566,6 +572,11 @@ def test_repeated_ngrams_and_their_unlikelihood_by_hand():
         (-math.log(0.5) - math.log(0.2)) / 2)  # fmt: skip
     assert unlikelihood_loss(logits, tokens, torch.tensor([[True, False]])).item() == pytest.approx(-math.log(0.5))
     assert unlikelihood_loss(logits, tokens, torch.tensor([[False, False]])).item() == 0.0
+    # A loop the policy is sure of (p = 1 - 1e-13, 1 in float32) still costs log(1 + e^30) and is pushed down.
+    sure = torch.tensor([[[30.0, 0.0]]], requires_grad=True)
+    loss = unlikelihood_loss(sure, torch.tensor([[0]]), torch.tensor([[True]]))
+    loss.backward()
+    assert loss.item() == pytest.approx(30.0, abs=1e-4) and sure.grad[0, 0, 0].item() == pytest.approx(1.0)
 
 
 def test_ppo_pushes_down_the_loops_of_its_own_greedy_answers(tokenizer, tiny_model_dir):
@@ -579,7 +590,7 @@ def test_ppo_pushes_down_the_loops_of_its_own_greedy_answers(tokenizer, tiny_mod
     config = PPOConfig(
         num_iterations=3, batch_size=8, group_size=2, mini_batch_size=8, micro_batch_size=8, max_new_tokens=12,
         temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, unlikelihood_ngram=2,
-        repetition_penalty=None, max_kl=None,
+        repetition_penalty=None, max_kl=None, max_greedy_repetitive_rate=None,  # every update stays
     )  # fmt: skip
     loops, share = greedy_loops(model, tokenizer, query, query_mask, config, [EOS], EOS, lambda a: True)
     assert share == 1.0 and loops["candidates"].sum().item() > 0
