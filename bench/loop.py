@@ -55,6 +55,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -417,6 +418,11 @@ def run_summary(row: dict) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 
 
+# Runs made at once (--parallel) write their reports from worker threads, off the event loop that
+# keeps the other runs' websockets answering pings; pyplot's state is global, so one at a time.
+_WRITING = threading.Lock()
+
+
 @dataclass
 class Report:
     when: str
@@ -435,9 +441,10 @@ class Report:
     stopped_because: str = ""
 
     def write(self, out: Path) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str, allow_nan=False))
-        plot(self, out / "loop.png")
+        with _WRITING:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "loop.json").write_text(json.dumps(asdict(self), indent=2, default=str, allow_nan=False))
+            plot(self, out / "loop.png")
 
     @classmethod
     def read(cls, out: Path) -> Report:
@@ -778,7 +785,7 @@ async def run(args, label: str = "") -> Report:
                 evaluator = f"loop-evaluator-{uuid.uuid4().hex[:8]}"
                 baseline = await measure(base_url, evaluator, held_out, measure_params)
                 report.rounds.append(summarise(0, preference, held_out, baseline, None, 0.0, started, {}, voters))
-                report.write(out)
+                await asyncio.to_thread(report.write, out)
                 say(_row_line(report.rounds[-1]))
                 cursor = 0
                 last_run = await asyncio.to_thread(latest_run_id, url)
@@ -807,15 +814,18 @@ async def run(args, label: str = "") -> Report:
                     report.rounds.append(summarise(day, preference, held_out, answers, baseline, kl, started, summary,
                                                    voters))
                     report.minutes = round((time.monotonic() - started) / 60, 1)
-                    report.write(out)
+                    await asyncio.to_thread(report.write, out)
                     say(_row_line(report.rounds[-1]))
                 else:
                     report.stopped_because = f"{days} rounds done"
         finally:
-            stop_process(retrain)
-            stop_process(server)
+            # Off the event loop: a server takes seconds to stop, and a run beside this one
+            # (--parallel) must go on answering its websocket's pings meanwhile (it lost its
+            # connection to a 20 s ping timeout while a finished run stopped its services).
+            await asyncio.to_thread(stop_process, retrain)
+            await asyncio.to_thread(stop_process, server)
     report.minutes = round((time.monotonic() - started) / 60, 1)
-    report.write(out)
+    await asyncio.to_thread(report.write, out)
     say(f"done: {report.stopped_because}; wrote {out / 'loop.json'} and {out / 'loop.png'} "
         f"(logs under {workdir})")
     return report
