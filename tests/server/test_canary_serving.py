@@ -131,7 +131,9 @@ async def test_promoting_the_canary_swaps_without_loading_and_moves_every_conver
     async with swap_server(swap_db, tmp_path, swap_engine, tiny_model_dir) as (url, _):
         await _start_canary(url, swap_db, tiny_model_dir, tmp_path, "lora-p")
         token = new_token()
-        started = await _new_conversations(url, token, 12)
+        # At 50% each, 12 conversations all went to the canary once in a full run (1 in 4096);
+        # with CONVERSATIONS that is 1 in 10^12.
+        started = await _new_conversations(url, token, CONVERSATIONS)
         base_conversation = next(c for c, v in started.items() if v == BASE_ID)
 
         await in_registry(swap_db, lambda c: registry.promote(c, "lora-p", actor=ACTOR))
