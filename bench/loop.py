@@ -754,7 +754,11 @@ async def run(args, label: str = "") -> Report:
     config_file.write_text(json.dumps(config_overrides))
     retrain_env = {
         **profile["retrain"],
-        "RETRAIN_MIN_NEW_FEEDBACK": str(conversations * FEEDBACK_PER_CONVERSATION),
+        # The day's last vote starts its round: every conversation's edit comes before its votes,
+        # so all of the day's edits are in by then. Edits alone start none: how many a day brings
+        # is each user's coin, and a round started by them would leave the day's last conversations
+        # to the next.
+        "RETRAIN_MIN_NEW_FEEDBACK": str(conversations * FEEDBACK_PER_CONVERSATION), "RETRAIN_MIN_NEW_EDITS": "0",
         "RETRAIN_FEEDBACK_CHECK_SECONDS": "5", "RETRAIN_MAX_NEW_TOKENS": str(max_new_tokens),
         "RETRAIN_THREADS": str(args.threads), "RETRAIN_CONFIG_FILE": str(config_file), "AUTO_PROMOTE": "true",
     }

@@ -377,9 +377,19 @@ def demonstrations(conn: psycopg.Connection) -> Iterator[Demonstration]:
         )
 
 
-def feedback_count_since(conn: psycopg.Connection, since: datetime) -> int:
-    """Thumbs (new or changed) and comparisons recorded after `since` in usable conversations:
-    the scheduler's "enough new feedback" trigger."""
+@dataclass(frozen=True)
+class NewFeedback:
+    """What users sent after some moment, as the scheduler counts it: `votes` are the thumbs
+    (new or changed) and the comparisons they made; `edits` the answers they rewrote. An edit's
+    own "edit beats original" comparison is counted as the edit, not again as a vote."""
+
+    votes: int
+    edits: int
+
+
+def feedback_count_since(conn: psycopg.Connection, since: datetime) -> NewFeedback:
+    """Votes and edits recorded after `since` in usable conversations: the scheduler's
+    "enough new feedback" triggers."""
     if since.tzinfo is None:
         raise ValueError("since must be timezone-aware (e.g. datetime.now(timezone.utc))")
     with conn.transaction():
@@ -392,8 +402,14 @@ def feedback_count_since(conn: psycopg.Connection, since: datetime) -> int:
                + (SELECT count(*) FROM comparisons cmp
                   JOIN messages m ON m.id = cmp.message_id
                   JOIN conversations c ON c.id = m.conversation_id
-                  WHERE c.allow_data_use AND cmp.updated_at > %(since)s)""",
+                  WHERE c.allow_data_use AND cmp.updated_at > %(since)s
+                    AND NOT (m.edited_from IS NOT NULL AND m.edited_from = cmp.other_id
+                             AND m.author_id = cmp.user_id)),
+                 (SELECT count(*) FROM messages m
+                  JOIN conversations c ON c.id = m.conversation_id
+                  WHERE c.allow_data_use AND m.role = 'assistant' AND m.edited_from IS NOT NULL
+                    AND m.created_at > %(since)s)""",
             {"since": since},
         ).fetchone()
     assert row is not None
-    return int(row[0])
+    return NewFeedback(votes=int(row[0]), edits=int(row[1]))

@@ -2,7 +2,7 @@
 
   once    run one round now; print where the time went and what the gate decided
   serve   run rounds on a schedule (RETRAIN_INTERVAL_MINUTES / RETRAIN_CRON) and when enough
-          new feedback arrived (RETRAIN_MIN_NEW_FEEDBACK)
+          new votes or edits arrived (RETRAIN_MIN_NEW_FEEDBACK, RETRAIN_MIN_NEW_EDITS)
   config  the full config a round would use, every field with its help
 
 Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the round failed
@@ -274,6 +274,7 @@ def cmd_serve(args, settings) -> int:
             interval_minutes=settings.retrain_interval_minutes,
             cron=settings.retrain_cron,
             min_new_feedback=settings.retrain_min_new_feedback,
+            min_new_edits=settings.retrain_min_new_edits,
             feedback_check_seconds=settings.retrain_feedback_check_seconds,
         )
     except ValueError as exc:

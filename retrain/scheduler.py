@@ -1,8 +1,8 @@
 """`python -m retrain serve`: rounds on an interval or cron, and when enough feedback arrived.
 
 apscheduler 3.x runs two jobs in one process: the clock (an interval or a crontab line) and a
-feedback watcher that starts a round early once `min_new_feedback` ratings and comparisons have
-arrived since the last round began. Both call the same round function; the round's advisory
+feedback watcher that starts a round early once `min_new_feedback` votes (thumbs and
+comparisons) or `min_new_edits` edited answers have arrived since the last round began. Both call the same round function; the round's advisory
 lock (retrain/runs.py) keeps it to one at a time across every process sharing the database,
 and each job has max_instances=1 so this process never queues rounds behind itself.
 """
@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from .runs import RoundAlreadyRunning, RoundInterrupted, last_run
+
+if TYPE_CHECKING:
+    from feedback.training_data import NewFeedback
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +38,8 @@ class _RoundStillRunning(logging.Filter):
 logging.getLogger("apscheduler.scheduler").addFilter(_RoundStillRunning())
 
 
-def new_feedback_since(url: str, since: datetime | None) -> int:
-    """Ratings and comparisons stored (or changed) after `since` (all of them when None)."""
+def new_feedback_since(url: str, since: datetime | None) -> NewFeedback:
+    """Votes and edits stored (or changed) after `since` (all of them when None)."""
     import psycopg
 
     from feedback.training_data import feedback_count_since
@@ -55,11 +59,14 @@ def _guarded(round_fn: Callable[[str], object], trigger: str) -> None:
         log.exception("round failed (trigger %s)", trigger)
 
 
-def enough_new_feedback(url: str, minimum: int) -> bool:
+def enough_new_feedback(url: str, min_votes: int, min_edits: int = 0) -> bool:
+    """Whether votes or edits since the last round began reach their minimum (0: that kind
+    never starts a round by itself)."""
     previous = last_run(url)
-    count = new_feedback_since(url, previous["started_at"] if previous else None)
-    log.debug("%d new pieces of feedback since the last round (need %d)", count, minimum)
-    return count >= minimum
+    new = new_feedback_since(url, previous["started_at"] if previous else None)
+    log.debug("%d new votes (need %d) and %d new edits (need %d) since the last round",
+              new.votes, min_votes, new.edits, min_edits)
+    return (min_votes > 0 and new.votes >= min_votes) or (min_edits > 0 and new.edits >= min_edits)
 
 
 def build_scheduler(
@@ -70,6 +77,7 @@ def build_scheduler(
     cron: str | None,
     min_new_feedback: int,
     feedback_check_seconds: float,
+    min_new_edits: int = 0,
 ) -> BlockingScheduler:
     scheduler = BlockingScheduler(timezone=timezone.utc)
     if cron:
@@ -83,9 +91,9 @@ def build_scheduler(
             _guarded, clock, args=(round_fn, "schedule"), id="clock",
             max_instances=1, coalesce=True, misfire_grace_time=None,
         )
-    if min_new_feedback > 0:
+    if min_new_feedback > 0 or min_new_edits > 0:
         def watch() -> None:
-            if enough_new_feedback(url, min_new_feedback):
+            if enough_new_feedback(url, min_new_feedback, min_new_edits):
                 _guarded(round_fn, "feedback")
 
         scheduler.add_job(
@@ -94,7 +102,7 @@ def build_scheduler(
         )
     if not scheduler.get_jobs():
         raise ValueError(
-            "nothing to schedule: set RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON or "
-            "RETRAIN_MIN_NEW_FEEDBACK (> 0)"
+            "nothing to schedule: set RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON, "
+            "RETRAIN_MIN_NEW_FEEDBACK or RETRAIN_MIN_NEW_EDITS (> 0)"
         )
     return scheduler

@@ -144,8 +144,14 @@ class RetrainSettings(ModelSettings):
     )
     retrain_min_new_feedback: int = Field(
         50, ge=0,
-        description="Start a round once this many thumbs and comparisons arrived since the last "
-        "round began (0: only the clock starts rounds).",
+        description="Start a round once this many votes (thumbs and comparisons) arrived since the "
+        "last round began (0: votes never start one; the clock or edits may).",
+    )
+    retrain_min_new_edits: int = Field(
+        16, ge=0,
+        description="Start a round once this many edited answers (demonstrations) arrived since the "
+        "last round began, whatever the votes (0: edits never start one). An edit's own 'edit beats "
+        "original' comparison counts here, not as a vote.",
     )
     retrain_feedback_check_seconds: float = Field(
         60.0, gt=0, description="How often the scheduler counts new feedback."

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from feedback import errors, store
+from feedback import errors, store, training_data
 from feedback.settings import StoreSettings
 
 MODEL = "test-policy-v1"
@@ -66,6 +66,29 @@ async def test_a_demonstration_is_a_sibling_written_by_the_user_and_beats_the_or
     follow_up = await store.add_message(aconn, world.alice, world.chat.id, edit.id, "user", "Yes!")
     path = await store.path_to_root(aconn, world.alice, follow_up.id)
     assert [m.id for m in path] == [world.system.id, world.question.id, edit.id, follow_up.id]
+
+
+async def test_the_scheduler_counts_an_edit_as_one_edit_and_the_users_other_feedback_as_votes(aconn, db_url, world):
+    await aconn.commit()
+    since = (await (await aconn.execute("SELECT clock_timestamp()")).fetchone())[0]
+    await aconn.commit()  # votes are stamped with their transaction's start
+    other = await store.add_message(
+        aconn, world.alice, world.chat.id, world.question.id, "assistant", "Lyon.", model_version=MODEL
+    )
+    demo = await store.record_demonstration(aconn, world.alice, world.answer.id, "Paris.")
+    await store.record_rating(aconn, world.alice, demo.message.id, 1)  # a vote on the edit
+    await store.record_comparison(aconn, world.alice, world.answer.id, other.id, "better")  # a vote
+    await aconn.commit()
+
+    def new() -> training_data.NewFeedback:
+        with psycopg.connect(db_url) as conn:
+            return training_data.feedback_count_since(conn, since)
+
+    # The edit's own "edit beats original" comparison is the edit, not a vote as well.
+    assert new() == training_data.NewFeedback(votes=2, edits=1)
+    await store.update_conversation(aconn, world.alice, world.chat.id, allow_data_use=False)
+    await aconn.commit()
+    assert new() == training_data.NewFeedback(votes=0, edits=0)
 
 
 async def test_an_edit_of_an_edit_points_at_the_edit(aconn, world):

@@ -213,9 +213,9 @@ async def test_opting_out_later_removes_a_conversation_from_the_next_read(own_db
 def test_feedback_since_counts_new_thumbs_and_comparisons_in_usable_conversations(conn, chats):
     # alice: 6 comparisons + 9 thumb calls on 8 answers (b2 twice: one vote, changed);
     # bob's 1 comparison and 2 thumbs are opted out. carol's (other test) are opted out too.
-    assert training_data.feedback_count_since(conn, chats.started) == 6 + 8
+    assert training_data.feedback_count_since(conn, chats.started) == training_data.NewFeedback(votes=6 + 8, edits=0)
     future = datetime.now(timezone.utc) + timedelta(hours=1)
-    assert training_data.feedback_count_since(conn, future) == 0
+    assert training_data.feedback_count_since(conn, future) == training_data.NewFeedback(votes=0, edits=0)
     with pytest.raises(ValueError):
         training_data.feedback_count_since(conn, datetime.now())
 

@@ -4,16 +4,19 @@ round never stops the scheduler."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
 from apscheduler.events import EVENT_JOB_EXECUTED
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
+from feedback import store
 from retrain.runs import RoundAlreadyRunning, recorded_run
 from retrain.scheduler import build_scheduler, enough_new_feedback, new_feedback_since
 
@@ -35,7 +38,7 @@ def _run_until(scheduler, done: threading.Event, timeout_s: float = 30) -> None:
 
 
 def test_nothing_to_schedule_is_refused_naming_the_settings(round_db):
-    with pytest.raises(ValueError, match="RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON or RETRAIN_MIN_NEW_FEEDBACK"):
+    with pytest.raises(ValueError, match="RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON, RETRAIN_MIN_NEW_FEEDBACK or RETRAIN_MIN_NEW_EDITS"):
         _build(round_db)
 
 
@@ -65,15 +68,48 @@ def test_feedback_since_the_last_round_is_counted(round_db, seed_store):
     seeded = seed_store(round_db, 3, private=2)
     # Per usable conversation: the comparison and two thumbs; opted-out conversations never count.
     everything = seeded.comparisons + seeded.thumbs
-    assert new_feedback_since(round_db, None) == everything == 9
+    assert new_feedback_since(round_db, None).votes == everything == 9
     assert enough_new_feedback(round_db, 9) and not enough_new_feedback(round_db, 10)
 
     with recorded_run(round_db, "manual"):  # a round starts: what came before it is used
         pass
-    assert new_feedback_since(round_db, datetime.now(UTC)) == 0
+    assert new_feedback_since(round_db, datetime.now(UTC)).votes == 0
     assert not enough_new_feedback(round_db, 1)
     seed_store(round_db, 1, user_token="later-user")
     assert enough_new_feedback(round_db, 3) and not enough_new_feedback(round_db, 4)
+
+
+async def _edit_answers(url: str, n: int) -> None:
+    """`n` answers, each rewritten by its user (stored with its "edit beats original" comparison)."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        user = await store.user_for_token(conn, "editor")
+        for i in range(n):
+            chat = await store.create_conversation(conn, user, f"edited {i}")
+            question = await store.add_message(conn, user, chat.id, None, "user", f"Name a colour ({i})")
+            answer = await store.add_message(conn, user, chat.id, question.id, "assistant", "Hmm.",
+                                             model_version="base-tiny")
+            await store.record_demonstration(conn, user, answer.id, f"Blue ({i}).")
+
+
+def test_edits_start_a_round_by_their_own_count_and_are_not_votes(round_db, seed_store):
+    seed_store(round_db, 2)  # 6 votes
+    asyncio.run(_edit_answers(round_db, 2))
+    new = new_feedback_since(round_db, None)
+    assert (new.votes, new.edits) == (6, 2)
+    assert not enough_new_feedback(round_db, 7)  # the edits' comparisons are not votes too
+    assert enough_new_feedback(round_db, 0, 2) and not enough_new_feedback(round_db, 0, 3)
+    assert enough_new_feedback(round_db, 7, 2)  # either kind is enough
+
+    triggers: list[str] = []
+    done = threading.Event()
+
+    def round_fn(trigger: str) -> None:
+        triggers.append(trigger)
+        done.set()
+
+    # Votes never start a round here (min_new_feedback 0); two edits do.
+    _run_until(_build(round_db, round_fn, min_new_edits=2), done)
+    assert triggers == ["feedback"]
 
 
 def test_enough_feedback_starts_a_round_at_once(round_db, seed_store):
