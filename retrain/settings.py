@@ -182,9 +182,17 @@ class RetrainSettings(ModelSettings):
     retrain_min_pairs: int = Field(8, ge=1, description="Fewest preference pairs for a round to run.")
     retrain_min_prompts: int = Field(8, ge=1, description="Fewest PPO prompts for a round to run.")
     retrain_ppo_iterations: int = Field(8, ge=1, description="PPO iterations per round.")
+    # 32 answers and one optimiser step an iteration (TRL's GRPO/RLOO default: each sampled batch is
+    # one on-policy step). With 16 answers in 4 steps of 8 (2 prompts a step, each batch used
+    # twice), every round of the loop's simple runs and of their coin-toss controls alike spent its
+    # KL budget after 4-6 iterations, at the same rate with or without a preference in the votes.
     retrain_ppo_batch_size: int = Field(
-        16, ge=1, description="Answers per PPO iteration, per process: RETRAIN_PPO_BATCH_SIZE / "
+        32, ge=1, description="Answers per PPO iteration, per process: RETRAIN_PPO_BATCH_SIZE / "
         "RETRAIN_PPO_GROUP_SIZE prompts (a launch of N processes samples N times as many)."
+    )
+    retrain_ppo_mini_batch_size: int | None = Field(
+        None, ge=1, description="Answers per optimiser step; RETRAIN_PPO_BATCH_SIZE must be a multiple "
+        "of it. Unset: all of the iteration's answers, one step per epoch."
     )
     retrain_ppo_group_size: int = Field(
         4, ge=1, description="Answers sampled per prompt; rloo and grpo compare each with its siblings "
@@ -196,7 +204,7 @@ class RetrainSettings(ModelSettings):
         "(warmed up before the policy moves, kept in the checkpoint across rounds)."
     )
     retrain_ppo_epochs: int = Field(
-        2, ge=1, description="PPO passes over each iteration's answers (the update's cost scales with it)."
+        1, ge=1, description="PPO passes over each iteration's answers (the update's cost scales with it)."
     )
     retrain_max_new_tokens: int = Field(
         64, ge=1, description="Answer length cap of PPO rollouts and the gate, in tokens; an answer "
@@ -246,6 +254,9 @@ class RetrainSettings(ModelSettings):
         if self.retrain_ppo_batch_size % self.retrain_ppo_group_size:
             raise ValueError(f"RETRAIN_PPO_BATCH_SIZE={self.retrain_ppo_batch_size} must be a multiple of "
                              f"RETRAIN_PPO_GROUP_SIZE={self.retrain_ppo_group_size}")
+        if self.retrain_ppo_mini_batch_size and self.retrain_ppo_batch_size % self.retrain_ppo_mini_batch_size:
+            raise ValueError(f"RETRAIN_PPO_BATCH_SIZE={self.retrain_ppo_batch_size} must be a multiple of "
+                             f"RETRAIN_PPO_MINI_BATCH_SIZE={self.retrain_ppo_mini_batch_size}")
         if self.retrain_advantage_estimator != "gae" and self.retrain_ppo_group_size < 2:
             raise ValueError(f"RETRAIN_ADVANTAGE_ESTIMATOR={self.retrain_advantage_estimator} compares an answer with "
                              "its siblings: RETRAIN_PPO_GROUP_SIZE must be >= 2 (or use gae)")
@@ -304,7 +315,7 @@ class RetrainSettings(ModelSettings):
                 batch_size=batch,
                 group_size=self.retrain_ppo_group_size,
                 advantage_estimator=self.retrain_advantage_estimator,
-                mini_batch_size=min(8, batch) if batch % min(8, batch) == 0 else batch,
+                mini_batch_size=self.retrain_ppo_mini_batch_size or batch,
                 # 4 answers per forward pass: the same updates, half the peak memory of 8 (the
                 # update's activations through 30 blocks dominate a round's ~7 GB at 8).
                 micro_batch_size=min(4, batch),

@@ -245,3 +245,13 @@ def test_config_command_prints_the_full_config_and_the_file_overrides_it(tmp_pat
     overrides.write_text(json.dumps({"ppo": {"kl_coeff": 0.2}}))
     with pytest.raises(ValueError, match="unknown ppo fields"):
         RetrainSettings().retrain_config()
+
+
+def test_a_ppo_iteration_is_one_optimiser_step_unless_a_mini_batch_is_set(monkeypatch):
+    ppo = RetrainSettings(retrain_config_file=None).retrain_config().ppo
+    assert (ppo.batch_size, ppo.mini_batch_size, ppo.ppo_epochs) == (32, 32, 1)
+    monkeypatch.setenv("RETRAIN_PPO_MINI_BATCH_SIZE", "8")
+    assert RetrainSettings(retrain_config_file=None).retrain_config().ppo.mini_batch_size == 8
+    monkeypatch.setenv("RETRAIN_PPO_MINI_BATCH_SIZE", "12")
+    with pytest.raises(ValueError, match="RETRAIN_PPO_BATCH_SIZE=32 must be a multiple of RETRAIN_PPO_MINI_BATCH_SIZE=12"):
+        RetrainSettings()
