@@ -241,8 +241,8 @@ class PPOConfig:
         },
     )
     # 5e-4 since each iteration is one step on fresh answers: at 2e-4 such steps moved SmolLM2 about
-    # 0.1 nat each (4 steps of the loop's round 1: 0.05, 0.19, 0.32, 0.30), where reusing 16 answers
-    # for 4 steps had moved it 1-1.5 nats an iteration, mostly along that one small batch's noise.
+    # 0.1 nat each (4 steps of the loop's round 1: 0.05, 0.19, 0.32, 0.30), where 4 steps on 16
+    # answers, each used twice, had moved it 1-1.5 nats an iteration.
     learning_rate: float = field(
         default=5e-4,
         metadata={"help": "AdamW learning rate of the policy (LoRA or full; set for a rank-16 LoRA adapter, "

@@ -2,9 +2,10 @@
 
 apscheduler 3.x runs two jobs in one process: the clock (an interval or a crontab line) and a
 feedback watcher that starts a round early once `min_new_feedback` votes (thumbs and
-comparisons) or `min_new_edits` edited answers have arrived since the last round began. Both call the same round function; the round's advisory
-lock (retrain/runs.py) keeps it to one at a time across every process sharing the database,
-and each job has max_instances=1 so this process never queues rounds behind itself.
+comparisons) or `min_new_edits` edited answers have arrived since the last round began. Both
+call the same round function; the round's advisory lock (retrain/runs.py) keeps it to one at a
+time across every process sharing the database, and each job has max_instances=1 so this
+process never queues rounds behind itself.
 """
 
 from __future__ import annotations

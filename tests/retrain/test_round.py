@@ -253,5 +253,5 @@ def test_a_ppo_iteration_is_one_optimiser_step_unless_a_mini_batch_is_set(monkey
     monkeypatch.setenv("RETRAIN_PPO_MINI_BATCH_SIZE", "8")
     assert RetrainSettings(retrain_config_file=None).retrain_config().ppo.mini_batch_size == 8
     monkeypatch.setenv("RETRAIN_PPO_MINI_BATCH_SIZE", "12")
-    with pytest.raises(ValueError, match="RETRAIN_PPO_BATCH_SIZE=32 must be a multiple of RETRAIN_PPO_MINI_BATCH_SIZE=12"):
+    with pytest.raises(ValueError, match="BATCH_SIZE=32 must be a multiple of RETRAIN_PPO_MINI_BATCH_SIZE=12"):
         RetrainSettings()

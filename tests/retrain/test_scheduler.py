@@ -38,7 +38,8 @@ def _run_until(scheduler, done: threading.Event, timeout_s: float = 30) -> None:
 
 
 def test_nothing_to_schedule_is_refused_naming_the_settings(round_db):
-    with pytest.raises(ValueError, match="RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON, RETRAIN_MIN_NEW_FEEDBACK or RETRAIN_MIN_NEW_EDITS"):
+    settings = "RETRAIN_INTERVAL_MINUTES, RETRAIN_CRON, RETRAIN_MIN_NEW_FEEDBACK or RETRAIN_MIN_NEW_EDITS"
+    with pytest.raises(ValueError, match=settings):
         _build(round_db)
 
 
