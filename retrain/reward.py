@@ -1,12 +1,13 @@
 """The reward model: a transformer body with a scalar head, trained on human preferences.
 
-Read top to bottom: the config; the model (body + linear head, the score read at the last real
-token, normalisation); saving and loading; the loss; `train_reward_model`, the loop.
+Read top to bottom: the config; the model (body + linear head on the mean of the answer's
+hidden states or on its last token, normalisation); saving and loading; the loss;
+`train_reward_model`, the loop.
 
-Why the body + our own head rather than AutoModelForSequenceClassification: HF's pooling finds
-the last token that is not the pad id, and SmolLM2's pad id is its end-of-turn id, so a sequence
-ending in <|im_end|> would be read one token early. Here the read position comes from the
-attention mask. Owning the head also lets it start at
+Why the body + our own head rather than AutoModelForSequenceClassification: HF reads the last
+token that is not the pad id, and SmolLM2's pad id is its end-of-turn id, so a sequence ending
+in <|im_end|> would be read one token early; and it cannot average the answer's tokens. Here
+the positions come from the masks. Owning the head also lets it start at
 zero (every score 0 before training), gives it a learning rate of its own, and hands PPO a plain
 `nn.Linear(hidden, 1)` to initialise its value head from.
 
@@ -65,7 +66,7 @@ from .reward_data import (
     RewardData,
     ThumbLabel,
     collate,
-    encode_conversation,
+    encode_answer,
     encode_groups,
     encode_thumbs,
     item_length,
@@ -89,6 +90,7 @@ class RewardConfig:
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha / rank)."})
     num_layers: int | None = field(default=None, metadata={"help": "Keep only the bottom N transformer blocks of the backbone (None: all). Cost is proportional to depth: the knob for a CPU budget."})
     trainable_layers: int | None = field(default=None, metadata={"help": "Only the top N transformer blocks learn (None: all). Blocks below build no autograd graph, so backward cost shrinks with N."})
+    pooling: str = field(default="mean", metadata={"help": "What the head reads: 'mean' of the answer's own tokens' hidden states, or 'last', the state at the answer's end-of-turn token."})
     # data
     max_tokens: int = field(default=512, metadata={"help": "Longest prompt + answer, in tokens; longer ones lose their oldest tokens (the answer's end is kept)."})
     held_out_percent: float = field(default=10.0, metadata={"help": "Percent of prompts held out for pairwise accuracy when no evaluation data is given."})
@@ -121,12 +123,15 @@ class RewardConfig:
             raise ValueError("num_layers must be >= 1, or None for all")
         if self.trainable_layers is not None and self.trainable_layers < 1:
             raise ValueError("trainable_layers must be >= 1, or None for all")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 0:
             raise ValueError("batch sizes and grad_accum_steps must be >= 1, epochs >= 0")
 
 
 # What a saved model is made of: a warm start takes these from the model it starts from.
-SHAPE_FIELDS = ("base_model", "num_layers", "lora_rank", "lora_alpha", "trainable_layers")
+SHAPE_FIELDS = ("base_model", "num_layers", "lora_rank", "lora_alpha", "trainable_layers", "pooling")
+POOLINGS = ("mean", "last")
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -139,7 +144,14 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(nn.Module):
-    """score = head(hidden state of the last real token); normalised = (raw - bias) / scale."""
+    """score = head(pooled hidden states); normalised = (raw - bias) / scale.
+
+    Pooling 'mean' averages the answer's own tokens (the batch's `answer_mask`); 'last' reads
+    the last real token, the answer's end-of-turn. Mean is the default because a preference
+    about an answer's style is spread over all its tokens: with frozen SmolLM2 features and a
+    linear judge fit on the loop's `simple` votes, the mean of the answer's tokens ranked
+    held-out pairs better than the end-of-turn state at most depths (bench/judge_probe.py
+    measures the trained model)."""
 
     def __init__(self, body: nn.Module, head: nn.Linear, tokenizer, config: RewardConfig, bias: float = 0.0, scale: float = 1.0):
         super().__init__()
@@ -150,12 +162,18 @@ class RewardModel(nn.Module):
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw scores [B] (float32) of token sequences [B, T]."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw scores [B] (float32) of token sequences [B, T]; `answer_mask` marks the answers'
+        own tokens (None: every real token counts as the answer's)."""
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, last_token_index(attention_mask)]
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+        if self.config.pooling == "mean":
+            weights = (attention_mask if answer_mask is None else answer_mask).unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        else:
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            pooled = hidden[rows, last_token_index(attention_mask)]
+        return self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def normalize(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.bias) / self.scale
@@ -167,8 +185,9 @@ class RewardModel(nn.Module):
         Batched by similar length; no gradients; the model's train/eval mode is restored after.
         Normalised scores: the serving policy's answers average 0 with std 1."""
         batch_size = batch_size or self.config.eval_batch_size
-        encoded = [encode_conversation(self.tokenizer, prompt, answer, self.config.max_tokens) for prompt, answer in conversations]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        encoded = [EncodedThumb(ids, 1, answer_tokens) for ids, answer_tokens in
+                   (encode_answer(self.tokenizer, prompt, answer, self.config.max_tokens) for prompt, answer in conversations)]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].sequence))
         scores = torch.empty(len(encoded), dtype=torch.float32)
         device = self.head.weight.device
         was_training = self.training
@@ -176,8 +195,8 @@ class RewardModel(nn.Module):
         try:
             for start in range(0, len(order), batch_size):
                 rows = order[start : start + batch_size]
-                batch = collate([EncodedThumb(encoded[i], 1) for i in rows], self.pad_id)
-                raw = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                batch = collate([encoded[i] for i in rows], self.pad_id)
+                raw = self(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["answer_mask"].to(device))
                 scores[rows] = raw.cpu()
         finally:
             self.train(was_training)
@@ -280,6 +299,12 @@ def save_reward_model(model: RewardModel, path: str | os.PathLike, metrics: dict
     return path
 
 
+def saved_config(manifest: dict) -> RewardConfig:
+    """The config a saved model was trained with; models saved before `pooling` existed read
+    the last token."""
+    return RewardConfig(**{"pooling": "last", **manifest["config"]})
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.exists():
@@ -296,7 +321,7 @@ def load_reward_model(path: str | os.PathLike, *, base_model: str | None = None,
     manifest = read_manifest(path)
     if manifest["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path}: reward model format {manifest['format_version']}, this code reads {FORMAT_VERSION}")
-    config = RewardConfig(**manifest["config"])
+    config = saved_config(manifest)
     if base_model:
         config.base_model = str(base_model)
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
@@ -358,7 +383,7 @@ def evaluate(model: nn.Module, groups: Sequence[EncodedGroup], thumbs: Sequence[
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for rows in batches[accelerator.process_index :: accelerator.num_processes]:
         batch = collate([items[i] for i in rows], pad_id)
-        scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        scores = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["answer_mask"].to(device))
         margins = scores[batch["pair_chosen"].to(device)] - scores[batch["pair_rejected"].to(device)]
         thumb_scores = scores[batch["thumb_index"].to(device)]
         totals += torch.stack([
@@ -442,7 +467,7 @@ def train_reward_model(
 
     # The model: fresh, or the previous one with its shape (the new config's training settings).
     if init_from is not None:
-        previous = RewardConfig(**read_manifest(init_from)["config"])
+        previous = saved_config(read_manifest(init_from))
         kept = {name: getattr(previous, name) for name in SHAPE_FIELDS if name != "base_model" or not config.base_model}
         config = dataclasses.replace(config, **kept)
         model = load_reward_model(init_from, base_model=config.base_model or None, trainable=True)
@@ -504,7 +529,7 @@ def train_reward_model(
         tick, cpu_tick = time.perf_counter(), time.process_time()
         for batch in loader:
             with accelerator.accumulate(model):
-                scores = model(batch["input_ids"], batch["attention_mask"])
+                scores = model(batch["input_ids"], batch["attention_mask"], batch["answer_mask"])
                 loss, stats = preference_loss(scores, batch, config.thumb_weight, config.center_coef, config.tie_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:

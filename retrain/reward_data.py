@@ -144,11 +144,21 @@ def encode_conversation(tokenizer, prompt: Sequence[Message], answer: str, max_t
 
     Cutting from the left keeps the answer and the turns nearest to it, which is what a judge
     of the answer needs most; the oldest turns (and the system prompt) go first."""
+    return encode_answer(tokenizer, prompt, answer, max_tokens)[0]
+
+
+def encode_answer(tokenizer, prompt: Sequence[Message], answer: str, max_tokens: int) -> tuple[list[int], int]:
+    """`encode_conversation`'s ids, and how many of the last ones are the answer's own: its
+    text and end-of-turn token, what a mean-pooling judge averages over (at least 1; all of
+    them when the answer alone is longer than `max_tokens`)."""
     text = tokenizer.apply_chat_template([*map(dict, prompt), {"role": "assistant", "content": answer}], tokenize=False)
     # Templates end a turn with e.g. "<|im_end|>\n": drop the trailing whitespace so the last
     # token is the end-of-turn marker itself, the same place for every answer.
     ids = tokenizer(text.rstrip(), add_special_tokens=False)["input_ids"]
-    return ids[-max_tokens:]
+    opening = tokenizer.apply_chat_template([*map(dict, prompt)], tokenize=False, add_generation_prompt=True)
+    prompt_tokens = len(tokenizer(opening, add_special_tokens=False)["input_ids"])
+    kept = ids[-max_tokens:]
+    return kept, max(1, min(len(ids) - prompt_tokens, len(kept)))
 
 
 @dataclass(frozen=True)
@@ -158,12 +168,14 @@ class EncodedGroup:
     sequences: list[list[int]]
     pairs: list[tuple[int, int]]  # (chosen index, rejected index) into `sequences`
     ties: list[tuple[int, int]] = field(default_factory=list)  # (index, index) of 'same' verdicts
+    answer_tokens: list[int] | None = None  # per sequence, its last tokens that are the answer (None: all)
 
 
 @dataclass(frozen=True)
 class EncodedThumb:
     sequence: list[int]
     label: int
+    answer_tokens: int | None = None  # the sequence's last tokens that are the answer (None: all)
 
 
 def encode_groups(tokenizer, groups: Sequence[ComparisonGroup], max_tokens: int) -> list[EncodedGroup]:
@@ -171,24 +183,32 @@ def encode_groups(tokenizer, groups: Sequence[ComparisonGroup], max_tokens: int)
     for group in groups:
         answers = group.answers()
         index = {text: i for i, text in enumerate(answers)}
+        sequences, answer_tokens = zip(*(encode_answer(tokenizer, group.prompt, text, max_tokens) for text in answers))
         encoded.append(EncodedGroup(
-            sequences=[encode_conversation(tokenizer, group.prompt, text, max_tokens) for text in answers],
+            sequences=list(sequences),
             pairs=[(index[pair.chosen], index[pair.rejected]) for pair in group.pairs if not pair.tie],
             ties=[(index[pair.chosen], index[pair.rejected]) for pair in group.pairs if pair.tie],
+            answer_tokens=list(answer_tokens),
         ))
     return encoded
 
 
 def encode_thumbs(tokenizer, thumbs: Sequence[ThumbLabel], max_tokens: int) -> list[EncodedThumb]:
-    return [EncodedThumb(encode_conversation(tokenizer, t.prompt, t.answer, max_tokens), t.label) for t in thumbs]
+    encoded = []
+    for thumb in thumbs:
+        ids, answer_tokens = encode_answer(tokenizer, thumb.prompt, thumb.answer, max_tokens)
+        encoded.append(EncodedThumb(ids, thumb.label, answer_tokens))
+    return encoded
 
 
 def collate(items: Sequence[EncodedGroup | EncodedThumb], pad_id: int) -> dict:
-    """One batch: every sequence of every item, right-padded, plus where each loss term reads.
+    """One batch: every sequence of every item, right-padded, plus where each loss term reads
+    and which tokens are the answers' own (`answer_mask`, what a mean-pooling judge averages).
 
     Weights make each item count once in the batch mean: a group's pairs and ties share its
     weight (1/(pairs + ties) each, i.e. 1/C(K,2) for a full K-way ranking) and a thumb has its own."""
     sequences: list[list[int]] = []
+    answer_tokens: list[int | None] = []
     chosen, rejected, pair_weight = [], [], []
     tie_a, tie_b, tie_weight = [], [], []
     thumb_index, thumb_label = [], []
@@ -196,6 +216,7 @@ def collate(items: Sequence[EncodedGroup | EncodedThumb], pad_id: int) -> dict:
         offset = len(sequences)
         if isinstance(item, EncodedGroup):
             sequences.extend(item.sequences)
+            answer_tokens.extend(item.answer_tokens or [None] * len(item.sequences))
             share = 1.0 / (len(item.pairs) + len(item.ties))
             for c, r in item.pairs:
                 chosen.append(offset + c)
@@ -207,17 +228,21 @@ def collate(items: Sequence[EncodedGroup | EncodedThumb], pad_id: int) -> dict:
                 tie_weight.append(share)
         else:
             sequences.append(item.sequence)
+            answer_tokens.append(item.answer_tokens)
             thumb_index.append(offset)
             thumb_label.append(float(item.label))
     width = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
+    answer_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, answer) in enumerate(zip(sequences, answer_tokens)):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
+        answer_mask[row, len(ids) - min(answer or len(ids), len(ids)) : len(ids)] = 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
+        "answer_mask": answer_mask,
         "pair_chosen": torch.tensor(chosen, dtype=torch.long),
         "pair_rejected": torch.tensor(rejected, dtype=torch.long),
         "pair_weight": torch.tensor(pair_weight, dtype=torch.float32),

@@ -219,6 +219,10 @@ class RetrainSettings(ModelSettings):
     retrain_reward_trainable_layers: int | None = Field(
         4, ge=1, description="Only the reward model's top N blocks learn (LoRA); unset: all of them."
     )
+    retrain_reward_pooling: Literal["mean", "last"] = Field(
+        "mean", description="What the reward model's head reads: the mean of the answer's own tokens' "
+        "hidden states, or the state at its last token (a warm start keeps the previous model's).",
+    )
     retrain_reward_max_tokens: int = Field(
         384, ge=16, description="Longest prompt + answer the reward model reads, in tokens."
     )
@@ -300,6 +304,7 @@ class RetrainSettings(ModelSettings):
                 held_out_percent=self.retrain_held_out_percent,
                 num_layers=self.retrain_reward_layers,
                 trainable_layers=self.retrain_reward_trainable_layers,
+                pooling=self.retrain_reward_pooling,
                 log_every=5,
             ),
             sft=SFTConfig(

@@ -28,6 +28,7 @@ from retrain.reward_data import (
     RewardData,
     ThumbLabel,
     collate,
+    encode_answer,
     encode_conversation,
     split_held_out,
 )
@@ -72,8 +73,9 @@ def test_learns_a_planted_rule(tiny_model_dir, tmp_path):
     assert chosen > rejected
 
 
-def test_score_is_read_at_the_last_real_token_whatever_the_padding(tiny_model_dir):
-    model = new_reward_model(tiny_config(tiny_model_dir, lora_rank=0))
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_a_score_does_not_depend_on_the_padding_of_its_batch(tiny_model_dir, pooling):
+    model = new_reward_model(tiny_config(tiny_model_dir, lora_rank=0, pooling=pooling))
     torch.manual_seed(0)
     torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would score everything 0
     short = ([{"role": "user", "content": "Hi"}], "Hello!")
@@ -89,6 +91,54 @@ def test_score_is_read_at_the_last_real_token_whatever_the_padding(tiny_model_di
 
     torch.testing.assert_close(in_batch[0], alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.isclose(in_batch[0], in_batch[1])
+
+
+def test_the_answers_own_tokens_are_its_text_and_end_of_turn(tiny_model_dir):
+    tokenizer = new_reward_model(tiny_config(tiny_model_dir)).tokenizer
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is rain?"}]
+    answer = "Water falling from clouds."
+
+    ids, answer_tokens = encode_answer(tokenizer, prompt, answer, max_tokens=256)
+
+    assert tokenizer.decode(ids[-answer_tokens:]) == answer + "<|im_end|>"
+    assert len(ids) > answer_tokens  # the prompt's tokens are there, before the answer's
+    # Cut to fewer tokens than the answer has: every token kept is the answer's.
+    cut, cut_answer_tokens = encode_answer(tokenizer, prompt, answer, max_tokens=3)
+    assert (len(cut), cut_answer_tokens) == (3, 3)
+
+
+def test_mean_pooling_averages_the_answers_tokens_only(tiny_model_dir):
+    model = new_reward_model(tiny_config(tiny_model_dir, lora_rank=0, pooling="mean")).eval()
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.head.weight, std=0.5)
+    prompt = [{"role": "user", "content": "Name a colour."}]
+    ids, answer_tokens = encode_answer(model.tokenizer, prompt, "Blue, like the sky.", max_tokens=64)
+
+    score = model.score([(prompt, "Blue, like the sky.")], normalized=False)[0]
+
+    with torch.no_grad():
+        hidden = model.body(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        by_hand = model.head(hidden[-answer_tokens:].mean(dim=0))[0]
+        whole = model.head(hidden.mean(dim=0))[0]
+    torch.testing.assert_close(score, by_hand, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(score, whole)  # the prompt's tokens are not in the average
+
+
+def test_the_answer_mask_marks_each_rows_last_answer_tokens():
+    group = EncodedGroup(sequences=[[1, 2, 3, 4], [5, 6]], pairs=[(0, 1)], answer_tokens=[2, 1])
+    batch = collate([group, EncodedThumb([7, 8, 9], 1, None)], pad_id=0)
+    assert batch["answer_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 0, 0], [1, 1, 1, 0]]  # None: all of it
+
+
+def test_pooling_is_checked_and_a_model_saved_before_it_existed_reads_the_last_token(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="pooling must be one of mean, last"):
+        tiny_config(tiny_model_dir, pooling="max")
+    path = save_reward_model(new_reward_model(tiny_config(tiny_model_dir, pooling="last")), tmp_path / "old")
+    manifest = json.loads((path / "reward_model.json").read_text())
+    del manifest["config"]["pooling"]
+    (path / "reward_model.json").write_text(json.dumps(manifest))
+
+    assert load_reward_model(path).config.pooling == "last"
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -180,16 +230,16 @@ def test_warm_start_resumes_from_the_previous_model(tiny_model_dir, tmp_path):
     first = train_reward_model(train, tiny_config(tiny_model_dir, lora_rank=8), tmp_path / "first", eval_data=held_out)
     before = load_reward_model(tmp_path / "first").score([(g.prompt, g.pairs[0].chosen) for g in held_out.groups])
 
-    # A refresh with a different rank asked for still gets the previous model's shape, and
-    # starts exactly where the previous model ended.
-    refresh = tiny_config(tiny_model_dir, lora_rank=2, epochs=0, eval_at_start=True)
+    # A refresh with a different rank and pooling asked for still gets the previous model's
+    # shape, and starts exactly where the previous model ended.
+    refresh = tiny_config(tiny_model_dir, lora_rank=2, pooling="last", epochs=0, eval_at_start=True)
     second = train_reward_model(train, refresh, tmp_path / "second", eval_data=held_out, init_from=tmp_path / "first")
 
     assert second["warm_started_from"] == str(tmp_path / "first")
     assert second["eval_before"]["accuracy"] == first["eval_accuracy"]
     assert second["eval_before"]["mean_margin"] == pytest.approx(first["eval"]["mean_margin"], abs=1e-5)
     resumed = load_reward_model(tmp_path / "second")
-    assert resumed.config.lora_rank == 8
+    assert (resumed.config.lora_rank, resumed.config.pooling) == (8, "mean")
     after = resumed.score([(g.prompt, g.pairs[0].chosen) for g in held_out.groups], normalized=False)
     torch.testing.assert_close(after, before * resumed.scale + resumed.bias, atol=1e-4, rtol=1e-4)
 
@@ -222,9 +272,11 @@ def test_thumbs_alone_train_and_are_evaluated(tiny_model_dir, tmp_path):
         return out
     # A pointwise label is a weaker signal than a contrast: on the random tiny model the loss
     # sits at ln 2 for several epochs at the pair tests' learning rate, so this one trains
-    # harder (measured: held-out thumb accuracy 0.53 at lr 3e-3 x 5 epochs, 0.93 at 1e-2).
+    # harder (measured: held-out thumb accuracy 0.53 at lr 3e-3 x 5 epochs, 0.93 at 1e-2). The
+    # label's word is the answer's last, next to the end-of-turn token that 'last' pooling reads;
+    # averaged over the random model's answer tokens it is a faint signal (0.58 here with 'mean').
     config = tiny_config(tiny_model_dir, lora_rank=0, epochs=6, thumb_weight=1.0, learning_rate=1e-2,
-                         head_learning_rate=1e-2, center_coef=0.0)
+                         head_learning_rate=1e-2, center_coef=0.0, pooling="last")
     metrics = train_reward_model(RewardData(thumbs=thumbs(128)), config,
                                  tmp_path / "rm", eval_data=RewardData(thumbs=thumbs(60)))
     assert metrics["eval"]["thumbs"] == 60
