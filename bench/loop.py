@@ -617,7 +617,7 @@ def _markdown_cell(row: RoundRow) -> str:
         kept = budget["kept_iteration"]
         why = (f"{budget['final_greedy_repetitive_rate']:.0%} of greedy answers looped after the last update"
                if budget.get("stop_reason") == "loops" else
-               f"at its KL budget ({budget['stop_kl']:.1f} > {budget.get('limit') or budget['max_kl']:g})"
+               f"at its KL budget ({budget['stop_kl']:.1f} > {budget.get('limit') or budget['max_kl']:.1f})"
                if budget.get("stop_kl") is not None else "on a KL that was not a number")
         gate.append(f"PPO stopped {why}, kept " + (f"iteration {kept}" if kept is not None else "nothing"))
     return f"{measured}; " + ", ".join(gate)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -236,11 +237,13 @@ def render(out: Console, result) -> None:
         kept = budget["kept_iteration"]
         why = (f"{budget['final_greedy_repetitive_rate']:.0%} of its greedy answers loop after the last update"
                if budget.get("stop_reason") == "loops" else
-               f"KL budget: {budget['stop_kl']:.2f} nats measured at iteration {budget['stopped_at']}, over {budget['max_kl']}")
+               f"KL budget: {budget['stop_kl']:.2f} nats measured at iteration {budget['stopped_at']}, "
+               f"over {budget.get('limit') or budget.get('max_kl') or math.nan:.2f}")
         out.print(f"[yellow]ppo stopped[/]: {why}: the candidate is "
                   + (f"the weights iteration {kept} started from" if kept is not None else "the serving policy"))
     elif budget.get("final_kl") is not None:
-        out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, within {budget['max_kl']}")
+        out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, "
+                  f"within {budget.get('limit') or budget.get('max_kl') or math.nan:.2f}")
     style = "green" if result.status == "succeeded" else "red"
     out.print(f"[{style}]{result.reason}[/]")
     verb = "registered as a candidate" if result.status == "succeeded" else "registered as rejected"

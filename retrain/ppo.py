@@ -9,7 +9,8 @@ iteration:
   1. rollouts   batch_size / group_size prompts, group_size answers to each, sampled at
                 temperature T (top_p 1, top_k off);
   2. forward    old log-probs and values (policy), reference log-probs (adapter off); the
-                KL budget: rollouts whose mean KL to the reference is over `max_kl` end PPO,
+                KL budget: rollouts whose mean KL to the reference is over the round's limit
+                (`max_kl_step` above its first measurement, at most `max_kl`) end PPO,
                 with the weights back where they were last measured within it (after the
                 last update, greedy answers look for loops and one more batch of rollouts
                 measures its KL: either over its bound undoes it);
@@ -185,17 +186,27 @@ class PPOConfig:
         default=10_000,
         metadata={"help": "Adaptive KL horizon in episodes (answers): how fast beta moves towards the target."},
     )
-    max_kl: float | None = field(
+    max_kl_step: float | None = field(
         default=6.0,
         metadata={
-            "help": "KL budget in nats per answer (the rollouts' mean KL to the reference, measured before "
-            "every update and once after the last): the first time it is over, PPO stops and goes back to "
-            "the last weights measured within it. A round that starts over it (from a policy promoted "
-            "beyond it) may trade within its first measurement, not move further. Keep it under gate.max_kl "
-            "(the gate measures greedy "
-            "answers; sampled rollouts of 4 prompts are noisy). A fixed beta cannot hold a policy that a "
-            "strong reward model pulls hard: in the loop one round went from 3.5 to 12.2 nats in 3 "
-            "iterations. None: no budget (and no measuring pass after the last update)."
+            "help": "KL budget of one round in nats per answer: how far the rollouts' mean KL to the reference "
+            "may rise above the round's first measurement (before any update), checked before every update and "
+            "once after the last: the first time it is over, PPO stops and goes back to the last weights "
+            "measured within it. The reference stays the base model (InstructGPT's penalty), so the KL a "
+            "promotion reached is where the next round starts, not spent from its budget: without a step, "
+            "one good round took a run's whole budget and every later round could only trade within it. A "
+            "fixed beta cannot hold a policy that a strong reward model pulls hard: in the loop one round "
+            "went from 3.5 to 12.2 nats in 3 iterations. None: only max_kl bounds a round."
+        },
+    )
+    max_kl: float | None = field(
+        default=16.0,
+        metadata={
+            "help": "KL ceiling in nats per answer over all rounds: the rollouts' mean KL to the reference "
+            "never goes above it (a round that starts over it, from a policy promoted beyond it, may trade "
+            "within its first measurement, not move further). Keep it under gate.max_kl (the gate measures "
+            "greedy answers, which run 1.2-1.3x the sampled KL in the loop; sampled rollouts of 4 prompts are "
+            "noisy). None, with max_kl_step None: no budget (and no measuring pass after the last update)."
         },
     )
     # advantages
@@ -298,8 +309,14 @@ class PPOConfig:
             raise ValueError("greedy_prompts must be >= 0")
         if self.unlikelihood_coef < 0 or self.unlikelihood_ngram < 1:
             raise ValueError("unlikelihood_coef must be >= 0 and unlikelihood_ngram >= 1")
-        if self.max_kl is not None and not self.max_kl > 0:
-            raise ValueError(f"max_kl must be a positive number of nats (or None for no budget), not {self.max_kl!r}")
+        for name in ("max_kl", "max_kl_step"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of nats (or None for no bound), not {value!r}")
+
+    @property
+    def has_kl_budget(self) -> bool:
+        return self.max_kl is not None or self.max_kl_step is not None
 
     @property
     def uses_critic(self) -> bool:
@@ -541,32 +558,39 @@ class AdaptiveKLController:
 
 
 class KLBudget:
-    """Keeps a round's policy within `max_kl` nats per answer of the reference, whatever beta is
-    (and, through `restore`, lets the check after the last update undo it for other reasons).
+    """Keeps a round's policy within its KL budget, whatever beta is (and, through `restore`, lets
+    the check after the last update undo it for other reasons).
 
-    Every batch of rollouts measures the KL of the policy that sampled it. Within the budget, the
-    trained weights are copied (a LoRA adapter: a few MB) before the update moves them; the first
-    time a measurement is over, they go back to the last copy, the policy that measured within it,
-    and PPO stops. A round whose first measurement is already over the budget (it starts from a
-    serving policy promoted beyond it: the gate's bound is on greedy answers, this one on sampled
-    ones) may trade within where it started but not move further: the limit is the larger of the
-    two, so a promotion can never stop every later round before its first update. max_kl None:
-    every check passes and nothing is copied."""
+    Every batch of rollouts measures the mean KL to the reference of the policy that sampled it. The
+    first measurement (before any update) is where the round starts; the limit is `max_step` above
+    it, and never above the ceiling `max_kl`, except that a round starting over the ceiling (from a
+    policy promoted beyond it: the gate's bound is on greedy answers, this one on sampled ones) may
+    trade within where it started, so no promotion can stop every later round before its first
+    update. Within the limit, the trained weights are copied (a LoRA adapter: a few MB) before the
+    update moves them; the first time a measurement is over, they go back to the last copy, the
+    policy that measured within it, and PPO stops. Both bounds None: every check passes and nothing
+    is copied."""
 
-    def __init__(self, max_kl: float | None, module: nn.Module, keep: bool | None = None):
+    def __init__(self, max_kl: float | None, module: nn.Module, keep: bool | None = None,
+                 max_step: float | None = None):  # fmt: skip
         """keep: copy the weights at every check that passes (default: when there is a budget)."""
-        self.max_kl, self.module = max_kl, module
-        self.keep = max_kl is not None if keep is None else keep
+        self.max_kl, self.max_step, self.module = max_kl, max_step, module
+        self.bounded = max_kl is not None or max_step is not None
+        self.keep = self.bounded if keep is None else keep
         self.kept: dict[str, torch.Tensor] | None = None
         self.kept_iteration: int | None = None  # the iteration whose starting weights were kept
-        self.limit: float | None = None  # max_kl, or the first measurement when that was over it
+        self.start: float | None = None  # the first measurement: where the round starts
+        self.limit: float | None = None  # min(start + max_step, max_kl), or start when that is over both
 
     def check(self, kl: float, iteration: int) -> bool:
         """True: `kl` (of the weights as they are now) is within the budget, and they are kept.
         False: it is over (or not a number), and the last kept weights are back in place."""
-        if self.max_kl is not None and self.limit is None and math.isfinite(kl):
-            self.limit = max(self.max_kl, kl)
-        if self.max_kl is None or (math.isfinite(kl) and kl <= self.limit):
+        if self.bounded and self.limit is None and math.isfinite(kl):
+            self.start = kl
+            step = kl + self.max_step if self.max_step is not None else math.inf
+            ceiling = self.max_kl if self.max_kl is not None else math.inf
+            self.limit = max(kl, min(step, ceiling))
+        if not self.bounded or (math.isfinite(kl) and kl <= self.limit):
             if self.keep:
                 self.kept = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
                 self.kept_iteration = iteration
@@ -911,8 +935,9 @@ class PPOResult:
     counts: dict[str, int] = field(metadata={"help": "Prompts given, used and skipped (too long)."})
     kl_budget: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "The KL budget's record: max_kl; limit (max_kl, or start_kl: the first measurement, "
-                          "when the policy started over the budget); stopped_at (the iteration whose rollouts "
+        metadata={"help": "The KL budget's record: max_kl (the ceiling) and max_kl_step; start_kl (the first "
+                          "measurement); limit (min(start_kl + max_kl_step, max_kl), or start_kl when the policy "
+                          "started over that); stopped_at (the iteration whose rollouts "
                           "measured over it, num_iterations for the check after the last update, or None) with "
                           "stop_reason ('kl' with stop_kl, or 'loops': final_greedy_repetitive_rate over the "
                           "bound, of final_greedy_prompts greedy answers, set aside from the iterations' when "
@@ -1159,8 +1184,9 @@ def train_ppo(
         return loops, accelerator.reduce(torch.tensor(share, device=device), "mean").item()
 
     loop_guard = greedy_batches is not None and config.max_greedy_repetitive_rate is not None
-    budget = KLBudget(config.max_kl, unwrapped, keep=config.max_kl is not None or loop_guard)
-    budget_log: dict[str, Any] = {"max_kl": config.max_kl, "stopped_at": None, "kept_iteration": None}
+    budget = KLBudget(config.max_kl, unwrapped, keep=config.has_kl_budget or loop_guard, max_step=config.max_kl_step)
+    budget_log: dict[str, Any] = {"max_kl": config.max_kl, "max_kl_step": config.max_kl_step, "stopped_at": None,
+                                  "kept_iteration": None}  # fmt: skip
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
     ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
@@ -1185,13 +1211,17 @@ def train_ppo(
                 else "the weights it started from (no update was made)",
             )  # fmt: skip
             break
-        if iteration == 0 and config.max_kl is not None and budget.limit > config.max_kl:
-            budget_log["start_kl"] = kl_per_sequence
-            logger.warning(
-                "ppo: the policy starts %.2f nats per answer from the reference, over the budget of %.2f (it was "
-                "promoted beyond it): PPO may trade within %.2f but not move further", kl_per_sequence,
-                config.max_kl, budget.limit,
-            )  # fmt: skip
+        if iteration == 0 and budget.start is not None:
+            budget_log["start_kl"] = budget.start
+            if config.max_kl is not None and budget.start > config.max_kl:
+                logger.warning(
+                    "ppo: the policy starts %.2f nats per answer from the reference, over the ceiling of %.2f (it "
+                    "was promoted beyond it): PPO may trade within %.2f but not move further", budget.start,
+                    config.max_kl, budget.limit,
+                )  # fmt: skip
+            else:
+                logger.info("ppo: the policy starts %.2f nats per answer from the reference; this round may go to %.2f",
+                            budget.start, budget.limit)  # fmt: skip
         query_ids, query_mask, response_ids = rollouts.query_ids, rollouts.query_mask, rollouts.response_ids
         fmask, has_eos, old_logp, ref_logp = rollouts.mask, rollouts.has_eos, rollouts.old_logp, rollouts.ref_logp
         old_values, hidden_states = rollouts.old_values, rollouts.hidden
@@ -1353,7 +1383,7 @@ def train_ppo(
                 "back to the weights iteration %s started from", 100 * looping, per_process * world,
                 100 * config.max_greedy_repetitive_rate, budget.kept_iteration,
             )  # fmt: skip
-        elif config.max_kl is not None:
+        elif config.has_kl_budget:
             rollouts, kl_per_sequence = rollouts_for(next_prompts())
             budget_log.update(final_kl=kl_per_sequence, final_check_s=rollouts.generation_s + rollouts.forward_s)
             if not budget.check(kl_per_sequence, config.num_iterations):

@@ -109,7 +109,7 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
     result.rounds[2].run = {"status": "skipped", "promoted": False}
     control.rounds[2].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.5,
                              "gate_win_rate_lower": 0.3, "reward_accuracy": None, "gate_kl": 6.5,
-                             "ppo_kl_budget": {"max_kl": 6.0, "limit": 6.25, "stopped_at": 2, "stop_kl": 6.5,
+                             "ppo_kl_budget": {"max_kl": 6.0, "limit": 6.3, "stopped_at": 2, "stop_kl": 6.5,
                                                "kept_iteration": 1}}
     control.rounds[1].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.25,
                              "gate_win_rate_lower": 0.1, "reward_accuracy": None, "gate_kl": 1.0,
@@ -122,10 +122,10 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "|---|---|---|",
         "| 0 | 0.50 / 0.25 | 0.50 / 0.25 |",
         "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
-        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive, PPO stopped at its KL budget (7.4 > 6), "
+        "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive, PPO stopped at its KL budget (7.4 > 6.0), "
         "kept iteration 4 |",
         "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25; rejected 0.50 (0.30), KL 6.50, PPO stopped at its KL budget "
-        "(6.5 > 6.25), kept iteration 1 |",
+        "(6.5 > 6.3), kept iteration 1 |",
     ]
     # A KL that was not a number is stored as null: the table says so rather than fail.
     control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None

@@ -331,13 +331,34 @@ def test_the_kl_budget_keeps_the_last_weights_measured_within_it():
     assert torch.equal(layer.weight, moved) and not torch.equal(layer.weight, start)
     assert budget.kept_iteration == 1 and layer.frozen.item() == 2.0
     assert not KLBudget(2.0, layer).check(float("nan"), 0), "a KL that is not a number is never within"
-    # A policy that starts over the budget (promoted beyond it) may trade within where it started.
+    # A policy that starts over the ceiling (promoted beyond it) may trade within where it started.
     promoted = KLBudget(2.0, layer)
     assert promoted.check(3.0, 0) and promoted.limit == 3.0
     assert promoted.check(2.9, 1) and not promoted.check(3.1, 2) and promoted.kept_iteration == 1
     assert KLBudget(None, layer).check(1e9, 0), "no budget: every check passes"
     with pytest.raises(ValueError, match="max_kl"):
         PPOConfig(max_kl=0.0)
+    with pytest.raises(ValueError, match="max_kl_step"):
+        PPOConfig(max_kl_step=-1.0)
+
+
+def test_a_rounds_kl_budget_is_a_step_from_where_it_starts_under_the_ceiling():
+    """The reference stays the base model, so a round that starts from a promoted policy starts at
+    that policy's KL: its budget is max_step above that, not what the earlier rounds left over."""
+    layer = torch.nn.Linear(2, 1)
+    second_round = KLBudget(max_kl=16.0, module=layer, max_step=6.0)
+    assert second_round.check(6.5, 0) and (second_round.start, second_round.limit) == (6.5, 12.5)
+    assert second_round.check(12.5, 1) and not second_round.check(12.6, 2)
+    assert second_round.kept_iteration == 1
+    near_ceiling = KLBudget(max_kl=16.0, module=layer, max_step=6.0)
+    assert near_ceiling.check(13.0, 0) and near_ceiling.limit == 16.0, "the step stops at the ceiling"
+    assert near_ceiling.check(16.0, 1) and not near_ceiling.check(16.1, 2)
+    over_ceiling = KLBudget(max_kl=16.0, module=layer, max_step=6.0)
+    assert over_ceiling.check(17.0, 0) and over_ceiling.limit == 17.0, "promoted beyond it: trade within"
+    step_only = KLBudget(max_kl=None, module=layer, max_step=2.0)
+    assert step_only.check(30.0, 0) and step_only.limit == 32.0 and not step_only.check(32.5, 1)
+    first_nan = KLBudget(max_kl=16.0, module=layer, max_step=6.0)
+    assert not first_nan.check(float("nan"), 0) and first_nan.limit is None and first_nan.kept is None
 
 
 def test_ppo_stops_at_its_kl_budget_with_the_weights_measured_within_it(tokenizer, sft_model):
@@ -371,7 +392,7 @@ def test_ppo_measures_its_last_update_against_the_budget(tokenizer, sft_model, t
     fresh.load_state_dict(sft_state)
     unbudgeted = train_ppo(
         fresh, tokenizer, [conversation(p) for p in PROMPTS], cats_reward,
-        PPOConfig(**{**asdict(config), "max_kl": None}),
+        PPOConfig(**{**asdict(config), "max_kl": None, "max_kl_step": None}),
     )  # fmt: skip
     assert "final_kl" not in unbudgeted.kl_budget and unbudgeted.kl_budget["stopped_at"] is None
 
@@ -382,7 +403,7 @@ def test_ppo_undoes_a_last_update_whose_greedy_answers_loop(tokenizer, sft_model
     config = PPOConfig(
         num_iterations=2, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
         temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=None,
-        unlikelihood_coef=0.0, repetition_penalty=None, greedy_prompts=3,
+        max_kl_step=None, unlikelihood_coef=0.0, repetition_penalty=None, greedy_prompts=3,
     )  # fmt: skip
     prompts = [conversation(p) for p in PROMPTS]
     undone = train_ppo(sft_model, tokenizer, prompts, cats_reward, config, is_repetitive=lambda a: True)

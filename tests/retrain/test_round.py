@@ -65,7 +65,8 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
     assert row["metrics"]["reward"]["warm_started_from"] is None  # the first round starts fresh
     assert len(row["metrics"]["ppo"]["iterations"]) == 1
     budget = row["metrics"]["ppo"]["kl_budget"]  # the shipped budget measured the one update
-    assert budget["max_kl"] == 6.0 and budget["stopped_at"] is None and math.isfinite(budget["final_kl"])
+    assert (budget["max_kl"], budget["max_kl_step"]) == (16.0, 6.0) and budget["stopped_at"] is None
+    assert math.isfinite(budget["final_kl"]) and budget["limit"] == pytest.approx(budget["start_kl"] + 6.0)
 
     with registry.connect(round_db) as conn:
         candidate = registry.get(conn, result.candidate_id)
