@@ -611,7 +611,7 @@ def test_ppo_pushes_down_the_loops_of_its_own_greedy_answers(tokenizer, tiny_mod
     config = PPOConfig(
         num_iterations=3, batch_size=8, group_size=2, mini_batch_size=8, micro_batch_size=8, max_new_tokens=12,
         temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, unlikelihood_ngram=2,
-        repetition_penalty=None, max_kl=None, max_greedy_repetitive_rate=None,  # every update stays
+        repetition_penalty=None, max_kl=None, max_kl_step=None, max_greedy_repetitive_rate=None,  # every update stays
     )  # fmt: skip
     loops, share = greedy_loops(model, tokenizer, query, query_mask, config, [EOS], EOS, lambda a: True)
     assert share == 1.0 and loops["candidates"].sum().item() > 0
