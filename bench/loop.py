@@ -620,6 +620,10 @@ def _markdown_cell(row: RoundRow) -> str:
                f"at its KL budget ({budget['stop_kl']:.1f} > {budget.get('limit') or budget['max_kl']:.1f})"
                if budget.get("stop_kl") is not None else "on a KL that was not a number")
         gate.append(f"PPO stopped {why}, kept " + (f"iteration {kept}" if kept is not None else "nothing"))
+    if budget.get("backtracks"):
+        gate.append(f"PPO stepped back {len(budget['backtracks'])}x (KL "
+                    + ", ".join(f"{b['kl']:.1f}" for b in budget["backtracks"])
+                    + f" > {budget.get('limit') or budget['max_kl']:.1f})")
     return f"{measured}; " + ", ".join(gate)
 
 

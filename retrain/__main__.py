@@ -233,17 +233,22 @@ def render(out: Console, result) -> None:
                   f"KL {last['kl']:.3f} nats, entropy {last.get('entropy', float('nan')):.3f}, "
                   f"length {last['response_length']:.1f}, EOS rate {last['eos_rate']:.2f}")
     budget = m.get("ppo", {}).get("kl_budget") or {}
+    limit = budget.get("limit") or budget.get("max_kl") or math.nan
+    if budget.get("backtracks"):
+        steps = budget["backtracks"]
+        over = ", ".join(f"{step['kl']:.2f}" for step in steps)
+        out.print(f"ppo stepped back {len(steps)} time(s) from an update over its KL budget ({over} nats > "
+                  f"{limit:.2f}), on at learning rate {steps[-1]['learning_rate']:.3g}")
     if budget.get("stopped_at") is not None:
         kept = budget["kept_iteration"]
         why = (f"{budget['final_greedy_repetitive_rate']:.0%} of its greedy answers loop after the last update"
                if budget.get("stop_reason") == "loops" else
                f"KL budget: {budget['stop_kl']:.2f} nats measured at iteration {budget['stopped_at']}, "
-               f"over {budget.get('limit') or budget.get('max_kl') or math.nan:.2f}")
+               f"over {limit:.2f}")
         out.print(f"[yellow]ppo stopped[/]: {why}: the candidate is "
                   + (f"the weights iteration {kept} started from" if kept is not None else "the serving policy"))
     elif budget.get("final_kl") is not None:
-        out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, "
-                  f"within {budget.get('limit') or budget.get('max_kl') or math.nan:.2f}")
+        out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, within {limit:.2f}")
     style = "green" if result.status == "succeeded" else "red"
     out.print(f"[{style}]{result.reason}[/]")
     verb = "registered as a candidate" if result.status == "succeeded" else "registered as rejected"

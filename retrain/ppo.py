@@ -10,10 +10,12 @@ iteration:
                 temperature T (top_p 1, top_k off);
   2. forward    old log-probs and values (policy), reference log-probs (adapter off); the
                 KL budget: rollouts whose mean KL to the reference is over the round's limit
-                (`max_kl_step` above its first measurement, at most `max_kl`) end PPO,
-                with the weights back where they were last measured within it (after the
-                last update, greedy answers look for loops and one more batch of rollouts
-                measures its KL: either over its bound undoes it);
+                (`max_kl_step` above its first measurement, at most `max_kl`) put the
+                weights (and Adam's moments) back where they were last measured within it;
+                up to `kl_backtracks` times PPO goes on from there at a smaller learning
+                rate, then it stops (after the last update, greedy answers look for loops
+                and one more batch of rollouts measures its KL: either over its bound
+                undoes it);
   3. scoring    reward_fn(prompts, answers) -> one score per answer; optional normalisation;
                 the no-EOS penalty and the repetition penalty; the policy's greedy answers to
                 `greedy_prompts` other prompts, whose loops (the gate's test) the update will
@@ -199,6 +201,21 @@ class PPOConfig:
             "went from 3.5 to 12.2 nats in 3 iterations. None: only max_kl bounds a round."
         },
     )
+    kl_backtracks: int = field(
+        default=3,
+        metadata={
+            "help": "Times a round may step back from an update that took the policy over its KL budget "
+            "rather than stop: the weights and the optimiser's moments go back to the last ones measured "
+            "within it and PPO goes on at kl_backtrack_factor times the learning rate (a backtracking line "
+            "search, as TRPO's). One update moved SmolLM2's adapter 2-7 nats in the loop, the same "
+            "learning rate from the same promoted policy (Adam's first steps are about lr per weight "
+            "whatever the gradient), so a 6-nat step held 0-3 updates and a round whose first update "
+            "overshot trained nothing. 0: the first update over the budget ends PPO."
+        },
+    )
+    kl_backtrack_factor: float = field(
+        default=0.5, metadata={"help": "Learning-rate factor of each step back (0 < factor < 1)."}
+    )
     max_kl: float | None = field(
         default=16.0,
         metadata={
@@ -309,6 +326,9 @@ class PPOConfig:
             raise ValueError("greedy_prompts must be >= 0")
         if self.unlikelihood_coef < 0 or self.unlikelihood_ngram < 1:
             raise ValueError("unlikelihood_coef must be >= 0 and unlikelihood_ngram >= 1")
+        if self.kl_backtracks < 0 or not 0 < self.kl_backtrack_factor < 1:
+            raise ValueError(f"kl_backtracks must be >= 0 and 0 < kl_backtrack_factor < 1, not "
+                             f"{self.kl_backtracks!r} and {self.kl_backtrack_factor!r}")
         for name in ("max_kl", "max_kl_step"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -567,17 +587,18 @@ class KLBudget:
     policy promoted beyond it: the gate's bound is on greedy answers, this one on sampled ones) may
     trade within where it started, so no promotion can stop every later round before its first
     update. Within the limit, the trained weights are copied (a LoRA adapter: a few MB) before the
-    update moves them; the first time a measurement is over, they go back to the last copy, the
-    policy that measured within it, and PPO stops. Both bounds None: every check passes and nothing
-    is copied."""
+    update moves them; when a measurement is over, they go back to the last copy, the policy that
+    measured within it (and, given the optimiser, so do its moments: a step back leaves no trace of
+    the update it undid). Both bounds None: every check passes and nothing is copied."""
 
     def __init__(self, max_kl: float | None, module: nn.Module, keep: bool | None = None,
-                 max_step: float | None = None):  # fmt: skip
+                 max_step: float | None = None, optimizer: torch.optim.Optimizer | None = None):  # fmt: skip
         """keep: copy the weights at every check that passes (default: when there is a budget)."""
-        self.max_kl, self.max_step, self.module = max_kl, max_step, module
+        self.max_kl, self.max_step, self.module, self.optimizer = max_kl, max_step, module, optimizer
         self.bounded = max_kl is not None or max_step is not None
         self.keep = self.bounded if keep is None else keep
         self.kept: dict[str, torch.Tensor] | None = None
+        self.kept_optimizer: dict[str, Any] | None = None
         self.kept_iteration: int | None = None  # the iteration whose starting weights were kept
         self.start: float | None = None  # the first measurement: where the round starts
         self.limit: float | None = None  # min(start + max_step, max_kl), or start when that is over both
@@ -593,18 +614,23 @@ class KLBudget:
         if not self.bounded or (math.isfinite(kl) and kl <= self.limit):
             if self.keep:
                 self.kept = {n: p.detach().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+                if self.optimizer is not None:
+                    self.kept_optimizer = copy.deepcopy(self.optimizer.state_dict())
                 self.kept_iteration = iteration
             return True
         self.restore()
         return False
 
     def restore(self) -> None:
-        """The last kept weights back in place (nothing to do before any were kept)."""
+        """The last kept weights (and optimiser moments) back in place (nothing to do before any
+        were kept). The optimiser gets a copy: its steps update their moments in place."""
         if self.kept is not None:
             with torch.no_grad():
                 for name, param in self.module.named_parameters():
                     if name in self.kept:
                         param.copy_(self.kept[name])
+        if self.kept_optimizer is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(self.kept_optimizer))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1184,9 +1210,13 @@ def train_ppo(
         return loops, accelerator.reduce(torch.tensor(share, device=device), "mean").item()
 
     loop_guard = greedy_batches is not None and config.max_greedy_repetitive_rate is not None
-    budget = KLBudget(config.max_kl, unwrapped, keep=config.has_kl_budget or loop_guard, max_step=config.max_kl_step)
+    can_step_back = config.has_kl_budget and config.kl_backtracks > 0
+    budget = KLBudget(config.max_kl, unwrapped, keep=config.has_kl_budget or loop_guard, max_step=config.max_kl_step,
+                      optimizer=optimizer if can_step_back else None)  # fmt: skip
     budget_log: dict[str, Any] = {"max_kl": config.max_kl, "max_kl_step": config.max_kl_step, "stopped_at": None,
-                                  "kept_iteration": None}  # fmt: skip
+                                  "kept_iteration": None, "backtracks": []}  # fmt: skip
+    learning_rate = config.learning_rate  # the policy's: each step back scales it down
+    unchecked_update = False  # an update no measurement has seen yet (the check after the loop's)
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
     ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
@@ -1201,7 +1231,23 @@ def train_ppo(
 
         # 1. rollouts, 2. old log-probs and values, reference log-probs ----------------------------
         rollouts, kl_per_sequence = rollouts_for(batch, keep_hidden=warm_up)
-        if not budget.check(kl_per_sequence, iteration):
+        within = budget.check(kl_per_sequence, iteration)
+        unchecked_update = False
+        if not within and len(budget_log["backtracks"]) < config.kl_backtracks and budget.kept is not None:
+            # A step back: the last update went too far, not necessarily its direction. The kept
+            # weights (and moments) are in place; the next iteration samples from them.
+            learning_rate *= config.kl_backtrack_factor
+            optimizer.param_groups[0]["lr"] = learning_rate
+            budget_log["backtracks"].append({"iteration": iteration, "kl": kl_per_sequence, "learning_rate": learning_rate,
+                                             "kept_iteration": budget.kept_iteration})  # fmt: skip
+            logger.warning(
+                "ppo iteration %d: the policy's KL to the reference is %.2f nats per answer, over the budget of "
+                "%.2f: back to the weights iteration %d started from, and on at learning rate %.3g (step back %d "
+                "of %d)", iteration, kl_per_sequence, budget.limit, budget.kept_iteration, learning_rate,
+                len(budget_log["backtracks"]), config.kl_backtracks,
+            )  # fmt: skip
+            continue
+        if not within:
             budget_log.update(stopped_at=iteration, stop_reason="kl", stop_kl=kl_per_sequence,
                               kept_iteration=budget.kept_iteration)  # fmt: skip
             logger.warning(
@@ -1323,6 +1369,7 @@ def train_ppo(
                         step_stats.setdefault(key, []).append(value)
                 accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                 optimizer.step()
+        unchecked_update = True
         t_trained = time.perf_counter()
 
         # 7. KL controller, log -----------------------------------------------------------------------
@@ -1339,6 +1386,7 @@ def train_ppo(
             "non_score_reward": across_processes(non_score.sum(1)),
             "kl": kl_per_sequence,
             "beta": beta,
+            "learning_rate": learning_rate,
             "response_length": across_processes(mask.sum(1)),
             "eos_rate": across_processes(has_eos),
             "repetitive_rate": across_processes(repeats),
@@ -1356,10 +1404,10 @@ def train_ppo(
         stats_per_iteration.append(stats)
         progress.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.2f}", beta=f"{beta:.3g}")
         logger.info(
-            "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  entropy %.3f  clip %.3f  "
+            "ppo iteration %d: score %.3f  kl %.3f nats/seq  beta %.4g  lr %.3g  entropy %.3f  clip %.3f  "
             "value loss %s  approx kl %.4f  length %.1f  eos %.2f  repetitive %.2f (greedy %.2f)  "
             "| gen %.1fs fwd %.1fs score %.1fs greedy %.1fs train %.1fs",
-            iteration, stats["score_mean"], stats["kl"], beta, stats["entropy"], stats["clip_frac"],
+            iteration, stats["score_mean"], stats["kl"], beta, learning_rate, stats["entropy"], stats["clip_frac"],
             f"{stats['value_loss']:.4f}" if "value_loss" in stats else "-", stats["approx_kl"],
             stats["response_length"], stats["eos_rate"], stats["repetitive_rate"], stats["greedy_repetitive_rate"],
             stats["generation_s"], stats["forward_s"], stats["scoring_s"], stats["greedy_s"], stats["training_s"],
@@ -1367,9 +1415,10 @@ def train_ppo(
 
     else:
         # The last update was never checked: greedy answers to fresh prompts look for loops, and one
-        # more batch of rollouts measures its KL; either over its bound undoes it.
+        # more batch of rollouts measures its KL; either over its bound undoes it. (A run whose last
+        # iteration stepped back ends on weights already measured.)
         looping = None
-        if loop_guard:
+        if loop_guard and unchecked_update:
             t_check = time.perf_counter()
             _, looping = greedy_check(final_rows)
             budget_log.update(final_greedy_repetitive_rate=looping, final_greedy_prompts=per_process * world,
@@ -1383,7 +1432,7 @@ def train_ppo(
                 "back to the weights iteration %s started from", 100 * looping, per_process * world,
                 100 * config.max_greedy_repetitive_rate, budget.kept_iteration,
             )  # fmt: skip
-        elif config.has_kl_budget:
+        elif config.has_kl_budget and unchecked_update:
             rollouts, kl_per_sequence = rollouts_for(next_prompts())
             budget_log.update(final_kl=kl_per_sequence, final_check_s=rollouts.generation_s + rollouts.forward_s)
             if not budget.check(kl_per_sequence, config.num_iterations):

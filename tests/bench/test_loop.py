@@ -105,7 +105,9 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
     result, control = _report("simple", 0.0, [0.5, 0.8, 0.75]), _report("simple", 1.0, [0.5, 0.5, 0.5])
     result.rounds[1].run = {"status": "succeeded", "promoted": True, "gate_win_rate": 0.8125,
                             "gate_win_rate_lower": 0.6, "reward_accuracy": 0.7, "reward_pairs": 30,
-                            "users_on_serving_answers": {"thumb_accuracy": 0.75, "thumbs": 60}, "gate_kl": 2.5}
+                            "users_on_serving_answers": {"thumb_accuracy": 0.75, "thumbs": 60}, "gate_kl": 2.5,
+                            "ppo_kl_budget": {"max_kl": 16.0, "limit": 10.4, "stopped_at": None,
+                                              "backtracks": [{"iteration": 2, "kl": 12.24, "learning_rate": 2.5e-4}]}}
     result.rounds[2].run = {"status": "skipped", "promoted": False}
     control.rounds[2].run = {"status": "rejected", "promoted": False, "gate_win_rate": 0.5,
                              "gate_win_rate_lower": 0.3, "reward_accuracy": None, "gate_kl": 6.5,
@@ -121,7 +123,8 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "| round | result | control |",
         "|---|---|---|",
         "| 0 | 0.50 / 0.25 | 0.50 / 0.25 |",
-        "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50 "
+        "| 1 | 0.80 / 0.40; succeeded, promoted 0.81 (0.60), judge 0.70 on 30, thumbs 0.75 on 60, KL 2.50, "
+        "PPO stepped back 1x (KL 12.2 > 10.4) "
         "| 0.50 / 0.25; rejected 0.25 (0.10), KL 1.00, 15% repetitive, PPO stopped at its KL budget (7.4 > 6.0), "
         "kept iteration 4 |",
         "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25; rejected 0.50 (0.30), KL 6.50, PPO stopped at its KL budget "

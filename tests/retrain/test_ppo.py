@@ -361,13 +361,61 @@ def test_a_rounds_kl_budget_is_a_step_from_where_it_starts_under_the_ceiling():
     assert not first_nan.check(float("nan"), 0) and first_nan.limit is None and first_nan.kept is None
 
 
+def test_a_step_back_puts_the_optimisers_moments_back_with_the_weights():
+    layer = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        layer(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+
+    budget = KLBudget(max_kl=2.0, module=layer, optimizer=optimizer)
+    step()
+    assert budget.check(1.0, 1)
+    kept_weight, kept_moment = layer.weight.detach().clone(), optimizer.state[layer.weight]["exp_avg"].clone()
+    for kl in (3.0, 4.0):  # two steps back to the same point: stepping in between leaves the copy as it was
+        step()
+        step()
+        assert not budget.check(kl, 2)
+        assert torch.equal(layer.weight, kept_weight)
+        assert torch.equal(optimizer.state[layer.weight]["exp_avg"], kept_moment)
+        assert optimizer.state[layer.weight]["step"].item() == 1
+    with pytest.raises(ValueError, match="kl_backtrack_factor"):
+        PPOConfig(kl_backtrack_factor=1.0)
+    with pytest.raises(ValueError, match="kl_backtracks"):
+        PPOConfig(kl_backtracks=-1)
+
+
+def test_ppo_steps_back_from_an_update_over_its_budget_at_a_smaller_learning_rate(tokenizer, sft_model):
+    """A budget only the untrained adapter is within: every update goes over it. Each time, the
+    adapter goes back to the weights measured within it (LoRA's B at zero), and PPO goes on at half
+    the learning rate, until its steps back are spent; then it stops."""
+    config = PPOConfig(
+        num_iterations=6, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
+        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=1e-6, kl_backtracks=2,
+    )  # fmt: skip
+    # Answers' lengths differ, so every update has a gradient and moves B off zero.
+    by_length = lambda prompts, answers: torch.tensor([float(len(answer)) for answer in answers])  # noqa: E731
+    result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS], by_length, config)
+    budget = result.kl_budget
+    assert [(b["iteration"], b["learning_rate"], b["kept_iteration"]) for b in budget["backtracks"]] == [
+        (1, 5e-3, 0), (3, 2.5e-3, 2)]
+    rates = [(s["iteration"], s["learning_rate"]) for s in result.stats]
+    assert rates[:2] == [(0, 1e-2), (2, 5e-3)] and all(rate == 2.5e-3 for _, rate in rates[2:])
+    assert [s["kl"] for s in result.stats[:2]] == pytest.approx([0.0, 0.0], abs=1e-6), "back to B = 0"
+    assert all(s["kl"] <= config.max_kl for s in result.stats), "every update started within the budget"
+    assert budget["stopped_at"] is not None and budget["stop_kl"] > config.max_kl, "steps back spent, PPO stops"
+    assert budget["kept_iteration"] == result.stats[-1]["iteration"], "with the last weights measured within"
+
+
 def test_ppo_stops_at_its_kl_budget_with_the_weights_measured_within_it(tokenizer, sft_model):
-    """A budget only the untrained adapter is within: iteration 0 measures the reference itself
-    (LoRA's B starts at zero: KL exactly 0), trains, iteration 1 measures over the budget, and
-    the adapter goes back to iteration 0's starting weights."""
+    """No steps back: iteration 0 measures the reference itself (LoRA's B starts at zero: KL
+    exactly 0), trains, iteration 1 measures over the budget, and the adapter goes back to
+    iteration 0's starting weights."""
     config = PPOConfig(
         num_iterations=4, batch_size=8, mini_batch_size=8, micro_batch_size=8, max_new_tokens=10,
-        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=1e-6,
+        temperature=1.0, learning_rate=1e-2, lora_r=8, lora_alpha=16, seed=0, max_kl=1e-6, kl_backtracks=0,
     )  # fmt: skip
     result = train_ppo(sft_model, tokenizer, [conversation(p) for p in PROMPTS], cats_reward, config)
     assert result.kl_budget["stopped_at"] == 1 and result.kl_budget["kept_iteration"] == 0
