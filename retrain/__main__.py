@@ -6,7 +6,8 @@
   config  the full config a round would use, every field with its help
 
 Exit codes of `once`: 0 a candidate passed the gate (and was registered), 1 the round failed
-(its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate, 4 skipped
+(its retrain_runs row has the traceback), 2 usage, 3 the gate rejected the candidate (or PPO kept
+no update, so there was none), 4 skipped
 (too little data), 5 another round is running, 143 stopped by SIGTERM (its row says
 'interrupted'; nothing registered or promoted). `serve` on SIGTERM starts no new round, lets
 the running one stop at its next stage (recorded 'interrupted') and exits 0. `--json` prints one JSON document on stdout;
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m retrain",
         description="Flywheel's retraining: reward model refresh, PPO, gate, registration.",
-        epilog="Exit codes (once): 0 passed, 1 failed, 2 usage, 3 rejected by the gate, "
-        "4 skipped (too little data), 5 another round is running.",
+        epilog="Exit codes (once): 0 passed, 1 failed, 2 usage, 3 rejected by the gate "
+        "(or no candidate: PPO kept no update), 4 skipped (too little data), 5 another round is running.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     once = commands.add_parser("once", help="run one round now and print its time breakdown")
@@ -251,6 +252,8 @@ def render(out: Console, result) -> None:
         out.print(f"ppo's KL budget: {budget['final_kl']:.2f} nats after the last update, within {limit:.2f}")
     style = "green" if result.status == "succeeded" else "red"
     out.print(f"[{style}]{result.reason}[/]")
+    if result.candidate_id is None:  # PPO kept no update: nothing was registered
+        return
     verb = "registered as a candidate" if result.status == "succeeded" else "registered as rejected"
     promotion = m.get("promotion")
     line = f"checkpoint {result.candidate_id} {verb}"

@@ -969,7 +969,12 @@ class PPOResult:
                           "bound, of final_greedy_prompts greedy answers, set aside from the iterations' when "
                           "final_greedy_set_aside, taking final_greedy_s); kept_iteration (whose starting weights "
                           "are the result: None when none were ever within, a KL that is not a number); "
-                          "final_kl and final_check_s of the check after the last update."},
+                          "final_kl and final_check_s of the check after the last update; backtracks "
+                          "(one record per step back: iteration, kl, learning_rate, kept_iteration)."},
+    )
+    moved: bool = field(
+        default=True,
+        metadata={"help": "False when every update was undone: the model is the one PPO was given, as it was."},
     )
 
 
@@ -1217,6 +1222,9 @@ def train_ppo(
                                   "kept_iteration": None, "backtracks": []}  # fmt: skip
     learning_rate = config.learning_rate  # the policy's: each step back scales it down
     unchecked_update = False  # an update no measurement has seen yet (the check after the loop's)
+    # Whether the weights in place are other than those PPO was given, and whether the kept ones
+    # are (a step back restores those, and with them this).
+    moved = kept_moved = False
     ptx_tokens = tokenize_ptx(tokenizer, ptx_texts, config.max_ptx_tokens) if ptx_texts and config.ptx_coef else []
     ptx_order = torch.Generator().manual_seed(config.seed + 1)
     ptx_batches = cycle_batches(len(ptx_tokens), config.ptx_batch_size, ptx_order) if ptx_tokens else None
@@ -1233,6 +1241,10 @@ def train_ppo(
         rollouts, kl_per_sequence = rollouts_for(batch, keep_hidden=warm_up)
         within = budget.check(kl_per_sequence, iteration)
         unchecked_update = False
+        if within:
+            kept_moved = moved
+        else:  # the kept weights are back in place
+            moved = kept_moved
         if not within and len(budget_log["backtracks"]) < config.kl_backtracks and budget.kept is not None:
             # A step back: the last update went too far, not necessarily its direction. The kept
             # weights (and moments) are in place; the next iteration samples from them.
@@ -1369,7 +1381,7 @@ def train_ppo(
                         step_stats.setdefault(key, []).append(value)
                 accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                 optimizer.step()
-        unchecked_update = True
+        unchecked_update = moved = True
         t_trained = time.perf_counter()
 
         # 7. KL controller, log -----------------------------------------------------------------------
@@ -1426,6 +1438,7 @@ def train_ppo(
                               final_greedy_s=time.perf_counter() - t_check)  # fmt: skip
         if looping is not None and looping > config.max_greedy_repetitive_rate:
             budget.restore()
+            moved = kept_moved
             budget_log.update(stopped_at=config.num_iterations, stop_reason="loops", kept_iteration=budget.kept_iteration)
             logger.warning(
                 "ppo: after the last update %.0f%% of the policy's greedy answers to %d prompts loop (allowed: %.0f%%): "
@@ -1436,6 +1449,7 @@ def train_ppo(
             rollouts, kl_per_sequence = rollouts_for(next_prompts())
             budget_log.update(final_kl=kl_per_sequence, final_check_s=rollouts.generation_s + rollouts.forward_s)
             if not budget.check(kl_per_sequence, config.num_iterations):
+                moved = kept_moved
                 budget_log.update(stopped_at=config.num_iterations, stop_reason="kl", stop_kl=kl_per_sequence,
                                   kept_iteration=budget.kept_iteration)  # fmt: skip
                 logger.warning(
@@ -1452,5 +1466,5 @@ def train_ppo(
     final = accelerator.unwrap_model(module)
     return PPOResult(
         stats=stats_per_iteration, model=final.policy, value_head=final.value_head, config=asdict(config), counts=counts,
-        kl_budget=budget_log,
+        kl_budget=budget_log, moved=moved,
     )

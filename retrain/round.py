@@ -15,7 +15,9 @@
   4. PPO        >= 1 iteration on a fresh sample of the training-side prompts, seeded by the
                 round's own seed (`round_seed`): the serving adapter keeps training (or a fresh
                 one starts on the base); reference = adapter off; with GAE the critic starts
-                from the serving checkpoint's (`critic_start`).
+                from the serving checkpoint's (`critic_start`). When PPO undid every update it
+                made and no SFT ran, the candidate is the serving policy: the round ends
+                rejected there, with nothing gated, saved or registered.
   5. gate       candidate vs serving on the held-out prompts, both greedy: reward-model win
                 rate (with its confidence bound) and mean reward, the reward model's own
                 held-out accuracy and how it ranks the users' verdicts on the serving policy's
@@ -122,8 +124,8 @@ class RoundFailed(RuntimeError):
 @dataclass
 class RoundResult:
     run_id: int
-    status: str  # 'succeeded' (a passing candidate), 'rejected' (the gate said no), 'skipped'
-    reason: str  # the skip reason or the gate's summary
+    status: str  # 'succeeded' (a passing candidate), 'rejected' (the gate said no, or PPO kept nothing), 'skipped'
+    reason: str  # the skip reason, the gate's summary, or why there was no candidate
     candidate_id: str | None = None
     promoted: bool = False
     counts: dict = field(default_factory=dict)
@@ -263,6 +265,18 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     run.metrics["ppo"] = {
         "iterations": result.stats, "last": result.stats[-1] if result.stats else None, "kl_budget": result.kl_budget,
     }
+    # Every update went over the KL budget and was undone, and no SFT ran: the candidate is the
+    # serving policy itself, which the gate could only call a tie. Nothing to judge, save or register.
+    if not result.moved and not run.metrics["sft"]["ran"]:
+        reason = ("PPO kept no update (each one it made went over its KL budget and was undone) and no SFT ran: "
+                  "the candidate would be the serving policy, so nothing was gated or registered")
+        log.warning("round rejected: %s", reason)
+        run.status = "rejected"
+        run.metrics["decision"] = {"passed": False, "reasons": [reason], "summary": reason}
+        if ranks.is_main_process:
+            written.remove(reward_dir)  # the refreshed judge is still the next round's warm start
+            prune_reward_models(settings.reward_dir, config.round.keep_reward_models)
+        return RoundResult(run.id, run.status, reason, counts=dict(run.counts), metrics=dict(run.metrics))
     candidate = result.model
 
     # 5. Gate: the same held-out prompts, greedy, judged by the refreshed reward model. Each

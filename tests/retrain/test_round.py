@@ -171,6 +171,26 @@ def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays
     assert _run_row(round_db, result.run_id)["status"] == "rejected"
 
 
+def test_a_round_whose_every_ppo_update_was_undone_registers_nothing(round_db, round_settings, seed_store, tmp_path):
+    """A KL budget only the serving policy is within and no steps back: the one update is undone,
+    so the candidate would be the serving policy. No gate, no checkpoint; the judge is kept."""
+    seed_store(round_db, 8)
+    base_id = _serving_base(round_db, round_settings)
+    undone = {"max_kl": 1e-6, "max_kl_step": None, "kl_backtracks": 0, "learning_rate": 1.0}
+    result = run_round(_with_gate(round_settings, tmp_path, LENIENT_GATE, ppo=undone), "manual")
+
+    assert (result.status, result.candidate_id, result.promoted) == ("rejected", None, False)
+    assert result.reason.startswith("PPO kept no update") and "gate" not in result.metrics
+    assert result.metrics["ppo"]["kl_budget"]["kept_iteration"] == 0
+    row = _run_row(round_db, result.run_id)
+    assert (row["status"], row["candidate_id"]) == ("rejected", None)
+    assert row["metrics"]["decision"]["summary"] == result.reason
+    with psycopg.connect(round_db) as conn:
+        assert conn.execute("SELECT id, status FROM checkpoints").fetchall() == [(base_id, "serving")]
+    assert not list(round_settings.checkpoints_dir.glob("*"))
+    assert list(round_settings.reward_dir.glob("run-*")), "the refreshed judge is the next round's warm start"
+
+
 def test_a_pinned_registry_keeps_a_passing_candidate_a_candidate(round_db, round_settings, seed_store, tmp_path):
     seed_store(round_db, 8)
     base_id = _serving_base(round_db, round_settings)
