@@ -130,6 +130,10 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
         "| 2 | 0.75 / 0.38; skipped | 0.50 / 0.25; rejected 0.50 (0.30), KL 6.50, PPO stopped at its KL budget "
         "(6.5 > 6.3), kept iteration 1 |",
     ]
+    # A round whose PPO kept no update had no candidate and no gate.
+    result.rounds[2].run = {"status": "rejected", "promoted": False}
+    assert "| 2 | 0.75 / 0.38; rejected, no candidate: PPO kept no update |" in loop.markdown_controls(
+        loop.ControlsReport(["result", "control"], [result, control]))
     # A KL that was not a number is stored as null: the table says so rather than fail.
     control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None
     assert "PPO stopped on a KL that was not a number, kept iteration 1" in loop.markdown_controls(
