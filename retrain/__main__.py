@@ -147,7 +147,7 @@ def _stop_on_sigterm(interrupted: bool) -> None:
     launch of several processes the launcher sends SIGTERM to stop the others when one of them
     failed, so there the round records itself failed. A second SIGTERM ends the process at
     once."""
-    from .runs import RECORDING_OUTCOME, RoundInterrupted
+    from .runs import RECORDING_OUTCOME, RoundInterrupted, request_stop
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -155,6 +155,11 @@ def _stop_on_sigterm(interrupted: bool) -> None:
         # (Not "not inside an except block" either: code the round runs, an import's fallback
         # say, handles exceptions all the time, and a signal there would be lost.)
         if not RECORDING_OUTCOME.is_set():
+            if interrupted:
+                # Should library code swallow the exception (a `except BaseException`, a
+                # finaliser: once in the full suite a round ran on to the end), the round still
+                # stops as its next stage begins.
+                request_stop(signum)
             raise RoundInterrupted(signum) if interrupted else SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)

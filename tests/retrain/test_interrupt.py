@@ -74,6 +74,8 @@ def sigterm_handler():
     _stop_on_sigterm(interrupted=True)
     yield
     signal.signal(signal.SIGTERM, before)
+    runs.STOP_REQUESTED.clear()  # the handler also asks for a stop: no later round in this process sees it
+    runs._stop_signal.clear()
 
 
 def test_sigterm_interrupts_code_that_is_handling_an_exception(sigterm_handler):
@@ -85,6 +87,16 @@ def test_sigterm_interrupts_code_that_is_handling_an_exception(sigterm_handler):
         except ImportError:
             signal.raise_signal(signal.SIGTERM)
     assert interrupted.value.code == 128 + signal.SIGTERM
+
+
+def test_sigterm_still_stops_the_round_at_its_next_stage_when_its_exception_is_swallowed(sigterm_handler):
+    try:
+        signal.raise_signal(signal.SIGTERM)
+    except BaseException:  # library code that swallows everything, the interrupt too
+        pass
+    with pytest.raises(RoundInterrupted) as interrupted:
+        runs.stop_if_asked("gate")
+    assert interrupted.value.where == "before gate" and interrupted.value.code == 128 + signal.SIGTERM
 
 
 def test_sigterm_lets_the_round_finish_writing_its_outcome(sigterm_handler):
