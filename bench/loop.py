@@ -600,7 +600,8 @@ def _markdown_cell(row: RoundRow) -> str:
     if not run:
         return measured
     if run.get("gate_win_rate") is None:  # no gate: skipped, or (rejected) PPO kept no update
-        return f"{measured}; {run['status']}" + (", no candidate: PPO kept no update" if run["status"] == "rejected" else "")
+        why = ", no candidate: PPO kept no update" if run["status"] == "rejected" else ""
+        return f"{measured}; {run['status']}{why}"
     gate = [f"{run['status']}{', promoted' if run['promoted'] else ''} {run['gate_win_rate']:.2f} "
             f"({run['gate_win_rate_lower']:.2f})"]
     if run.get("reward_accuracy") is not None:

@@ -265,11 +265,11 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     run.metrics["ppo"] = {
         "iterations": result.stats, "last": result.stats[-1] if result.stats else None, "kl_budget": result.kl_budget,
     }
-    # Every update went over the KL budget and was undone, and no SFT ran: the candidate is the
+    # Every update was undone (over the KL budget, or looping), and no SFT ran: the candidate is the
     # serving policy itself, which the gate could only call a tie. Nothing to judge, save or register.
     if not result.moved and not run.metrics["sft"]["ran"]:
-        reason = ("PPO kept no update (each one it made went over its KL budget and was undone) and no SFT ran: "
-                  "the candidate would be the serving policy, so nothing was gated or registered")
+        reason = ("PPO kept no update (each one it made was undone: over its KL budget, or looping) and no SFT "
+                  "ran: the candidate would be the serving policy, so nothing was gated or registered")
         log.warning("round rejected: %s", reason)
         run.status = "rejected"
         run.metrics["decision"] = {"passed": False, "reasons": [reason], "summary": reason}
