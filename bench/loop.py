@@ -404,6 +404,10 @@ def run_summary(row: dict) -> dict:
         "reward_pairs": (metrics.get("reward") or {}).get("eval_pairs"),
         "reward_accuracy_interval": (metrics.get("reward") or {}).get("eval_accuracy_interval"),
         "users_on_serving_answers": gate.get("users_on_serving_answers"),
+        # How the judge ranks all held-out thumbs, and the check the gate made on pairs and thumbs.
+        "thumb_ranking": gate.get("thumb_ranking"),
+        "judge_accuracy": gate.get("judge_accuracy"), "judge_accuracy_lower": gate.get("judge_accuracy_lower"),
+        "judge_verdicts": gate.get("judge_verdicts"),
         "critic_from": metrics.get("critic_from"),
         # PPO's sampled KL per iteration and its budget's record: where a round stopped, and why.
         # (a KL that was not a number is stored as null)
@@ -607,8 +611,14 @@ def _markdown_cell(row: RoundRow) -> str:
     if run.get("reward_accuracy") is not None:
         gate.append(f"judge {run['reward_accuracy']:.2f} on {run['reward_pairs']}")
     users = run.get("users_on_serving_answers") or {}
-    if users.get("thumb_accuracy") is not None:
+    if run.get("thumb_ranking"):  # thumbs ranked up over down; older runs: the sign rule on serving's
+        ranking = run["thumb_ranking"]
+        gate.append(f"thumbs ranked {ranking['auc']:.2f} ({ranking['ups']} up, {ranking['downs']} down)")
+    elif users.get("thumb_accuracy") is not None:
         gate.append(f"thumbs {users['thumb_accuracy']:.2f} on {users['thumbs']}")
+    if run.get("thumb_ranking") and run.get("judge_accuracy") is not None and run["judge_verdicts"] != run["reward_pairs"]:
+        gate.append(f"judged on both {run['judge_accuracy']:.2f} on {run['judge_verdicts']} "
+                    f"({run['judge_accuracy_lower']:.2f})")
     if run.get("gate_kl") is not None:
         gate.append(f"KL {run['gate_kl']:.2f}")
     if run.get("gate_repetitive_rate"):

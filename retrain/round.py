@@ -69,7 +69,7 @@ from deploy.policy import load_base_policy, load_policy, save_checkpoint
 from feedback.db import database_url
 
 from .data import RoundData, read_round_data, too_little
-from .gate import decide, degeneration, repetitive
+from .gate import decide, degeneration, repetitive, thumb_ranking
 from .ppo import (
     adapter_merged,
     answer_logits_and_hidden,
@@ -292,12 +292,14 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     kl = sum(kl_per_answer) / len(kl_per_answer)
     with timed("gate_scoring"):
         users = users_on_serving_answers(reward_model, data.reward_held_out, serving.id)
+        thumbs = held_out_thumb_ranking(reward_model, data.reward_held_out)
     decision = decide(
         candidate_scores, serving_scores, kl,
         degeneration(candidate_answers.texts, candidate_answers.ended_with_eos, config.gate),
         degeneration(serving_answers.texts, serving_answers.ended_with_eos, config.gate),
         config.gate,
         reward_accuracy=reward_metrics["eval_accuracy"], reward_pairs=reward_metrics["eval_pairs"], users=users,
+        thumbs=thumbs,
     )
     run.metrics["gate"] = decision.metrics
     run.metrics["decision"] = {"passed": decision.passed, "reasons": decision.reasons, "summary": decision.summary()}
@@ -518,6 +520,15 @@ def users_on_serving_answers(reward_model, held_out: RewardData, version: str) -
     correct = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
     thumbs_correct = sum((score > 0) == (thumb.label > 0) for score, thumb in zip(thumb_scores, theirs.thumbs))
     return {"version": version, **accuracy_report(correct, len(pairs), thumbs_correct, len(theirs.thumbs))}
+
+
+def held_out_thumb_ranking(reward_model, held_out: RewardData) -> dict | None:
+    """How the reward model ranks every held-out thumb, whichever policy wrote the answer: the
+    share of (up, down) answer pairs it scores in the users' order (`gate.thumb_ranking`)."""
+    if not held_out.thumbs:
+        return None
+    scores = reward_model.score([(t.prompt, t.answer) for t in held_out.thumbs], normalized=False).tolist()
+    return thumb_ranking(scores, [t.label > 0 for t in held_out.thumbs])
 
 
 CRITIC_FILE = "critic.safetensors"  # GAE's value head, inside the checkpoint it was trained with

@@ -134,6 +134,11 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
     result.rounds[2].run = {"status": "rejected", "promoted": False}
     assert "| 2 | 0.75 / 0.38; rejected, no candidate: PPO kept no update |" in loop.markdown_controls(
         loop.ControlsReport(["result", "control"], [result, control]))
+    # The judge's ranking of the held-out thumbs replaces the sign rule, with the check on both.
+    result.rounds[1].run |= {"thumb_ranking": {"auc": 0.85, "ups": 12, "downs": 14, "weight": 12},
+                             "judge_accuracy": 0.648, "judge_accuracy_lower": 0.52, "judge_verdicts": 42}
+    assert ("judge 0.70 on 30, thumbs ranked 0.85 (12 up, 14 down), judged on both 0.65 on 42 (0.52), KL 2.50"
+            in loop.markdown_controls(loop.ControlsReport(["result", "control"], [result, control])))
     # A KL that was not a number is stored as null: the table says so rather than fail.
     control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None
     assert "PPO stopped on a KL that was not a number, kept iteration 1" in loop.markdown_controls(

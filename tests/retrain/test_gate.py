@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from retrain.gate import GateConfig, decide, degeneration, repetitive, win_rate_lower_bound
+from retrain.gate import GateConfig, decide, degeneration, repetitive, thumb_ranking, win_rate_lower_bound
 
 CONFIG = GateConfig()
 HEALTHY = degeneration(["A fine answer."] * 10, [True] * 10, CONFIG)
@@ -72,13 +72,56 @@ def test_a_judge_must_beat_a_coin_with_confidence_not_only_clear_the_floor():
     = 0.678553 / 1.126336 = 0.602443, half-width z sqrt(0.615385 * 0.384615 / 13 + z^2/676)
     / 1.126336 = 0.163450: at least 0.438992, not above 0.5. 29 of 43 (0.674) is at least 0.578."""
     coin_like = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=8 / 13, reward_pairs=13)
-    assert coin_like.metrics["reward_accuracy_lower"] == pytest.approx(0.438992, abs=1e-5)
+    assert coin_like.metrics["judge_accuracy_lower"] == pytest.approx(0.438992, abs=1e-5)
     assert coin_like.reasons == ["the reward model's held-out accuracy 0.615 on 13 pairs is at least 0.439 with "
                                  "90% confidence: not told apart from a coin"]
     assert "judge 0.62 on 13 pairs, at least 0.44" in coin_like.summary()
     better = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=29 / 43, reward_pairs=43)
     assert better.passed, better.reasons
-    assert better.metrics["reward_accuracy_lower"] > 0.5
+    assert better.metrics["judge_accuracy_lower"] > 0.5
+
+
+def test_thumb_ranking_is_the_share_of_up_down_pairs_in_the_users_order():
+    """Ups score 3, 1; downs 2, 1, 0. Of the 6 (up, down) pairs, 3 > 2, 3 > 1, 3 > 0, 1 > 0 are in
+    order, 1 < 2 is not, 1 = 1 counts half: 4.5 / 6 = 0.75, weighed as min(2, 3) = 2. The sign
+    rule would call all five answers but the last 'up' and be right on 3 of 5 whatever it knew."""
+    ranking = thumb_ranking([3.0, 2.0, 1.0, 1.0, 0.0], [True, False, True, False, False])
+    assert ranking == {"auc": 0.75, "ups": 2, "downs": 3, "weight": 2}
+    assert thumb_ranking([1.0, 2.0], [True, True]) is None  # nothing to rank against
+    assert thumb_ranking([2.0, 1.0], [True, False])["auc"] == 1.0
+
+
+def test_held_out_thumbs_count_beside_the_pairs_in_the_judge_check():
+    """Day 1 of the loop: 6 of 13 pairs right, thumbs ranked 0.85 over 12 up and 14 down. Alone,
+    13 pairs at 0.46 fail; counted with 12 weighed thumb comparisons: (6 + 10.2) / 25 = 0.648,
+    Wilson one-sided 90% by hand: z^2 = 1.642374, centre (0.648 + z^2/50) / (1 + z^2/25)
+    = 0.680847 / 1.065695 = 0.638876, half-width z sqrt(0.648 * 0.352 / 25 + z^2/2500)
+    / 1.065695 = 0.126744 / 1.065695 = 0.118931: at least 0.519945, above a coin."""
+    day_one = {"reward_accuracy": 6 / 13, "reward_pairs": 13}
+    good_thumbs = {"auc": 0.85, "ups": 12, "downs": 14, "weight": 12}
+    pairs_only = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, **day_one)
+    assert pairs_only.reasons == ["the reward model's held-out accuracy 0.462 on 13 pairs is below 0.6"]
+    both = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, **day_one, thumbs=good_thumbs)
+    assert both.passed, both.reasons
+    m = both.metrics
+    assert (m["judge_accuracy"], m["judge_verdicts"], m["thumb_ranking"]) == (pytest.approx(0.648), 25, good_thumbs)
+    assert m["judge_accuracy_lower"] == pytest.approx(0.519945, abs=1e-5)
+    assert "judge 0.65 on 25 verdicts, at least 0.52" in both.summary()
+    # Thumbs a coin ranks do not lift a coin's pairs: (6 + 6) / 25 = 0.48.
+    coin_thumbs = {"auc": 0.5, "ups": 12, "downs": 14, "weight": 12}
+    coin = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, **day_one, thumbs=coin_thumbs)
+    assert coin.reasons == ["the reward model's held-out accuracy 0.480 on 25 verdicts (13 pairs; thumbs ranked "
+                            "0.500 over 12 up and 14 down, weighed as 12) is below 0.6"]
+    # Turned off, the thumbs are recorded and not counted.
+    off = decide(*WINNING, 1.0, HEALTHY, HEALTHY, GateConfig(judge_counts_thumbs=False), **day_one, thumbs=good_thumbs)
+    assert off.reasons == pairs_only.reasons and off.metrics["thumb_ranking"] == good_thumbs
+    # Thumbs alone can make a judge tested: 5 pairs + 4 weighed = 9 >= 8.
+    few_pairs = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, reward_accuracy=1.0, reward_pairs=5,
+                       thumbs={"auc": 1.0, "ups": 4, "downs": 9, "weight": 4})
+    assert few_pairs.passed, few_pairs.reasons
+    nan_thumbs = decide(*WINNING, 1.0, HEALTHY, HEALTHY, CONFIG, **TRUSTED,
+                        thumbs={"auc": math.nan, "ups": 4, "downs": 9, "weight": 4})
+    assert nan_thumbs.reasons == ["the reward model's thumbs ranking is not a finite number (nan)"]
 
 
 def test_kl_over_the_bound_is_rejected():

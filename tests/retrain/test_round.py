@@ -153,6 +153,11 @@ def test_the_users_verdicts_on_the_serving_policys_answers_are_ranked_by_the_jud
     assert (report["version"], report["pairs"], report["accuracy"]) == ("base", 3, pytest.approx(1.5 / 3))
     assert (report["thumbs"], report["thumb_accuracy"]) == (1, 1.0)  # raw score 2 > 0 on a thumb up
     assert round_module.users_on_serving_answers(LengthJudge(), held, "nobody") is None
+    # Every held-out thumb counts in the gate's ranking, whoever wrote it: "fine" (4) and "ok" (2)
+    # up, "no" (2) and "bad" (3) down: fine > no, fine > bad, ok = no (half), ok < bad: 2.5 / 4.
+    held.thumbs += [ThumbLabel(prompt, "no", -1, version="base"), ThumbLabel(prompt, "bad", -1, version="other")]
+    assert round_module.held_out_thumb_ranking(LengthJudge(), held) == {"auc": 2.5 / 4, "ups": 2, "downs": 2, "weight": 2}
+    assert round_module.held_out_thumb_ranking(LengthJudge(), RewardData([], [])) is None
 
 
 def test_a_failing_gate_registers_a_rejection_with_its_reasons_and_serving_stays(
