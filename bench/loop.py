@@ -400,7 +400,7 @@ def run_summary(row: dict) -> dict:
         # The candidate's greedy answers on the gate's prompts that loop (the gate's own test).
         "gate_repetitive_rate": (gate.get("candidate") or {}).get("repetitive_rate"),
         "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
-        "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations (None: none ran)
+        "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations and liked answers
         "reward_pairs": (metrics.get("reward") or {}).get("eval_pairs"),
         "reward_accuracy_interval": (metrics.get("reward") or {}).get("eval_accuracy_interval"),
         "users_on_serving_answers": gate.get("users_on_serving_answers"),
@@ -635,6 +635,10 @@ def _markdown_cell(row: RoundRow) -> str:
         gate.append(f"PPO stepped back {len(budget['backtracks'])}x (KL "
                     + ", ".join(f"{b['kl']:.1f}" for b in budget["backtracks"])
                     + f" > {budget.get('limit') or budget['max_kl']:.1f})")
+    sft = run.get("sft") or {}
+    if sft.get("ran"):
+        learnt = [f"{sft[k]} {k}" for k in ("demonstrations", "liked") if sft.get(k)]
+        gate.append(f"SFT on {' + '.join(learnt) or sft['used']} (loss {sft['loss_before']:.2f} -> {sft['loss_after']:.2f})")
     return f"{measured}; " + ", ".join(gate)
 
 

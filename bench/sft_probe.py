@@ -1,12 +1,17 @@
-"""How far one round's SFT on demonstrations moves the policy, without the whole loop.
+"""How far one round's SFT on demonstrations, or on liked answers, moves the policy, without
+the whole loop.
 
     .venv/bin/python bench/sft_probe.py --preference question --demonstrations 16
+    .venv/bin/python bench/sft_probe.py --preference simple --from liked --demonstrations 96
 
-The base policy (SmolLM2-135M by default) answers `--demonstrations` training-side prompts of
-bench/data/everyday_prompts.txt greedily; a simulated user rewrites each answer into the one the
-preference wants (bench/preferences.py's `rewrite`, as `bench/loop.py --edits` does); the
-round's SFT stage (retrain/sft.py, RETRAIN_SFT* defaults unless given) fine-tunes a fresh LoRA
-adapter on them. Then base and fine-tuned policy answer the held-out prompts greedily, and the
+`--from edits` (default): the base policy (SmolLM2-135M by default) answers `--demonstrations`
+training-side prompts of bench/data/everyday_prompts.txt greedily; a simulated user rewrites
+each answer into the one the preference wants (bench/preferences.py's `rewrite`, as
+`bench/loop.py --edits` does). `--from liked`: the base policy answers them as the loop's users
+see it (2 sampled answers each, their client's temperature and top-p, the loop's token limit)
+and the answers the preference gives a thumbs up are kept (a cut one learnt without its end of
+turn), as a round reads them after a day of the loop. The round's SFT stage (retrain/sft.py,
+RETRAIN_SFT* defaults unless given) fine-tunes a fresh LoRA adapter on them. Then base and fine-tuned policy answer the held-out prompts greedily, and the
 script prints the preference's thumbs-up rate and win rate of the fine-tuned answers against
 the base's, the answer length, the SFT loss before and after, and the KL to the base (the
 gate's exact per-token measure on the fine-tuned answers, nats per answer).
@@ -31,20 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.loop import load_prompts, split_prompts
+    from transformers import GenerationConfig
+
+    from bench.loop import USER_SAMPLING, load_prompts, split_prompts
     from bench.preferences import PREFERENCES, win_rate
     from deploy.base_model import resolve_base_model
-    from feedback.training_data import Answer, Demonstration
-    from retrain.ppo import PPOConfig, tokenize_prompts
+    from retrain.ppo import PPOConfig, eos_token_ids, left_pad, mask_after_eos, tokenize_prompts
     from retrain.round import greedy_answers, kl_to_reference
     from retrain.settings import RetrainSettings
-    from retrain.sft import train_sft
+    from retrain.sft import SFTExample, train_sft
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preference", choices=sorted(PREFERENCES), default="question")
-    parser.add_argument("--demonstrations", type=int, default=16)
+    parser.add_argument("--from", dest="source", choices=("edits", "liked"), default="edits",
+                        help="edits: the user rewrites each greedy answer; liked: the thumbed-up ones of 2 sampled answers")
+    parser.add_argument("--demonstrations", type=int, default=16, help="training-side prompts answered")
     parser.add_argument("--held-out", type=int, default=12, help="held-out prompts measured")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt sample and the sampled answers")
     parser.add_argument("--epochs", type=int, default=None, help="SFT epochs (default: RETRAIN_SFT_EPOCHS)")
     parser.add_argument("--learning-rate", type=float, default=None, help="SFT learning rate (default: RETRAIN_SFT_LEARNING_RATE)")
     parser.add_argument("--threads", type=int, default=2)
@@ -54,11 +63,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
 
     preference = PREFERENCES[args.preference]
     training, held_out = split_prompts(load_prompts(), 40)
-    random.Random(0).shuffle(training)
+    random.Random(args.seed).shuffle(training)
     train_prompts, eval_prompts = training[: args.demonstrations], held_out[: args.held_out]
     model_dir = resolve_base_model(args.model, Path(args.data_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -76,22 +85,45 @@ def main(argv=None) -> None:
         _, tokens = tokenize_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], 10**6)
         return greedy_answers(policy, tokenizer, tokens, config, "answers")
 
+    def sampled(prompts, per_prompt: int) -> list[tuple[str, str, bool]]:
+        """(prompt, answer, ended) for `per_prompt` answers to each prompt, sampled as the loop's
+        users' client asks for them."""
+        eos_ids = eos_token_ids(tokenizer, model)
+        generation = GenerationConfig(do_sample=True, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
+                                      pad_token_id=tokenizer.pad_token_id or eos_ids[0], **USER_SAMPLING)
+        _, tokens = tokenize_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], 10**6)
+        out = []
+        for start in range(0, len(prompts), 16):
+            ids, mask = left_pad(tokens[start : start + 16], generation.pad_token_id)
+            for _ in range(per_prompt):
+                generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=generation)
+                response, kept, ended = mask_after_eos(generated[:, ids.shape[1] :], eos_ids, generation.pad_token_id)
+                out += [(prompt, tokenizer.decode(r[:n], skip_special_tokens=True).strip(), bool(e))
+                        for prompt, r, n, e in zip(prompts[start : start + 16], response.tolist(), kept.sum(1).tolist(), ended.tolist())]
+        return out
+
+    def example(prompt: str, answer: str, ended: bool) -> SFTExample:
+        return SFTExample([{"role": "user", "content": prompt}], answer, ended, datetime.now(timezone.utc), f"probe:{uuid4()}")
+
     started = time.perf_counter()
-    base_train = answer(model, train_prompts)
-    demos = []
-    for prompt, text in zip(train_prompts, base_train.texts):
-        wanted = preference.rewrite(text, prompt).strip()
-        demos.append(Demonstration(prompt_id=uuid4(), prompt=[{"role": "user", "content": prompt}],
-                                   prompt_ids=[], answer=Answer(uuid4(), wanted, None), edited_from=None,
-                                   author_id=0, created_at=datetime.now(timezone.utc)))
+    if args.source == "edits":
+        base_train = answer(model, train_prompts)
+        demos = [example(prompt, preference.rewrite(text, prompt).strip(), True)
+                 for prompt, text in zip(train_prompts, base_train.texts)]
+        seen = len(demos)
+    else:
+        answers = sampled(train_prompts, 2)
+        demos = [example(prompt, text, ended) for prompt, text, ended in answers if preference.likes(text)]
+        seen = len(answers)
     base_eval = answer(model, eval_prompts)
-    result = train_sft(model, tokenizer, [d for d in demos if d.answer.content], config.sft, config.ppo)
+    result = train_sft(model, tokenizer, [d for d in demos if d.answer], config.sft, config.ppo)
     tuned = result.model
     tuned_eval = answer(tuned, eval_prompts)
     kl = kl_to_reference(tuned, None, tuned_eval, PPOConfig().temperature)
     words = lambda texts: sum(len(t.split()) for t in texts) / len(texts)  # noqa: E731
     report = {
-        "preference": preference.name, "model": str(model_dir), "demonstrations": len(demos),
+        "preference": preference.name, "model": str(model_dir), "from": args.source, "seed": args.seed,
+        "answers_seen": seen, "demonstrations": len(demos), "cut": sum(not d.ended for d in demos),
         "held_out_prompts": len(eval_prompts), "sft": result.stats,
         "base": {"thumbs_up_rate": sum(map(preference.likes, base_eval.texts)) / len(eval_prompts),
                  "words": words(base_eval.texts)},
@@ -101,7 +133,7 @@ def main(argv=None) -> None:
                        "kl_to_base": sum(kl) / len(kl)},
         "seconds": time.perf_counter() - started,
         "examples": [{"prompt": p, "base": b, "sft": t} for p, b, t in zip(eval_prompts[:4], base_eval.texts, tuned_eval.texts)],
-        "demonstration_examples": [d.answer.content for d in demos[:3]],
+        "demonstration_examples": [d.answer for d in demos[:3]],
     }
     print(json.dumps(report, indent=2))
     if args.out:

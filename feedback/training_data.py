@@ -108,6 +108,8 @@ class RatedAnswer:
     answer: Answer
     label: int  # +1 or -1: the sign of the answer's net thumbs
     rating_ids: list[int]
+    finish_reason: str | None = None  # stop: the turn ended; length: cut at the token limit
+    created_at: datetime | None = None  # when the answer was written
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ contexts AS (
 # Net thumbs per assistant answer in usable conversations (one vote per user and message).
 _NET_THUMBS = """
 net AS (
-    SELECT m.id, m.parent_id, m.content, m.model_version, m.created_at,
+    SELECT m.id, m.parent_id, m.content, m.model_version, m.created_at, m.finish_reason,
            sum(r.rating) AS net, array_agg(r.id ORDER BY r.id) AS rating_ids
     FROM ratings r
     JOIN messages m ON m.id = r.message_id
@@ -233,7 +235,7 @@ single AS (SELECT * FROM net WHERE net <> 0),
 targets AS (SELECT DISTINCT parent_id AS id FROM single),
 {_CONTEXTS}
 SELECT DISTINCT ON (md5(ctx.turns::text), md5(s.content), sign(s.net))
-       s.id, s.parent_id AS prompt_id, s.content, s.model_version,
+       s.id, s.parent_id AS prompt_id, s.content, s.model_version, s.finish_reason, s.created_at,
        sign(s.net)::int AS label, s.rating_ids, ctx.turns AS prompt, ctx.ids AS prompt_ids
 FROM single s JOIN contexts ctx ON ctx.id = s.parent_id
 ORDER BY md5(ctx.turns::text), md5(s.content), sign(s.net), s.created_at, s.id"""
@@ -332,6 +334,8 @@ def thumbs(conn: psycopg.Connection) -> Iterator[RatedAnswer]:
             answer=_answer(row),
             label=row["label"],
             rating_ids=row["rating_ids"],
+            finish_reason=row["finish_reason"],
+            created_at=row["created_at"],
         )
 
 

@@ -245,7 +245,7 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
 
     # 3b. SFT on the training side's demonstrations (retrain/sft.py): PPO starts from it; the
     # reference stays the base (adapter off).
-    policy = sft_before_ppo(run, policy, tokenizer, data.demonstrations, config)
+    policy = sft_before_ppo(run, policy, tokenizer, data.demonstrations, data.liked, config)
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()

@@ -139,6 +139,11 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
                              "judge_accuracy": 0.648, "judge_accuracy_lower": 0.52, "judge_verdicts": 42}
     assert ("judge 0.70 on 30, thumbs ranked 0.85 (12 up, 14 down), judged on both 0.65 on 42 (0.52), KL 2.50"
             in loop.markdown_controls(loop.ControlsReport(["result", "control"], [result, control])))
+    # A round whose SFT ran says on what, and how far its loss fell.
+    result.rounds[1].run["sft"] = {"ran": True, "demonstrations": 0, "liked": 56, "used": 56,
+                                   "loss_before": 1.234, "loss_after": 0.9}
+    assert "SFT on 56 liked (loss 1.23 -> 0.90) |" in loop.markdown_controls(
+        loop.ControlsReport(["result", "control"], [result, control]))
     # A KL that was not a number is stored as null: the table says so rather than fail.
     control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None
     assert "PPO stopped on a KL that was not a number, kept iteration 1" in loop.markdown_controls(

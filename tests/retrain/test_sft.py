@@ -1,12 +1,13 @@
-"""SFT on demonstrations (retrain/sft.py) on the tiny model: loss on the answer tokens only, the
-same LoRA adapter PPO trains with the base as its reference, and a round that fine-tunes on the
-training side's demonstrations before PPO and records its numbers."""
+"""SFT on demonstrations and liked answers (retrain/sft.py) on the tiny model: loss on the answer
+tokens only (a cut answer without its end of turn), the same LoRA adapter PPO trains with the
+base as its reference, and a round that fine-tunes on the training side's demonstrations and
+liked answers before PPO and records its numbers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from uuid import uuid4
 
@@ -21,7 +22,7 @@ from feedback import store
 from feedback.training_data import Answer, Demonstration
 from retrain.reward_data import is_held_out
 from retrain.round import run_round
-from retrain.sft import IGNORE, SFTConfig, tokenize_demonstration, train_sft
+from retrain.sft import IGNORE, SFTConfig, SFTExample, newest_first, tokenize_demonstration, train_sft
 from retrain.ppo import PPOConfig
 
 LENIENT_GATE = {"min_win_rate": -1.0, "min_reward_gain": -1e9, "max_kl": 1e9, "max_empty_rate": 1.0,
@@ -36,7 +37,8 @@ def demo(question: str, answer: str) -> Demonstration:
     )
 
 
-DEMOS = [demo(f"How do I water plant {n}?", f"Gently, once a week. Is plant {n} indoors?") for n in range(6)]
+DEMOS = [SFTExample.of_demonstration(demo(f"How do I water plant {n}?", f"Gently, once a week. Is plant {n} indoors?"))
+         for n in range(6)]
 
 
 def test_only_the_answer_and_its_end_of_turn_are_learnt(tiny_model_dir):
@@ -49,6 +51,24 @@ def test_only_the_answer_and_its_end_of_turn_are_learnt(tiny_model_dir):
     learnt = [t for t in labels if t != IGNORE]
     assert ids[n_context:] == learnt
     assert tokenizer.decode(learnt) == "Hello! How are you?<|im_end|>"  # stops where the person stopped
+    # An answer cut at the token limit: its text is learnt, not a stop in mid-sentence.
+    cut_ids, cut_labels = tokenize_demonstration(tokenizer, prompt, "Hello! How are", ended=False)
+    assert tokenizer.decode([t for t in cut_labels if t != IGNORE]) == "Hello! How are"
+    assert cut_ids[:n_context] == ids[:n_context] and tokenizer.decode(cut_ids[n_context:]) == "Hello! How are"
+
+
+def test_the_budget_keeps_demonstrations_first_then_the_newest_liked_answers():
+    now = datetime.now(timezone.utc)
+
+    def example(source: str, minutes_ago: int) -> SFTExample:
+        return SFTExample([{"role": "user", "content": "q"}], source, True, now - timedelta(minutes=minutes_ago), source)
+
+    old_demo, new_demo = example("demonstration:1", 60), example("demonstration:2", 30)
+    old_liked, new_liked, newest_liked = example("liked:3", 50), example("liked:4", 10), example("liked:5", 1)
+    everything = [old_liked, old_demo, newest_liked, new_demo, new_liked]
+    assert newest_first(everything, 3) == [new_demo, old_demo, newest_liked]
+    assert newest_first(everything, 1) == [new_demo]
+    assert newest_first(everything, None) == everything
 
 
 def test_sft_lowers_the_answer_loss_of_the_adapter_and_leaves_the_base_as_reference(tiny_model_dir):
@@ -58,14 +78,14 @@ def test_sft_lowers_the_answer_loss_of_the_adapter_and_leaves_the_base_as_refere
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     result = train_sft(model, tokenizer, DEMOS, SFTConfig(epochs=4, learning_rate=3e-3, batch_size=3), PPOConfig())
     stats = result.stats
-    assert (stats["demonstrations"], stats["used"], stats["too_long"], stats["steps"]) == (6, 6, 0, 8)
+    assert (stats["demonstrations"], stats["liked"], stats["used"], stats["too_long"], stats["steps"]) == (6, 0, 6, 0, 8)
     assert stats["loss_after"] < stats["loss_before"] - 0.5, stats
     assert stats["answer_tokens"] > 6 * 10 and stats["seconds"] > 0
 
     policy = result.model
     trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)  # the adapter PPO trains
-    ids, _ = tokenize_demonstration(tokenizer, DEMOS[0].prompt, DEMOS[0].answer.content)
+    ids, _ = tokenize_demonstration(tokenizer, DEMOS[0].prompt, DEMOS[0].answer)
     batch = torch.tensor([ids])
     with torch.no_grad():
         tuned = policy(input_ids=batch).logits
@@ -132,3 +152,50 @@ def test_a_round_fine_tunes_on_training_side_demonstrations_before_ppo(round_db,
     assert manifest.config["sft"]["enabled"] is True
     # PPO ran after SFT, from it, and its KL is to the base (adapter off).
     assert row["metrics"]["ppo"]["last"]["kl"] >= 0
+
+
+def test_a_round_learns_the_training_sides_liked_answers_before_ppo(round_db, round_settings, seed_store, tmp_path):
+    """The seeded answers users liked, ended as the server records them (half cut at the token
+    limit): the round's SFT learns the training side's ones, and the manifest names them."""
+    seed_store(round_db, 10)
+    with psycopg.connect(round_db, row_factory=dict_row) as conn:
+        conn.execute("""UPDATE messages SET finish_reason = CASE WHEN content LIKE 'Please water it weekly%%'
+                        THEN 'length' ELSE 'stop' END WHERE role = 'assistant'""")
+        messages = {m["id"]: m for m in conn.execute("SELECT id, parent_id, role, content, finish_reason FROM messages")}
+        liked = [messages[r["message_id"]] for r in conn.execute("SELECT message_id FROM ratings WHERE rating > 0")]
+
+    def context(message) -> list[dict]:  # the turns the answer replies to, root first
+        turns, at = [], messages[message["parent_id"]]
+        while at:
+            turns.insert(0, {"role": at["role"], "content": at["content"]})
+            at = messages.get(at["parent_id"])
+        return turns
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"gate": LENIENT_GATE}))
+    settings = round_settings.model_copy(update={"retrain_config_file": config})
+    # Off by default: counted, not learnt.
+    skipped = run_round(settings.model_copy(update={"retrain_ppo_iterations": 1}), "manual")
+    with psycopg.connect(round_db, row_factory=dict_row) as conn:
+        row = conn.execute("SELECT * FROM retrain_runs WHERE id = %s", (skipped.run_id,)).fetchone()
+    assert row["counts"]["liked_answers"] > 0 and row["counts"]["sft_liked"] == 0
+    assert row["metrics"]["sft"]["reason"] == (
+        f"no demonstrations on the training side ({row['counts']['liked_answers']} liked answers: sft.liked_answers is off)")
+    settings = settings.model_copy(update={"retrain_sft_liked_answers": True})
+
+    result = run_round(settings, "manual")
+
+    assert result.status == "succeeded", result.reason
+    with psycopg.connect(round_db, row_factory=dict_row) as conn:
+        row = conn.execute("SELECT * FROM retrain_runs WHERE id = %s", (result.run_id,)).fetchone()
+    training = [m for m in liked if not is_held_out(context(m), 50)]
+    assert 0 < len(training) < len(liked)
+    counts, sft = row["counts"], row["metrics"]["sft"]
+    assert counts["sft_liked"] == counts["liked_answers"] == len(training) and counts["sft_demonstrations"] == 0
+    assert counts["held_out_liked_answers"] == len(liked) - len(training)
+    assert sft["ran"] and (sft["liked"], sft["demonstrations"], sft["used"]) == (len(training), 0, len(training))
+    assert sft["cut"] == sum(r["finish_reason"] == "length" for r in training) > 0
+    with registry.connect(round_db) as conn:
+        candidate = registry.get(conn, result.candidate_id)
+    manifest = checkpoint.verify(Path(candidate.path))
+    assert set(manifest.config["data"]["liked_answer_ids"]) == {str(r["id"]) for r in training}
