@@ -103,7 +103,8 @@ def main(argv=None) -> None:
         return out
 
     def example(prompt: str, answer: str, ended: bool) -> SFTExample:
-        return SFTExample([{"role": "user", "content": prompt}], answer, ended, datetime.now(timezone.utc), f"probe:{uuid4()}")
+        kind = "demonstration" if args.source == "edits" else "liked"  # an edit is a person's text
+        return SFTExample([{"role": "user", "content": prompt}], answer, ended, datetime.now(timezone.utc), f"{kind}:{uuid4()}")
 
     started = time.perf_counter()
     if args.source == "edits":
