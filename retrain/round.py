@@ -243,8 +243,8 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     with timed("load_reward_model"):
         reward_model = load_reward_model(reward_dir, base_model=str(adapter_base)).to(ranks.device)
 
-    # 3b. SFT on the training side's demonstrations (retrain/sft.py): PPO starts from it; the
-    # reference stays the base (adapter off).
+    # 3b. SFT on the training side's demonstrations, and liked answers when sft.liked_answers
+    # (retrain/sft.py): PPO starts from it; the reference stays the base (adapter off).
     policy = sft_before_ppo(run, policy, tokenizer, data.demonstrations, data.liked, config)
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
