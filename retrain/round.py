@@ -599,6 +599,8 @@ def _registry_metrics(run: Run, decision, kl: float) -> dict[str, Any]:
         "kl": kl,
         "reward_accuracy": m["reward_accuracy"],
         "reward_pairs": m["reward_pairs"],
+        "judge_accuracy": m["judge_accuracy"],  # pairs and, when they count, held-out thumbs
+        "judge_verdicts": m["judge_verdicts"],
         "gate_prompts": m["prompts"],
     }
 
@@ -607,7 +609,9 @@ def _promote(conn, candidate_id: str, decision, metrics: dict) -> bool:
     m = decision.metrics
     reason = (f"gate passed: win rate {m['win_rate']:.3f} (at least {m['win_rate_lower']:.3f}), reward "
               f"{m['candidate_reward']:+.3f} vs {m['serving_reward']:+.3f}, KL {m['kl']:.3f} nats on "
-              f"{m['prompts']} held-out prompts, judge accuracy {m['reward_accuracy']} on {m['reward_pairs']} pairs")
+              f"{m['prompts']} held-out prompts, judge accuracy "
+              + (f"{m['judge_accuracy']:.3f} on {m['judge_verdicts']} {'verdicts' if m['judge_counts_thumbs'] else 'pairs'}"
+                 if m["judge_accuracy"] is not None else "untested"))
     try:
         registry.promote(conn, candidate_id, actor=ACTOR, reason=reason, auto=True)
     except registry.Pinned as exc:

@@ -73,6 +73,10 @@ def test_a_round_registers_and_promotes_a_passing_candidate_whose_manifest_tells
         state = registry.read_state(conn)
     assert (candidate.status, candidate.kind, candidate.parent_id) == ("serving", "lora", base_id)
     assert candidate.metrics["run_id"] == result.run_id and "win_rate" in candidate.metrics
+    # The judge's check counted the held-out thumbs beside the pairs (the seeded thumbs are on both sides).
+    gate = row["metrics"]["gate"]
+    assert gate["thumb_ranking"]["ups"] > 0 and gate["thumb_ranking"]["downs"] > 0
+    assert candidate.metrics["judge_verdicts"] == gate["reward_pairs"] + gate["thumb_ranking"]["weight"]
     assert state.serving.id == result.candidate_id
 
     manifest = checkpoint.verify(Path(candidate.path))
