@@ -155,7 +155,8 @@ def tokenize_demonstration(tokenizer, prompt: Sequence[dict], answer: str, ended
     return prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids
 
 
-def _batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def padded_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """(input ids, labels) examples right-padded into one batch: input_ids, attention_mask, labels."""
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -181,7 +182,7 @@ def mean_answer_loss(model: nn.Module, examples, batch_size: int, pad_id: int, d
     """Mean NLL per answer token (nats) over `examples`: the number SFT lowers."""
     total, tokens = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        nll, n = answer_nll(model, _batch(examples[start : start + batch_size], pad_id, device))
+        nll, n = answer_nll(model, padded_batch(examples[start : start + batch_size], pad_id, device))
         total, tokens = total + float(nll), tokens + n
     return total / max(tokens, 1)
 
@@ -226,7 +227,7 @@ def train_sft(
     for epoch in range(config.epochs):
         shuffled = order.sample(examples, len(examples))
         for start in range(0, len(shuffled), config.batch_size):
-            nll, n = answer_nll(policy, _batch(shuffled[start : start + config.batch_size], pad_id, device))
+            nll, n = answer_nll(policy, padded_batch(shuffled[start : start + config.batch_size], pad_id, device))
             loss = nll / max(n, 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -35,3 +35,19 @@ def test_edits_are_the_greedy_answers_rewritten_as_the_users_want(tiny_model_dir
     report = json.loads(out.read_text())
     assert (report["from"], report["answers_seen"], report["cut"]) == ("edits", 2, 0)
     assert report["sft"]["liked"] == 0 and report["sft"]["demonstrations"] == report["demonstrations"] == 2
+
+
+def test_kto_learns_every_sampled_answer_with_its_thumb_from_kept_samples(tiny_model_dir, tmp_path):
+    """The samples are kept and read back, so SFT and KTO can learn from the same answers."""
+    samples = tmp_path / "samples.json"
+    samples.write_text(json.dumps([["p one", "short answer", True], ["p two", "word " * 70, False],
+                                   ["p three", "fine", False]]))
+    out = tmp_path / "kto.json"
+    sft_probe.main(["--model", str(tiny_model_dir), "--preference", "concise", "--from", "liked", "--method", "kto",
+                    "--samples", str(samples), "--held-out", "2", "--max-new-tokens", "4", "--threads", "1",
+                    "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert (report["method"], report["answers_seen"], report["demonstrations"], report["cut"]) == ("kto", 3, 2, 1)
+    training = report["sft"]
+    assert (training["examples"], training["liked"]) == (3, 2) and training["steps"] > 0
+    assert math.isfinite(training["loss_first"]) and math.isfinite(report["sft_policy"]["kl_to_base"])
