@@ -401,6 +401,7 @@ def run_summary(row: dict) -> dict:
         "gate_repetitive_rate": (gate.get("candidate") or {}).get("repetitive_rate"),
         "reward_accuracy": (metrics.get("reward") or {}).get("eval_accuracy"),
         "sft": metrics.get("sft"),  # the round's fine-tuning on demonstrations and liked answers
+        "kto": metrics.get("kto"),  # the round's KTO on thumbed answers
         "reward_pairs": (metrics.get("reward") or {}).get("eval_pairs"),
         "reward_accuracy_interval": (metrics.get("reward") or {}).get("eval_accuracy_interval"),
         "users_on_serving_answers": gate.get("users_on_serving_answers"),
@@ -639,6 +640,10 @@ def _markdown_cell(row: RoundRow) -> str:
     if sft.get("ran"):
         learnt = [f"{sft[k]} {k}" for k in ("demonstrations", "liked") if sft.get(k)]
         gate.append(f"SFT on {' + '.join(learnt) or sft['used']} (loss {sft['loss_before']:.2f} -> {sft['loss_after']:.2f})")
+    kto = run.get("kto") or {}
+    if kto.get("ran"):
+        gate.append(f"KTO on {kto['used']} ({kto['liked']} liked; log-ratio {kto['liked_log_ratio']:+.1f} liked, "
+                    f"{kto['disliked_log_ratio']:+.1f} disliked)")
     return f"{measured}; " + ", ".join(gate)
 
 

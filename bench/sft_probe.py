@@ -14,12 +14,9 @@ and the answers the preference gives a thumbs up are kept (a cut one learnt with
 turn), as a round reads them after a day of the loop. The round's SFT stage (retrain/sft.py,
 RETRAIN_SFT* defaults unless given) fine-tunes a fresh LoRA adapter on them.
 
-`--method kto` (with `--from liked`) learns every sampled answer with its thumb instead: KTO
-(Ethayarajh et al. 2024), the answer's log-ratio to the base pushed up when liked and down when
-not, through a sigmoid that saturates, against a reference point z (here the batch's mean
-log-ratio, detached, at least 0: the cheap form of KTO's KL estimate), the two sides weighed
-equally (`--kto-beta`; the SFT settings' epochs, learning rate and batch size). A probe only:
-the round does not run it. `--samples FILE` keeps the sampled answers (written when missing)
+`--method kto` (with `--from liked`) learns every sampled answer with its thumb instead, as the
+round's KTO stage does (retrain/kto.py, `kto.*` defaults unless `--epochs`, `--learning-rate`,
+`--kto-beta` say otherwise). `--samples FILE` keeps the sampled answers (written when missing)
 so two methods learn from the same answers. Then base and fine-tuned policy answer the held-out prompts greedily, and the
 script prints the preference's thumbs-up rate and win rate of the fine-tuned answers against
 the base's, the answer length, the SFT loss before and after, and the KL to the base (the
@@ -50,6 +47,7 @@ def main(argv=None) -> None:
     from bench.loop import USER_SAMPLING, load_prompts, split_prompts
     from bench.preferences import PREFERENCES, win_rate
     from deploy.base_model import resolve_base_model
+    from retrain.kto import KTOConfig, train_kto
     from retrain.ppo import PPOConfig, eos_token_ids, left_pad, mask_after_eos, tokenize_prompts
     from retrain.round import greedy_answers, kl_to_reference
     from retrain.settings import RetrainSettings
@@ -67,7 +65,7 @@ def main(argv=None) -> None:
                         help="sft: learn the liked answers (or edits); kto: every sampled answer with its thumb")
     parser.add_argument("--kto-beta", type=float, default=0.1)
     parser.add_argument("--samples", default=None, help="JSON of the sampled answers: read when it exists, else written")
-    parser.add_argument("--epochs", type=int, default=None, help="SFT epochs (default: RETRAIN_SFT_EPOCHS)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs (default: RETRAIN_SFT_EPOCHS, or kto.epochs with --method kto)")
     parser.add_argument("--learning-rate", type=float, default=None, help="SFT learning rate (default: RETRAIN_SFT_LEARNING_RATE)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="model directory (default: converted SmolLM2)")
@@ -138,8 +136,10 @@ def main(argv=None) -> None:
         seen = len(answers)
     base_eval = answer(model, eval_prompts)
     if args.method == "kto":
+        kto = KTOConfig(beta=args.kto_beta, epochs=args.epochs or KTOConfig.epochs,
+                        learning_rate=args.learning_rate or KTOConfig.learning_rate)
         result = train_kto(model, tokenizer, [(example(p, t, e), preference.likes(t)) for p, t, e in answers if t],
-                           config.sft, config.ppo, args.kto_beta)
+                           kto, config.ppo)
     else:
         result = train_sft(model, tokenizer, [d for d in demos if d.answer], config.sft, config.ppo)
     tuned = result.model
@@ -164,55 +164,6 @@ def main(argv=None) -> None:
     print(json.dumps(report, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-
-
-def train_kto(model, tokenizer, labelled, config, ppo, beta: float):
-    """KTO on (SFTExample, liked) pairs with the round's LoRA adapter (see the module's doc).
-    Returns an SFTResult-like (model, stats)."""
-    from retrain.ppo import prepare_policy
-    from retrain.sft import IGNORE, SFTResult, padded_batch, tokenize_demonstration
-
-    started = time.perf_counter()
-    examples = [(tokenize_demonstration(tokenizer, e.prompt, e.answer, e.ended), liked) for e, liked in labelled]
-    examples = [(tokens, liked) for tokens, liked in examples if len(tokens[0]) <= config.max_tokens]
-    ups = sum(liked for _, liked in examples)
-    weight = {True: 1.0, False: ups / max(len(examples) - ups, 1)}  # both sides count as much
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def logps(policy, rows) -> torch.Tensor:
-        """Summed log-probability of each row's answer tokens."""
-        batch = padded_batch([tokens for tokens, _ in rows], pad_id, "cpu")
-        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        targets = batch["labels"][:, 1:]
-        chosen = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        return (chosen * (targets != IGNORE)).sum(1)
-
-    with torch.no_grad():
-        reference = {i: float(v) for start in range(0, len(examples), config.batch_size)
-                     for i, v in zip(range(start, start + config.batch_size),
-                                     logps(model, examples[start : start + config.batch_size]))}
-    policy, _ = prepare_policy(model, ppo)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
-    order, steps, losses = random.Random(config.seed), 0, []
-    for _ in range(config.epochs):
-        indices = order.sample(range(len(examples)), len(examples))
-        for start in range(0, len(indices), config.batch_size):
-            rows = indices[start : start + config.batch_size]
-            ratio = logps(policy, [examples[i] for i in rows]) - torch.tensor([reference[i] for i in rows])
-            z = ratio.mean().detach().clamp(min=0)
-            liked = torch.tensor([examples[i][1] for i in rows])
-            value = torch.where(liked, torch.sigmoid(beta * (ratio - z)), torch.sigmoid(beta * (z - ratio)))
-            loss = (torch.tensor([weight[bool(x)] for x in liked]) * (1 - value)).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            steps, losses = steps + 1, losses + [loss.item()]
-    stats = {"examples": len(examples), "liked": ups, "steps": steps, "epochs": config.epochs,
-             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-             "seconds": time.perf_counter() - started}
-    return SFTResult(policy, stats)
 
 
 if __name__ == "__main__":

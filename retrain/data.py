@@ -17,10 +17,10 @@ allow_data_use, drops same-text pairs, and removes duplicates within each reader
 - a `source` on every example naming the rows it came from (`comparison:12`, `ratings:3,4`,
   `prompt:<message id>`), and the message ids of every prompt, so each number is traceable;
 - counts of everything read, kept and set aside;
-- the demonstrations (answers users edited into the ones they wanted) and the liked answers
-  (a policy's answers with net thumbs up, finished or cut at the token limit) on training-side
-  prompts, for the round's SFT stage (retrain/sft.py); those on held-out prompts are never
-  trained on.
+- the demonstrations (answers users edited into the ones they wanted) and the thumbed answers
+  (a policy's answers with net thumbs up or down, finished or cut at the token limit) on
+  training-side prompts, for the round's SFT (retrain/sft.py) and KTO (retrain/kto.py) stages;
+  those on held-out prompts are never trained on.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ class RoundData:
     gate_prompts: list[LoggedPrompt]  # held-out prompts, at most max_gate_prompts
     counts: dict[str, int] = field(default_factory=dict)
     demonstrations: list[Demonstration] = field(default_factory=list)  # training-side prompts only
-    liked: list[RatedAnswer] = field(default_factory=list)  # a policy's answers users liked, training side
+    thumbed: list[RatedAnswer] = field(default_factory=list)  # a policy's thumbed answers, training side
+
+    @property
+    def liked(self) -> list[RatedAnswer]:
+        return [r for r in self.thumbed if r.label > 0]
 
     def fingerprint(self) -> str:
         """sha256 over the ids of every row used: two rounds trained on the same rows agree."""
@@ -61,7 +65,7 @@ class RoundData:
             + [f"prompt:{p.message_id}" for p in self.ppo_prompts]
             + [f"gate:{p.message_id}" for p in self.gate_prompts]
             + [f"demonstration:{d.answer.id}" for d in self.demonstrations]
-            + [f"liked:{r.answer.id}" for r in self.liked]
+            + [f"thumbed:{r.answer.id}" for r in self.thumbed]
         )
         return hashlib.sha256("\n".join(sources).encode()).hexdigest()
 
@@ -73,6 +77,7 @@ class RoundData:
             "gate_prompt_ids": [str(p.message_id) for p in self.gate_prompts],
             "demonstration_ids": [str(d.answer.id) for d in self.demonstrations],
             "liked_answer_ids": [str(r.answer.id) for r in self.liked],
+            "disliked_answer_ids": [str(r.answer.id) for r in self.thumbed if r.label < 0],
         }
 
 
@@ -205,13 +210,14 @@ def read_demonstrations(conn: psycopg.Connection, held_out_percent: float) -> tu
 LEARNABLE_ENDS = ("stop", "length")  # a turn that ended, or was cut at the token limit
 
 
-def read_liked_answers(conn: psycopg.Connection, held_out_percent: float) -> tuple[list[RatedAnswer], dict[str, int]]:
-    """The answers a policy wrote that users liked (net thumbs up) on training-side prompts;
-    held-out ones are only counted. An answer that was cancelled, failed, or whose end is not
-    on record is left out: what the user saw may not be what the policy would have said."""
+def read_thumbed_answers(conn: psycopg.Connection, held_out_percent: float) -> tuple[list[RatedAnswer], dict[str, int]]:
+    """The thumbed answers a policy wrote (net thumbs up or down) on training-side prompts, for
+    SFT's liked answers and KTO; held-out ones are only counted. An answer that was cancelled,
+    failed, or whose end is not on record is left out: what the user saw may not be what the
+    policy would have said. A person's text (a demonstration) is not a policy's answer."""
     train, held_out, left_out = [], 0, 0
     for rated in training_data.thumbs(conn):
-        if rated.label <= 0 or rated.answer.model_version is None:  # a person's text is a demonstration
+        if rated.answer.model_version is None:
             continue
         if rated.finish_reason not in LEARNABLE_ENDS:
             left_out += 1
@@ -219,8 +225,9 @@ def read_liked_answers(conn: psycopg.Connection, held_out_percent: float) -> tup
             held_out += 1
         else:
             train.append(rated)
-    return train, {"liked_answers": len(train), "held_out_liked_answers": held_out,
-                   "liked_answers_left_out": left_out}
+    liked = sum(r.label > 0 for r in train)
+    return train, {"liked_answers": liked, "disliked_answers": len(train) - liked,
+                   "held_out_thumbed_answers": held_out, "thumbed_answers_left_out": left_out}
 
 
 def read_round_data(
@@ -231,10 +238,10 @@ def read_round_data(
         everything, counts = read_reward_data(conn)
         ppo, gate, prompt_counts = read_prompts(conn, held_out_percent, max_ppo_prompts, max_gate_prompts, seed)
         demonstrations, demonstration_counts = read_demonstrations(conn, held_out_percent)
-        liked, liked_counts = read_liked_answers(conn, held_out_percent)
+        thumbed, thumbed_counts = read_thumbed_answers(conn, held_out_percent)
     train, held = split(everything, held_out_percent)
     train, counts["reward_examples_over_budget"] = within_budget(train, max_reward_examples, seed)
-    counts |= prompt_counts | demonstration_counts | liked_counts
+    counts |= prompt_counts | demonstration_counts | thumbed_counts
     counts |= {
         "reward_groups": len(train.groups),
         "reward_pairs": train.counts()["pairs"],
@@ -248,7 +255,7 @@ def read_round_data(
         "gate_prompts": len(gate),
     }
     log.info("round data: %s", counts)
-    return RoundData(train, held, ppo, gate, counts, demonstrations, liked)
+    return RoundData(train, held, ppo, gate, counts, demonstrations, thumbed)
 
 
 def too_little(data: RoundData, min_pairs: int, min_prompts: int, min_gate_prompts: int) -> str | None:

@@ -12,11 +12,13 @@
                 scores normalised so the serving policy's answers average 0.
   3b. SFT       the policy adapter imitates the training side's demonstrations (answers users
                 edited into the ones they wanted; retrain/sft.py), when there are any.
+  3c. KTO       with kto.enabled, the adapter learns the training side's thumbed answers:
+                liked ones up, disliked ones down, relative to the base (retrain/kto.py).
   4. PPO        >= 1 iteration on a fresh sample of the training-side prompts, seeded by the
                 round's own seed (`round_seed`): the serving adapter keeps training (or a fresh
                 one starts on the base); reference = adapter off; with GAE the critic starts
                 from the serving checkpoint's (`critic_start`). When PPO undid every update it
-                made and no SFT ran, the candidate is the serving policy: the round ends
+                made and no SFT or KTO ran, the candidate is the serving policy: the round ends
                 rejected there, with nothing gated, saved or registered.
   5. gate       candidate vs serving on the held-out prompts, both greedy: reward-model win
                 rate (with its confidence bound) and mean reward, the reward model's own
@@ -86,6 +88,7 @@ from .reward_data import RewardData
 from .ranks import gather, my_share, share, this_process
 from .runs import Run, recorded_run, recording_outcome, stop_if_asked
 from .settings import RetrainConfig, RetrainSettings
+from .kto import kto_before_ppo
 from .sft import sft_before_ppo
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,7 @@ STAGES = {
     "reward_training": "training",
     "load_reward_model": "load",
     "sft": "training",
+    "kto": "training",
     "ppo_setup": "load",
     "ppo_rollouts": "generation",
     "ppo_forward": "training",
@@ -246,6 +250,8 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     # 3b. SFT on the training side's demonstrations, and liked answers when sft.liked_answers
     # (retrain/sft.py): PPO starts from it; the reference stays the base (adapter off).
     policy = sft_before_ppo(run, policy, tokenizer, data.demonstrations, data.liked, config)
+    # 3c. KTO on the training side's thumbed answers when kto.enabled (retrain/kto.py).
+    policy = kto_before_ppo(run, policy, tokenizer, data.thumbed, config)
 
     # 4. PPO on the training-side prompts: each process samples its own share of every batch.
     ppo_started = time.perf_counter()
@@ -265,11 +271,11 @@ def _round(run: Run, settings: RetrainSettings, url: str | None, written: list[P
     run.metrics["ppo"] = {
         "iterations": result.stats, "last": result.stats[-1] if result.stats else None, "kl_budget": result.kl_budget,
     }
-    # Every update was undone (over the KL budget, or looping), and no SFT ran: the candidate is the
+    # Every update was undone (over the KL budget, or looping), and no SFT or KTO ran: the candidate is the
     # serving policy itself, which the gate could only call a tie. Nothing to judge, save or register.
-    if not result.moved and not run.metrics["sft"]["ran"]:
+    if not result.moved and not run.metrics["sft"]["ran"] and not run.metrics["kto"]["ran"]:
         reason = ("PPO kept no update (each one it made was undone: over its KL budget, or looping) and no SFT "
-                  "ran: the candidate would be the serving policy, so nothing was gated or registered")
+                  "or KTO ran: the candidate would be the serving policy, so nothing was gated or registered")
         log.warning("round rejected: %s", reason)
         run.status = "rejected"
         run.metrics["decision"] = {"passed": False, "reasons": [reason], "summary": reason}
@@ -370,7 +376,7 @@ def _plan(run: Run, settings: RetrainSettings, url: str) -> RoundPlan:
     the reward model to warm-start from."""
     config = settings.retrain_config()
     seed = round_seed(config.round.seed, run.id)
-    config.reward.seed = config.ppo.seed = seed  # recorded as such in the checkpoint's config
+    config.reward.seed = config.ppo.seed = config.sft.seed = config.kto.seed = seed  # recorded in the checkpoint's config
     data = read_round_data(
         url,
         held_out_percent=config.round.held_out_percent,

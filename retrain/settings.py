@@ -32,6 +32,7 @@ from deploy.base_model import ModelSettings
 from .gate import GateConfig
 from .ppo import PPOConfig
 from .reward import RewardConfig
+from .kto import KTOConfig
 from .sft import SFTConfig
 
 
@@ -99,6 +100,7 @@ class RetrainConfig:
     round: RoundConfig = field(default_factory=RoundConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -241,6 +243,12 @@ class RetrainSettings(ModelSettings):
         256, ge=1, description="Most examples one round's SFT trains on: the newest demonstrations first, "
         "then the newest liked answers (unset: all)."
     )
+    retrain_kto: bool = Field(
+        False, description="Before PPO, learn the training side's thumbed answers with KTO (liked up, disliked "
+        "down, relative to the base). Off until the loop has measured it (README, Results).",
+    )
+    retrain_kto_epochs: int = Field(1, ge=1, description="KTO passes over the round's thumbed answers.")
+    retrain_kto_beta: float = Field(0.1, gt=0, description="KTO's beta: how far a log-ratio may go before its loss saturates.")
     retrain_threads: int | None = Field(
         1, ge=1,
         description="CPU threads torch uses in a round (unset: one per core). 1 by default: a "
@@ -312,6 +320,12 @@ class RetrainSettings(ModelSettings):
                 trainable_layers=self.retrain_reward_trainable_layers,
                 pooling=self.retrain_reward_pooling,
                 log_every=5,
+            ),
+            kto=KTOConfig(
+                enabled=self.retrain_kto,
+                epochs=self.retrain_kto_epochs,
+                beta=self.retrain_kto_beta,
+                max_tokens=self.retrain_reward_max_tokens,
             ),
             sft=SFTConfig(
                 enabled=self.retrain_sft,

@@ -103,7 +103,7 @@ class SFTExample:
     answer: str
     ended: bool  # False: cut at the token limit; its text is learnt, not a stop there
     created_at: datetime | None
-    source: str  # "demonstration:<message id>" (a person wrote it) or "liked:<message id>"
+    source: str  # "demonstration:<message id>" (a person wrote it), "liked:<id>" or "disliked:<id>"
 
     @property
     def written_by_a_person(self) -> bool:
@@ -115,9 +115,10 @@ class SFTExample:
                    f"demonstration:{demo.answer.id}")
 
     @classmethod
-    def of_liked(cls, rated: RatedAnswer) -> SFTExample:
+    def of_rated(cls, rated: RatedAnswer) -> SFTExample:
+        """A thumbed answer a policy wrote ("liked:<id>" or "disliked:<id>")."""
         return cls([dict(t) for t in rated.prompt], rated.answer.content, rated.finish_reason == "stop",
-                   rated.created_at, f"liked:{rated.answer.id}")
+                   rated.created_at, f"{'liked' if rated.label > 0 else 'disliked'}:{rated.answer.id}")
 
 
 def newest_first(examples: Sequence[SFTExample], most: int | None) -> list[SFTExample]:
@@ -254,7 +255,7 @@ def sft_before_ppo(run, policy: nn.Module, tokenizer, demonstrations: Sequence[D
     metrics["sft"] and timings["sft"] on the run. Returns the policy PPO starts from."""
     examples = [SFTExample.of_demonstration(d) for d in demonstrations]
     if config.sft.liked_answers:
-        examples += [SFTExample.of_liked(r) for r in liked]
+        examples += [SFTExample.of_rated(r) for r in liked]
     run.counts["sft_demonstrations"] = len(demonstrations)
     run.counts["sft_liked"] = len(examples) - len(demonstrations)
     run.timings.setdefault("sft", 0.0)  # every stage is in the breakdown, 0 when skipped

@@ -144,6 +144,10 @@ def test_the_controls_table_shows_each_rounds_gate_beside_what_was_measured(tmp_
                                    "loss_before": 1.234, "loss_after": 0.9}
     assert "SFT on 56 liked (loss 1.23 -> 0.90) |" in loop.markdown_controls(
         loop.ControlsReport(["result", "control"], [result, control]))
+    result.rounds[1].run["kto"] = {"ran": True, "used": 150, "liked": 50, "liked_log_ratio": 12.34,
+                                   "disliked_log_ratio": -20.0}
+    assert "SFT on 56 liked (loss 1.23 -> 0.90), KTO on 150 (50 liked; log-ratio +12.3 liked, -20.0 disliked) |" in (
+        loop.markdown_controls(loop.ControlsReport(["result", "control"], [result, control])))
     # A KL that was not a number is stored as null: the table says so rather than fail.
     control.rounds[2].run["ppo_kl_budget"]["stop_kl"] = None
     assert "PPO stopped on a KL that was not a number, kept iteration 1" in loop.markdown_controls(

@@ -49,5 +49,5 @@ def test_kto_learns_every_sampled_answer_with_its_thumb_from_kept_samples(tiny_m
     report = json.loads(out.read_text())
     assert (report["method"], report["answers_seen"], report["demonstrations"], report["cut"]) == ("kto", 3, 2, 1)
     training = report["sft"]
-    assert (training["examples"], training["liked"]) == (3, 2) and training["steps"] > 0
+    assert (training["given"], training["used"], training["liked"]) == (3, 3, 2) and training["steps"] > 0
     assert math.isfinite(training["loss_first"]) and math.isfinite(report["sft_policy"]["kl_to_base"])

@@ -168,16 +168,16 @@ def test_ppo_prompts_are_a_fresh_sample_of_all_training_prompts_each_round(round
     assert [p.message_id for p in again.ppo_prompts] == [p.message_id for p in samples[5].ppo_prompts]
 
 
-def test_liked_answers_are_a_policys_finished_or_cut_answers_with_thumbs_up_on_the_training_side(round_db):
-    """Thumbs up on answers that ended ('stop') or were cut at the limit ('length') are learnt;
-    a thumb down, a cancelled answer, one whose end is not on record, and a person's text (a
-    demonstration, model_version None) are not; a held-out prompt's liked answer is only counted."""
-    answers = {  # text: (finish_reason, model_version, rating)
-        "Water it weekly.": ("stop", SERVING, 1),
-        "Water it weekly and check the soil before you": ("length", SERVING, 1),
-        "Never water it.": ("stop", SERVING, -1),
-        "Water it when": ("cancelled", SERVING, 1),
-        "Water it daily.": (None, SERVING, 1),
+def test_thumbed_answers_are_a_policys_finished_or_cut_answers_on_the_training_side(round_db):
+    """Thumbs on answers that ended ('stop') or were cut at the limit ('length') are learnt, up
+    and down; a cancelled answer, one whose end is not on record, and a person's text (a
+    demonstration, model_version None) are not; a held-out prompt's are only counted."""
+    answers = {  # text: (finish_reason, rating)
+        "Water it weekly.": ("stop", 1),
+        "Water it weekly and check the soil before you": ("length", 1),
+        "Never water it.": ("stop", -1),
+        "Water it when": ("cancelled", 1),
+        "Water it daily.": (None, 1),
     }
 
     async def write():
@@ -187,9 +187,9 @@ def test_liked_answers_are_a_policys_finished_or_cut_answers_with_thumbs_up_on_t
             for question in ("How do I water a fern?", "How much light does fern 1 need?"):
                 chat = await store.create_conversation(conn, user, question)
                 q = await store.add_message(conn, user, chat.id, None, "user", question)
-                for text, (finish, version, rating) in answers.items():
+                for text, (finish, rating) in answers.items():
                     a = await store.add_message(conn, user, chat.id, q.id, "assistant", text,
-                                                model_version=version, finish_reason=finish)
+                                                model_version=SERVING, finish_reason=finish)
                     await store.record_rating(conn, user, a.id, rating)
                     ids[(question, text)] = a.id
                 # The user's own rewrite of the disliked answer, liked: a demonstration already.
@@ -202,10 +202,14 @@ def test_liked_answers_are_a_policys_finished_or_cut_answers_with_thumbs_up_on_t
     assert not is_held_out([{"role": "user", "content": "How do I water a fern?"}], 50)
     assert is_held_out([{"role": "user", "content": "How much light does fern 1 need?"}], 50)
     data = _read(round_db)
-    liked = {r.answer.content: r for r in data.liked}
-    assert set(liked) == {"Water it weekly.", "Water it weekly and check the soil before you"}
-    assert {r.finish_reason for r in data.liked} == {"stop", "length"}
-    assert all(r.created_at is not None for r in data.liked)
-    assert (data.counts["liked_answers"], data.counts["held_out_liked_answers"], data.counts["liked_answers_left_out"]) == (2, 2, 4)
-    assert data.trace()["liked_answer_ids"] == [str(r.answer.id) for r in data.liked]
-    assert {str(ids[("How do I water a fern?", "Water it weekly.")])} <= set(data.trace()["liked_answer_ids"])
+    thumbed = {r.answer.content: r for r in data.thumbed}
+    assert set(thumbed) == {"Water it weekly.", "Water it weekly and check the soil before you", "Never water it."}
+    assert [r.answer.content for r in data.liked] == [r.answer.content for r in data.thumbed if r.label > 0]
+    assert {r.answer.content for r in data.liked} == {"Water it weekly.", "Water it weekly and check the soil before you"}
+    assert {r.finish_reason for r in data.thumbed} == {"stop", "length"}
+    assert all(r.created_at is not None for r in data.thumbed)
+    c = data.counts
+    assert (c["liked_answers"], c["disliked_answers"], c["held_out_thumbed_answers"], c["thumbed_answers_left_out"]) == (2, 1, 3, 4)
+    trace = data.trace()
+    assert trace["liked_answer_ids"] == [str(r.answer.id) for r in data.liked]
+    assert trace["disliked_answer_ids"] == [str(ids[("How do I water a fern?", "Never water it.")])]

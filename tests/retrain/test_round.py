@@ -269,7 +269,7 @@ def test_config_command_prints_the_full_config_and_the_file_overrides_it(tmp_pat
     monkeypatch.setenv("RETRAIN_PPO_ITERATIONS", "3")
     assert main(["config", "--json"]) == 0
     config = json.loads(capsys.readouterr().out)
-    assert set(config) == {"round", "reward", "sft", "ppo", "gate"}
+    assert set(config) == {"round", "reward", "sft", "kto", "ppo", "gate"}
     assert (config["ppo"]["num_iterations"], config["ppo"]["kl_coef"], config["gate"]["max_kl"]) == (3, 0.2, 3.0)
 
     overrides.write_text(json.dumps({"ppo": {"kl_coeff": 0.2}}))
