@@ -17,7 +17,9 @@ RETRAIN_SFT* defaults unless given) fine-tunes a fresh LoRA adapter on them.
 `--method kto` (with `--from liked`) learns every sampled answer with its thumb instead, as the
 round's KTO stage does (retrain/kto.py, `kto.*` defaults unless `--epochs`, `--learning-rate`,
 `--kto-beta` say otherwise). `--samples FILE` keeps the sampled answers (written when missing)
-so two methods learn from the same answers. Then base and fine-tuned policy answer the held-out prompts greedily, and the
+so two methods learn from the same answers.
+
+Then base and fine-tuned policy answer the held-out prompts greedily, and the
 script prints the preference's thumbs-up rate and win rate of the fine-tuned answers against
 the base's, the answer length, the SFT loss before and after, and the KL to the base (the
 gate's exact per-token measure on the fine-tuned answers, nats per answer).
@@ -66,7 +68,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kto-beta", type=float, default=0.1)
     parser.add_argument("--samples", default=None, help="JSON of the sampled answers: read when it exists, else written")
     parser.add_argument("--epochs", type=int, default=None, help="epochs (default: RETRAIN_SFT_EPOCHS, or kto.epochs with --method kto)")
-    parser.add_argument("--learning-rate", type=float, default=None, help="SFT learning rate (default: RETRAIN_SFT_LEARNING_RATE)")
+    parser.add_argument("--learning-rate", type=float, default=None, help="learning rate (default: RETRAIN_SFT_LEARNING_RATE, or kto.learning_rate with --method kto)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="model directory (default: converted SmolLM2)")
     parser.add_argument("--data-dir", default="var")
@@ -103,7 +105,8 @@ def main(argv=None) -> None:
         users' client asks for them."""
         eos_ids = eos_token_ids(tokenizer, model)
         generation = GenerationConfig(do_sample=True, max_new_tokens=args.max_new_tokens, eos_token_id=eos_ids,
-                                      pad_token_id=tokenizer.pad_token_id or eos_ids[0], **USER_SAMPLING)
+                                      pad_token_id=eos_ids[0] if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+                                      **USER_SAMPLING)
         _, tokens = tokenize_prompts(tokenizer, [[{"role": "user", "content": p}] for p in prompts], 10**6)
         out = []
         for start in range(0, len(prompts), 16):
